@@ -1,0 +1,250 @@
+//! The state overlay of one engine batch.
+//!
+//! Reads go to the overlay first and to the store after, so later events of a batch see what
+//! earlier ones changed; nothing reaches the store until the caller writes the batch's
+//! [`WriteSet`]. Dirty keys are kept in ordered sets so the write set is deterministic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::state::{decode, encode, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord, ProfileState, RootInfo};
+use crate::store::{StateStore, StoreError, Table, WriteSet};
+
+/// The longest redirect chain followed before the state is declared corrupt; merges rewrite
+/// every absorbed id to the survivor, so real chains have length one.
+const MAX_REDIRECT_HOPS: usize = 64;
+
+pub(crate) struct Batch<'s, S: StateStore> {
+    store: &'s S,
+    nodes: HashMap<String, Option<NodeRecord>>,
+    dirty_nodes: BTreeSet<String>,
+    customers: HashMap<String, Option<CustomerEntry>>,
+    dirty_customers: BTreeSet<String>,
+    blocks: HashMap<String, BlockRecord>,
+    dirty_blocks: BTreeSet<String>,
+    events: BTreeMap<String, String>,
+    evidence: Vec<(Vec<u8>, Evidence)>,
+    positions: BTreeMap<String, u64>,
+}
+
+impl<'s, S: StateStore> Batch<'s, S> {
+    pub(crate) fn new(store: &'s S) -> Self {
+        Batch {
+            store,
+            nodes: HashMap::new(),
+            dirty_nodes: BTreeSet::new(),
+            customers: HashMap::new(),
+            dirty_customers: BTreeSet::new(),
+            blocks: HashMap::new(),
+            dirty_blocks: BTreeSet::new(),
+            events: BTreeMap::new(),
+            evidence: Vec::new(),
+            positions: BTreeMap::new(),
+        }
+    }
+
+    pub(crate) fn node(&mut self, key: &str) -> Result<Option<NodeRecord>, StoreError> {
+        if let Some(node) = self.nodes.get(key) {
+            return Ok(node.clone());
+        }
+        let node = match self.store.get(Table::Nodes, key.as_bytes())? {
+            Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
+            None => None,
+        };
+        self.nodes.insert(key.to_owned(), node.clone());
+        Ok(node)
+    }
+
+    pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) {
+        self.nodes.insert(key.to_owned(), Some(node));
+        self.dirty_nodes.insert(key.to_owned());
+    }
+
+    /// Finds the root of `key`'s set, compressing the path on the way.
+    pub(crate) fn find(&mut self, key: &str) -> Result<(String, RootInfo), StoreError> {
+        let mut path = Vec::new();
+        let mut current = key.to_owned();
+        loop {
+            let node = self.node(&current)?.ok_or_else(|| dangling(&current))?;
+            match (node.parent, node.root) {
+                (Some(parent), _) => {
+                    path.push(current);
+                    current = parent;
+                    if path.len() > 1_000_000 {
+                        return Err(StoreError::Corrupt {
+                            table: Table::Nodes.name(),
+                            key: key.replace('\0', "/"),
+                            reason: "parent pointers form a cycle".into(),
+                        });
+                    }
+                }
+                (None, Some(root)) => {
+                    // Path compression: every node on the way now points at the root directly.
+                    // The last node of the path already does.
+                    for node_key in path.iter().rev().skip(1) {
+                        let mut node = self.node(node_key)?.ok_or_else(|| dangling(node_key))?;
+                        node.parent = Some(current.clone());
+                        self.put_node(node_key, node);
+                    }
+                    return Ok((current, root));
+                }
+                (None, None) => return Err(dangling(&current)),
+            }
+        }
+    }
+
+    pub(crate) fn customer(&mut self, id: &str) -> Result<Option<CustomerEntry>, StoreError> {
+        if let Some(entry) = self.customers.get(id) {
+            return Ok(entry.clone());
+        }
+        let entry = self.load_customer(id)?;
+        self.customers.insert(id.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
+    fn load_customer(&self, id: &str) -> Result<Option<CustomerEntry>, StoreError> {
+        match self.store.get(Table::Customers, id.as_bytes())? {
+            Some(bytes) => Ok(Some(decode(Table::Customers, id.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The live id that `id` resolves to, following merge redirects.
+    pub(crate) fn resolve_id(&mut self, id: &str) -> Result<Option<String>, StoreError> {
+        let mut current = id.to_owned();
+        for _ in 0..MAX_REDIRECT_HOPS {
+            match self.customer(&current)? {
+                Some(CustomerEntry::Live(_)) => return Ok(Some(current)),
+                Some(CustomerEntry::Redirect { to }) => current = to,
+                None => return Ok(None),
+            }
+        }
+        Err(StoreError::Corrupt {
+            table: Table::Customers.name(),
+            key: id.to_owned(),
+            reason: "redirect chain too long".into(),
+        })
+    }
+
+    /// A mutable live profile, loaded into the overlay and marked dirty.
+    pub(crate) fn profile_mut(&mut self, id: &str) -> Result<&mut ProfileState, StoreError> {
+        if !self.customers.contains_key(id) {
+            let entry = self.load_customer(id)?;
+            self.customers.insert(id.to_owned(), entry);
+        }
+        self.dirty_customers.insert(id.to_owned());
+        match self.customers.get_mut(id) {
+            Some(Some(CustomerEntry::Live(state))) => Ok(state),
+            _ => Err(StoreError::Corrupt {
+                table: Table::Customers.name(),
+                key: id.to_owned(),
+                reason: "expected a live profile".into(),
+            }),
+        }
+    }
+
+    /// A copy of a live profile.
+    pub(crate) fn profile(&mut self, id: &str) -> Result<ProfileState, StoreError> {
+        match self.customer(id)? {
+            Some(CustomerEntry::Live(state)) => Ok(*state),
+            _ => Err(StoreError::Corrupt {
+                table: Table::Customers.name(),
+                key: id.to_owned(),
+                reason: "expected a live profile".into(),
+            }),
+        }
+    }
+
+    pub(crate) fn put_profile(&mut self, state: ProfileState) {
+        let id = state.profile.customer_id.clone();
+        self.dirty_customers.insert(id.clone());
+        self.customers.insert(id, Some(CustomerEntry::Live(Box::new(state))));
+    }
+
+    pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
+        self.dirty_customers.insert(id.to_owned());
+        self.customers
+            .insert(id.to_owned(), Some(CustomerEntry::Redirect { to: to.to_owned() }));
+    }
+
+    pub(crate) fn block(&mut self, key: &str) -> Result<BlockRecord, StoreError> {
+        if let Some(block) = self.blocks.get(key) {
+            return Ok(block.clone());
+        }
+        let block = match self.store.get(Table::Blocks, key.as_bytes())? {
+            Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
+            None => BlockRecord::default(),
+        };
+        self.blocks.insert(key.to_owned(), block.clone());
+        Ok(block)
+    }
+
+    pub(crate) fn put_block(&mut self, key: &str, block: BlockRecord) {
+        self.blocks.insert(key.to_owned(), block);
+        self.dirty_blocks.insert(key.to_owned());
+    }
+
+    /// The customer an event was assigned to before, if it was processed already.
+    pub(crate) fn event_customer(&self, key: &str) -> Result<Option<String>, StoreError> {
+        if let Some(id) = self.events.get(key) {
+            return Ok(Some(id.clone()));
+        }
+        match self.store.get(Table::Events, key.as_bytes())? {
+            Some(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn record_event(&mut self, key: String, customer_id: &str) {
+        self.events.insert(key, customer_id.to_owned());
+    }
+
+    /// Appends evidence under `customer_id`, numbering it from the profile's counter.
+    pub(crate) fn add_evidence(&mut self, customer_id: &str, evidence: Evidence) -> Result<(), StoreError> {
+        let state = self.profile_mut(customer_id)?;
+        let seq = state.evidence_count;
+        state.evidence_count += 1;
+        self.evidence.push((evidence_key(customer_id, seq), evidence));
+        Ok(())
+    }
+
+    pub(crate) fn set_position(&mut self, stream: String, next: u64) {
+        let entry = self.positions.entry(stream).or_insert(next);
+        *entry = (*entry).max(next);
+    }
+
+    /// Everything the batch changed, as one ordered write set.
+    pub(crate) fn into_write_set(self) -> WriteSet {
+        let mut writes = WriteSet::default();
+        for key in &self.dirty_nodes {
+            if let Some(Some(node)) = self.nodes.get(key) {
+                writes.put(Table::Nodes, key.as_bytes(), encode(node));
+            }
+        }
+        for key in &self.dirty_customers {
+            if let Some(Some(entry)) = self.customers.get(key) {
+                writes.put(Table::Customers, key.as_bytes(), encode(entry));
+            }
+        }
+        for key in &self.dirty_blocks {
+            writes.put(Table::Blocks, key.as_bytes(), encode(&self.blocks[key]));
+        }
+        for (key, customer) in &self.events {
+            writes.put(Table::Events, key.as_bytes(), customer.as_bytes());
+        }
+        for (key, evidence) in &self.evidence {
+            writes.put(Table::Evidence, key.clone(), encode(evidence));
+        }
+        for (stream, next) in &self.positions {
+            writes.put(Table::Positions, stream.as_bytes(), next.to_string());
+        }
+        writes
+    }
+}
+
+fn dangling(key: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: Table::Nodes.name(),
+        key: key.replace('\0', "/"),
+        reason: "node has neither a parent nor root information".into(),
+    }
+}

@@ -1,0 +1,92 @@
+//! The conformance suite every [`StateStore`] implementation must pass.
+//!
+//! Each check panics with a message naming the broken promise. `idgraph-engine` runs it on
+//! [`crate::MemoryStore`]; `idgraph-store-rocksdb` runs it on a real RocksDB directory.
+
+use crate::store::{StateStore, Table, WriteSet, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
+
+/// Runs every check on fresh stores made by `fresh`.
+pub fn run_all<S: StateStore>(mut fresh: impl FnMut() -> S) {
+    reads_back_what_was_written(&mut fresh());
+    tables_are_separate(&mut fresh());
+    later_writes_in_a_batch_win(&mut fresh());
+    deletes_remove_keys(&mut fresh());
+    prefix_scans_are_ordered_and_bounded(&mut fresh());
+    binary_keys_and_values_survive(&mut fresh());
+    new_store_records_its_schema_version(&fresh());
+}
+
+pub fn reads_back_what_was_written<S: StateStore>(store: &mut S) {
+    let mut batch = WriteSet::default();
+    batch.put(Table::Nodes, "email\0a@b.co", "root");
+    batch.put(Table::Positions, "file:in.jsonl", "42");
+    store.write(&batch).expect("write succeeds");
+    assert_eq!(store.get(Table::Nodes, b"email\0a@b.co").unwrap(), Some(b"root".to_vec()));
+    assert_eq!(store.get(Table::Positions, b"file:in.jsonl").unwrap(), Some(b"42".to_vec()));
+    assert_eq!(store.get(Table::Nodes, b"missing").unwrap(), None, "absent keys read as None");
+}
+
+pub fn tables_are_separate<S: StateStore>(store: &mut S) {
+    let mut batch = WriteSet::default();
+    batch.put(Table::Customers, "k", "customer");
+    batch.put(Table::Blocks, "k", "block");
+    store.write(&batch).unwrap();
+    assert_eq!(store.get(Table::Customers, b"k").unwrap(), Some(b"customer".to_vec()));
+    assert_eq!(store.get(Table::Blocks, b"k").unwrap(), Some(b"block".to_vec()));
+    assert_eq!(store.get(Table::Events, b"k").unwrap(), None, "a key in one table is not in another");
+}
+
+pub fn later_writes_in_a_batch_win<S: StateStore>(store: &mut S) {
+    let mut batch = WriteSet::default();
+    batch.put(Table::Nodes, "k", "first");
+    batch.put(Table::Nodes, "k", "second");
+    batch.delete(Table::Nodes, "gone");
+    batch.put(Table::Nodes, "gone", "back");
+    store.write(&batch).unwrap();
+    assert_eq!(store.get(Table::Nodes, b"k").unwrap(), Some(b"second".to_vec()));
+    assert_eq!(store.get(Table::Nodes, b"gone").unwrap(), Some(b"back".to_vec()));
+}
+
+pub fn deletes_remove_keys<S: StateStore>(store: &mut S) {
+    let mut batch = WriteSet::default();
+    batch.put(Table::Customers, "c1", "profile");
+    store.write(&batch).unwrap();
+    let mut batch = WriteSet::default();
+    batch.delete(Table::Customers, "c1");
+    batch.delete(Table::Customers, "never-written");
+    store.write(&batch).unwrap();
+    assert_eq!(store.get(Table::Customers, b"c1").unwrap(), None);
+}
+
+pub fn prefix_scans_are_ordered_and_bounded<S: StateStore>(store: &mut S) {
+    let mut batch = WriteSet::default();
+    for key in ["c2\0b", "c1\0b", "c1\0a", "c10\0a", "c0"] {
+        batch.put(Table::Evidence, key, key);
+    }
+    store.write(&batch).unwrap();
+    let keys: Vec<Vec<u8>> = store
+        .scan_prefix(Table::Evidence, b"c1\0")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, vec![b"c1\0a".to_vec(), b"c1\0b".to_vec()], "scan returns the prefix only, in order");
+    assert!(store.scan_prefix(Table::Evidence, b"zz").unwrap().is_empty());
+}
+
+pub fn binary_keys_and_values_survive<S: StateStore>(store: &mut S) {
+    let key = vec![0u8, 255, 1, 0];
+    let value: Vec<u8> = (0..=255u8).collect();
+    let mut batch = WriteSet::default();
+    batch.put(Table::Evidence, key.clone(), value.clone());
+    store.write(&batch).unwrap();
+    assert_eq!(store.get(Table::Evidence, &key).unwrap(), Some(value));
+}
+
+pub fn new_store_records_its_schema_version<S: StateStore>(store: &S) {
+    assert_eq!(
+        store.get(Table::Meta, SCHEMA_VERSION_KEY).unwrap(),
+        Some(STATE_SCHEMA_VERSION.as_bytes().to_vec()),
+        "a new store records the schema version it was written with"
+    );
+}

@@ -1,0 +1,981 @@
+//! The resolution engine: input messages in, state mutations and output records out.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::SecondsFormat;
+use idgraph_model::{
+    parse_event, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier, IdentityChange, InputCoordinates,
+    LinkRule, NormalizedEvent, Normalizer, ParseError, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge,
+    Resolution, ResolutionAction, SCHEMA_VERSION,
+};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::batch::Batch;
+use crate::config::{ConfigProblem, EngineConfig};
+use crate::matching::{blocking_keys, score, MatchScore};
+use crate::profile::{add_identifier, apply_event, blocking_traits, merge_into, new_profile};
+use crate::state::{event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, RootInfo};
+use crate::stats::{bump, BatchStats};
+use crate::store::{StateStore, StoreError, WriteSet};
+
+/// One input message and where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct InputMessage<'a> {
+    pub coordinates: &'a InputCoordinates,
+    pub payload: &'a [u8],
+    /// The source of messages that do not name one (e.g. the topic's source).
+    pub default_source: &'a str,
+}
+
+/// Everything a batch produced. The caller writes `writes` atomically, then emits the records.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutcome {
+    pub writes: WriteSet,
+    pub enriched: Vec<EnrichedEvent>,
+    pub profiles: Vec<ProfileRecord>,
+    pub changes: Vec<IdentityChange>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub stats: BatchStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid engine configuration: {0}")]
+    Config(#[from] ConfigProblem),
+    #[error("invalid engine configuration: {0}")]
+    Normalize(#[from] idgraph_model::normalize::NormalizeConfigError),
+}
+
+/// The identity-resolution engine. It holds configuration only; all state is passed in.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    config: EngineConfig,
+    normalizer: Normalizer,
+    priority: HashMap<String, usize>,
+    processor_version: String,
+}
+
+/// Profiles that an event's known identifiers point at, with the identifiers that link them.
+struct Group {
+    customer_id: String,
+    linking: Vec<Identifier>,
+}
+
+/// Per-event output being assembled.
+struct EventContext<'e> {
+    event: &'e NormalizedEvent,
+    timestamp: String,
+    coordinates: &'e InputCoordinates,
+    changes: Vec<ChangeKind>,
+    changes_customer: Vec<String>,
+    refused: Vec<RefusedMerge>,
+    merged_ids: Vec<String>,
+}
+
+impl EventContext<'_> {
+    fn change(&mut self, customer_id: &str, change: ChangeKind) {
+        self.changes.push(change);
+        self.changes_customer.push(customer_id.to_owned());
+    }
+
+    /// Records a refused merge (or refused identifier) in the event, the change feed and stats.
+    fn refuse(
+        &mut self,
+        customer_id: &str,
+        rule: RefusalRule,
+        other_customer_id: Option<String>,
+        kind: Option<String>,
+        linking_kind: &str,
+        stats: &mut BatchStats,
+    ) {
+        bump(&mut stats.merges_refused, rule.as_str());
+        self.refused.push(RefusedMerge {
+            rule,
+            other_customer_id: other_customer_id.clone(),
+            kind: kind.clone(),
+        });
+        self.change(
+            customer_id,
+            ChangeKind::MergeRefused {
+                rule,
+                other_customer_id,
+                kind,
+                linking_kind: linking_kind.to_owned(),
+            },
+        );
+    }
+
+    fn evidence(&self, link: EvidenceLink) -> Evidence {
+        Evidence {
+            event_id: self.event.raw.event_id.clone(),
+            source: self.event.raw.source.clone(),
+            at: self.timestamp.clone(),
+            link,
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, processor_version: &str) -> Result<Self, EngineError> {
+        config.validate()?;
+        let normalizer = Normalizer::new(config.normalize.clone())?;
+        let priority = config
+            .identifiers
+            .priority
+            .iter()
+            .enumerate()
+            .map(|(rank, kind)| (kind.clone(), rank))
+            .collect();
+        Ok(Engine {
+            config,
+            normalizer,
+            priority,
+            processor_version: processor_version.to_owned(),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    /// Resolves a batch of messages against `store` without changing it. The outcome's write
+    /// set holds every state change and the new input positions.
+    pub fn process_batch<S: StateStore>(
+        &self,
+        store: &S,
+        messages: &[InputMessage<'_>],
+    ) -> Result<BatchOutcome, EngineError> {
+        let mut batch = Batch::new(store);
+        let mut outcome = BatchOutcome::default();
+        // Profiles touched by the batch, in first-touch order, with the last input to touch them.
+        let mut touched: Vec<String> = Vec::new();
+        let mut last_touch: HashMap<String, InputCoordinates> = HashMap::new();
+        let mut tombstones: Vec<(String, String, InputCoordinates)> = Vec::new();
+        for message in messages {
+            batch.set_position(message.coordinates.stream_key(), message.coordinates.next_position());
+            let raw = if message.payload.len() > self.config.dead_letter.max_message_bytes {
+                Err(ParseError::new(
+                    FailureKind::TooLarge,
+                    format!(
+                        "payload is {} bytes, more than engine.dead_letter.max_message_bytes = {}",
+                        message.payload.len(),
+                        self.config.dead_letter.max_message_bytes
+                    ),
+                ))
+            } else {
+                parse_event(message.payload, message.default_source)
+            };
+            let raw = match raw {
+                Ok(raw) => raw,
+                Err(error) => {
+                    bump(&mut outcome.stats.dead_letters, error.kind.as_str());
+                    outcome.dead_letters.push(DeadLetter::new(
+                        &error,
+                        message.payload,
+                        self.config.dead_letter.max_payload_bytes,
+                        &self.processor_version,
+                        meta(message.coordinates, "dead_letter", 0),
+                    ));
+                    continue;
+                }
+            };
+            let event = self.normalizer.normalize(raw);
+            let result = self.resolve(&mut batch, &event, message.coordinates, &mut outcome)?;
+            for id in result.touched {
+                if !last_touch.contains_key(&id) {
+                    touched.push(id.clone());
+                }
+                last_touch.insert(id, message.coordinates.clone());
+            }
+            for (absorbed, survivor) in result.absorbed {
+                tombstones.push((absorbed, survivor, message.coordinates.clone()));
+            }
+        }
+        for (absorbed, survivor, coordinates) in tombstones {
+            outcome.profiles.push(ProfileRecord {
+                schema_version: SCHEMA_VERSION,
+                customer_id: absorbed.clone(),
+                profile: None,
+                merged_into: Some(survivor),
+                meta: meta(&coordinates, &format!("profile-tombstone:{absorbed}"), 0),
+            });
+        }
+        for id in touched {
+            // A profile absorbed later in the batch has no live record any more.
+            let Some(live) = batch.resolve_id(&id)? else { continue };
+            if live != id {
+                continue;
+            }
+            let state = batch.profile(&id)?;
+            outcome.stats.profile_sizes.push(state.profile.identifiers.len() as u32);
+            outcome.profiles.push(ProfileRecord {
+                schema_version: SCHEMA_VERSION,
+                customer_id: id.clone(),
+                profile: Some(state.profile),
+                merged_into: None,
+                meta: meta(&last_touch[&id], &format!("profile:{id}"), 0),
+            });
+        }
+        outcome.writes = batch.into_write_set();
+        Ok(outcome)
+    }
+
+    fn rank(&self, kind: &str) -> usize {
+        self.priority.get(kind).copied().unwrap_or(self.priority.len())
+    }
+
+    fn is_weak(&self, kind: &str) -> bool {
+        self.config.identifiers.weak_kinds.iter().any(|k| k == kind)
+    }
+
+    fn kind_limit(&self, kind: &str) -> usize {
+        self.config
+            .identifiers
+            .max_per_profile
+            .get(kind)
+            .copied()
+            .unwrap_or(self.config.identifiers.default_max_per_profile) as usize
+    }
+
+    /// Orders identifiers strongest first, then by kind and value.
+    fn sort_by_priority(&self, identifiers: &mut [Identifier]) {
+        identifiers.sort_by(|a, b| (self.rank(&a.kind), a).cmp(&(self.rank(&b.kind), b)));
+    }
+
+    fn resolve<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        event: &NormalizedEvent,
+        coordinates: &InputCoordinates,
+        outcome: &mut BatchOutcome,
+    ) -> Result<ResolveResult, EngineError> {
+        let raw = &event.raw;
+        record_quality(&mut outcome.stats, event);
+        let timestamp = raw.time().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut ctx = EventContext {
+            event,
+            timestamp,
+            coordinates,
+            changes: Vec::new(),
+            changes_customer: Vec::new(),
+            refused: Vec::new(),
+            merged_ids: Vec::new(),
+        };
+        let key = event_key(&raw.source, &raw.event_id);
+        if let Some(previous) = batch.event_customer(&key)? {
+            let customer_id = batch.resolve_id(&previous)?.unwrap_or(previous);
+            bump(&mut outcome.stats.actions, ResolutionAction::Duplicate.as_str());
+            outcome.enriched.push(self.enriched(&ctx, &customer_id, ResolutionAction::Duplicate, LinkRule::SameEvent));
+            return Ok(ResolveResult::default());
+        }
+
+        let (groups, new_identifiers) = self.lookup_identifiers(batch, event, &mut outcome.stats)?;
+        let mut touched = Vec::new();
+        let (mut primary, action, rule) = self.choose_primary(batch, &mut ctx, &groups, &new_identifiers, outcome)?;
+        touched.push(primary.clone());
+        let primary_link = groups
+            .iter()
+            .find(|g| g.customer_id == primary)
+            .and_then(|g| g.linking.first().cloned());
+
+        // New identifiers join first, so that merge checks see the profile as it will be.
+        let attach_rule = match &rule {
+            LinkRule::Fuzzy { .. } => rule.clone(),
+            _ => LinkRule::CoOccurrence,
+        };
+        self.attach_new_identifiers(
+            batch,
+            &mut ctx,
+            &primary,
+            &new_identifiers,
+            primary_link.as_ref(),
+            attach_rule,
+            &mut outcome.stats,
+        )?;
+
+        for group in &groups {
+            if group.customer_id == primary || batch.resolve_id(&group.customer_id)?.as_deref() == Some(primary.as_str()) {
+                continue;
+            }
+            let link_rule = LinkRule::SharedIdentifier {
+                kind: group.linking[0].kind.clone(),
+                value: group.linking[0].value.clone(),
+            };
+            let via = primary_link.clone().or_else(|| new_identifiers.first().cloned());
+            primary = self.merge_or_refuse(batch, &mut ctx, &primary, group, via, link_rule, &mut outcome.stats)?;
+        }
+
+        if action != ResolutionAction::New && ctx.merged_ids.is_empty() {
+            if let Some(survivor) = self.link_anonymous_profile(batch, &mut ctx, &primary, &mut outcome.stats)? {
+                primary = survivor;
+            }
+        }
+
+        let history_len = self.config.fuzzy.trait_history;
+        let state = batch.profile_mut(&primary)?;
+        apply_event(state, event, &ctx.timestamp, history_len);
+        let keys = blocking_keys(&blocking_traits(state, event));
+        self.add_to_blocks(batch, &primary, keys)?;
+        batch.record_event(key, &primary);
+        if matches!(rule, LinkRule::Fuzzy { .. }) && new_identifiers.is_empty() && action == ResolutionAction::Matched {
+            batch.add_evidence(&primary, ctx.evidence(EvidenceLink::EventLinked { rule: rule.clone() }))?;
+        }
+
+        let action = if action == ResolutionAction::Matched && !ctx.merged_ids.is_empty() {
+            ResolutionAction::Merged
+        } else {
+            action
+        };
+        bump(&mut outcome.stats.actions, action.as_str());
+        if action != ResolutionAction::New {
+            bump(&mut outcome.stats.matched_by_source, &raw.source);
+        }
+        let mut enriched = self.enriched(&ctx, &primary, action, rule);
+        enriched.resolution.merged_ids = std::mem::take(&mut ctx.merged_ids);
+        enriched.resolution.refused = std::mem::take(&mut ctx.refused);
+        let absorbed: Vec<(String, String)> = enriched
+            .resolution
+            .merged_ids
+            .iter()
+            .map(|id| (id.clone(), primary.clone()))
+            .collect();
+        for (ordinal, (change, customer_id)) in ctx.changes.drain(..).zip(ctx.changes_customer.drain(..)).enumerate() {
+            let customer_id = batch.resolve_id(&customer_id)?.unwrap_or(customer_id);
+            outcome.changes.push(IdentityChange {
+                schema_version: SCHEMA_VERSION,
+                customer_id,
+                event_id: raw.event_id.clone(),
+                source: raw.source.clone(),
+                at: ctx.timestamp.clone(),
+                meta: meta(coordinates, &format!("change:{}", change.type_name()), ordinal),
+                change,
+            });
+        }
+        outcome.enriched.push(enriched);
+        Ok(ResolveResult { touched, absorbed })
+    }
+
+    /// Splits the event's identifiers into groups by the profile they already belong to, and
+    /// new ones. Generic values are left out of both.
+    fn lookup_identifiers<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        event: &NormalizedEvent,
+        stats: &mut BatchStats,
+    ) -> Result<(Vec<Group>, Vec<Identifier>), EngineError> {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut new_identifiers = Vec::new();
+        for identifier in &event.identifiers {
+            let node_key = identifier.node_key();
+            match batch.node(&node_key)? {
+                None => new_identifiers.push(identifier.clone()),
+                Some(node) if node.generic => stats.generic_identifier_hits += 1,
+                Some(_) => {
+                    let (_, root) = batch.find(&node_key)?;
+                    match groups.iter_mut().find(|g| g.customer_id == root.customer_id) {
+                        Some(group) => group.linking.push(identifier.clone()),
+                        None => groups.push(Group {
+                            customer_id: root.customer_id,
+                            linking: vec![identifier.clone()],
+                        }),
+                    }
+                }
+            }
+        }
+        for group in &mut groups {
+            self.sort_by_priority(&mut group.linking);
+        }
+        let mut keyed = Vec::with_capacity(groups.len());
+        for group in groups {
+            let created_at = batch.profile(&group.customer_id)?.profile.created_at;
+            let rank = self.rank(&group.linking[0].kind);
+            keyed.push(((rank, created_at, group.customer_id.clone()), group));
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        self.sort_by_priority(&mut new_identifiers);
+        Ok((keyed.into_iter().map(|(_, g)| g).collect(), new_identifiers))
+    }
+
+    /// Picks the profile the event joins: the profile of its strongest known identifier, unless
+    /// the event's strongest new identifier outranks it and could not join it (a second
+    /// user_id), in which case the event starts a new profile. With no known identifier, a
+    /// fuzzy match or a new profile.
+    fn choose_primary<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        groups: &[Group],
+        new_identifiers: &[Identifier],
+        outcome: &mut BatchOutcome,
+    ) -> Result<(String, ResolutionAction, LinkRule), EngineError> {
+        if let Some(best) = groups.first() {
+            let link = &best.linking[0];
+            let rule = LinkRule::SharedIdentifier {
+                kind: link.kind.clone(),
+                value: link.value.clone(),
+            };
+            let state = batch.profile(&best.customer_id)?;
+            let outranked_and_blocked = match new_identifiers.first() {
+                Some(top_new) if self.rank(&top_new.kind) < self.rank(&link.kind) => {
+                    self.addition_refusal(&state, top_new, 1).is_some()
+                }
+                _ => false,
+            };
+            // Weak identifiers never tie a new strong identifier to a known customer: a shared
+            // tablet seeing a new email is a new person until something stronger says otherwise.
+            let weak_link_to_known = best.linking.iter().all(|i| self.is_weak(&i.kind))
+                && new_identifiers.iter().any(|i| !self.is_weak(&i.kind))
+                && state.has_strong_identifier(&self.config.identifiers.weak_kinds);
+            if !outranked_and_blocked && !weak_link_to_known {
+                return Ok((best.customer_id.clone(), ResolutionAction::Matched, rule));
+            }
+        } else if let Some((candidate, matched)) = self.fuzzy_candidate(batch, ctx.event, None, &mut outcome.stats)? {
+            let state = batch.profile(&candidate)?;
+            let conflicts = new_identifiers
+                .iter()
+                .any(|identifier| self.addition_refusal(&state, identifier, 1).is_some());
+            if !conflicts {
+                outcome.stats.fuzzy_links += 1;
+                return Ok((candidate, ResolutionAction::Matched, fuzzy_rule(matched)));
+            }
+        }
+        let customer_id = customer_id_for(&ctx.event.raw.source, &ctx.event.raw.event_id);
+        let state = new_profile(customer_id.clone(), &ctx.timestamp);
+        batch.put_profile(state);
+        outcome.stats.profiles_created += 1;
+        batch.add_evidence(
+            &customer_id,
+            ctx.evidence(EvidenceLink::Created {
+                identifiers: new_identifiers.to_vec(),
+            }),
+        )?;
+        ctx.change(
+            &customer_id,
+            ChangeKind::Created {
+                identifiers: new_identifiers.to_vec(),
+            },
+        );
+        Ok((customer_id, ResolutionAction::New, LinkRule::Created))
+    }
+
+    /// Why `count` more identifiers like `identifier` cannot join `state`, if they cannot.
+    fn addition_refusal(&self, state: &ProfileState, identifier: &Identifier, count: usize) -> Option<RefusalRule> {
+        if state.count_of_kind(&identifier.kind) + count > self.kind_limit(&identifier.kind) {
+            Some(RefusalRule::KindLimit)
+        } else if state.profile.identifiers.len() + count > self.config.protection.max_profile_identifiers as usize {
+            Some(RefusalRule::MaxProfileSize)
+        } else {
+            None
+        }
+    }
+
+    /// Why two profiles must stay apart, if they must; `linking` are the identifiers on
+    /// `other`'s side that the event shares (empty for a fuzzy link).
+    fn merge_refusal(
+        &self,
+        primary: &ProfileState,
+        other: &ProfileState,
+        linking: &[Identifier],
+    ) -> Option<(RefusalRule, Option<String>)> {
+        let weak = &self.config.identifiers.weak_kinds;
+        if !linking.is_empty()
+            && linking.iter().all(|i| self.is_weak(&i.kind))
+            && primary.has_strong_identifier(weak)
+            && other.has_strong_identifier(weak)
+        {
+            return Some((RefusalRule::WeakIdentifier, Some(linking[0].kind.clone())));
+        }
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for identifier in primary.profile.identifiers.iter().chain(&other.profile.identifiers) {
+            *counts.entry(identifier.kind.as_str()).or_default() += 1;
+        }
+        if let Some((kind, _)) = counts.iter().find(|(kind, count)| **count > self.kind_limit(kind)) {
+            return Some((RefusalRule::KindLimit, Some((*kind).to_owned())));
+        }
+        let size = primary.profile.identifiers.len() + other.profile.identifiers.len();
+        if size > self.config.protection.max_profile_identifiers as usize {
+            return Some((RefusalRule::MaxProfileSize, None));
+        }
+        None
+    }
+
+    /// Merges `group`'s profile into `primary` or records why not. Returns the id the event
+    /// now belongs to (the older profile's id survives a merge).
+    #[allow(clippy::too_many_arguments)]
+    fn merge_or_refuse<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        primary: &str,
+        group: &Group,
+        via: Option<Identifier>,
+        rule: LinkRule,
+        stats: &mut BatchStats,
+    ) -> Result<String, EngineError> {
+        let Some(other_id) = batch.resolve_id(&group.customer_id)? else {
+            return Ok(primary.to_owned());
+        };
+        if other_id == primary {
+            return Ok(primary.to_owned());
+        }
+        let primary_state = batch.profile(primary)?;
+        let other_state = batch.profile(&other_id)?;
+        let weak = &self.config.identifiers.weak_kinds;
+        let both_established = primary_state.has_strong_identifier(weak) && other_state.has_strong_identifier(weak);
+        if let Some((refusal, kind)) = self.merge_refusal(&primary_state, &other_state, &group.linking) {
+            ctx.refuse(primary, refusal, Some(other_id), kind, &group.linking[0].kind, stats);
+            self.note_conflicts(batch, ctx, &group.linking, primary, stats)?;
+            return Ok(primary.to_owned());
+        }
+        if both_established {
+            // Two established customers joined by one value is how shared values first show;
+            // counting it lets a value that keeps doing this turn generic, and a value that
+            // has just turned generic links nothing, this merge included.
+            self.note_conflicts(batch, ctx, &group.linking, primary, stats)?;
+            if self.all_generic(batch, &group.linking)? {
+                let kind = Some(group.linking[0].kind.clone());
+                ctx.refuse(primary, RefusalRule::GenericValue, Some(other_id), kind, &group.linking[0].kind, stats);
+                return Ok(primary.to_owned());
+            }
+        }
+        let other_link = group.linking.first().cloned();
+        Ok(self.merge(batch, ctx, primary_state, other_state, via, other_link, rule, stats)?)
+    }
+
+    fn all_generic<S: StateStore>(&self, batch: &mut Batch<'_, S>, identifiers: &[Identifier]) -> Result<bool, EngineError> {
+        for identifier in identifiers {
+            if !batch.node(&identifier.node_key())?.is_some_and(|n| n.generic) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Records that `linking` identifiers were seen with profile `seen_with`; a value seen
+    /// with enough distinct profiles becomes generic.
+    fn note_conflicts<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        linking: &[Identifier],
+        seen_with: &str,
+        stats: &mut BatchStats,
+    ) -> Result<(), EngineError> {
+        let threshold = self.config.protection.generic_threshold as usize;
+        for identifier in linking {
+            let key = identifier.node_key();
+            let Some(mut node) = batch.node(&key)? else { continue };
+            if node.generic || node.conflicts.iter().any(|c| c == seen_with) {
+                continue;
+            }
+            node.conflicts.push(seen_with.to_owned());
+            // The value's own profile plus the distinct others it was seen with.
+            if node.conflicts.len() + 1 >= threshold {
+                node.generic = true;
+                stats.identifiers_made_generic += 1;
+                let (_, root) = batch.find(&key)?;
+                ctx.change(
+                    &root.customer_id,
+                    ChangeKind::IdentifierGeneric {
+                        kind: identifier.kind.clone(),
+                        value: identifier.value.clone(),
+                        profiles_seen: (node.conflicts.len() + 1) as u32,
+                    },
+                );
+            }
+            batch.put_node(&key, node);
+        }
+        Ok(())
+    }
+
+    /// Merges two live profiles; the older one's id survives. Returns the survivor's id.
+    #[allow(clippy::too_many_arguments)]
+    fn merge<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        primary: ProfileState,
+        other: ProfileState,
+        via: Option<Identifier>,
+        other_link: Option<Identifier>,
+        rule: LinkRule,
+        stats: &mut BatchStats,
+    ) -> Result<String, StoreError> {
+        let age = |s: &ProfileState| (s.profile.created_at.clone(), s.profile.customer_id.clone());
+        let (mut survivor, absorbed) = if age(&primary) <= age(&other) {
+            (primary, other)
+        } else {
+            (other, primary)
+        };
+        let survivor_id = survivor.profile.customer_id.clone();
+        let absorbed_id = absorbed.profile.customer_id.clone();
+        survivor.root = match (survivor.root.take(), absorbed.root.clone()) {
+            (Some(a), Some(b)) => Some(self.union(batch, &a, &b, &survivor_id)?),
+            (None, Some(root)) | (Some(root), None) => {
+                self.set_root_customer(batch, &root, &survivor_id)?;
+                Some(root)
+            }
+            (None, None) => None,
+        };
+        batch.put_redirect(&absorbed_id, &survivor_id);
+        for id in &absorbed.profile.absorbed_ids {
+            batch.put_redirect(id, &survivor_id);
+        }
+        merge_into(&mut survivor, absorbed, self.config.fuzzy.trait_history);
+        batch.put_profile(survivor);
+        batch.add_evidence(
+            &survivor_id,
+            ctx.evidence(EvidenceLink::Merged {
+                absorbed: absorbed_id.clone(),
+                via,
+                other: other_link,
+                rule: rule.clone(),
+            }),
+        )?;
+        ctx.change(
+            &survivor_id,
+            ChangeKind::Merged {
+                survivor: survivor_id.clone(),
+                absorbed: vec![absorbed_id.clone()],
+                rule,
+            },
+        );
+        ctx.merged_ids.push(absorbed_id);
+        stats.merges += 1;
+        Ok(survivor_id)
+    }
+
+    /// Union by size of two roots; the new root records `customer_id`. Equal sizes pick the
+    /// smaller key so the result is deterministic.
+    fn union<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        a: &str,
+        b: &str,
+        customer_id: &str,
+    ) -> Result<String, StoreError> {
+        if a == b {
+            self.set_root_customer(batch, a, customer_id)?;
+            return Ok(a.to_owned());
+        }
+        let (_, root_a) = batch.find(a)?;
+        let (_, root_b) = batch.find(b)?;
+        let (big, big_info, small) = if (root_a.size, std::cmp::Reverse(a)) >= (root_b.size, std::cmp::Reverse(b)) {
+            (a, root_a.size + root_b.size, b)
+        } else {
+            (b, root_a.size + root_b.size, a)
+        };
+        let mut small_node = batch.node(small)?.unwrap_or_else(empty_node);
+        small_node.parent = Some(big.to_owned());
+        small_node.root = None;
+        batch.put_node(small, small_node);
+        let mut big_node = batch.node(big)?.unwrap_or_else(empty_node);
+        big_node.root = Some(RootInfo {
+            customer_id: customer_id.to_owned(),
+            size: big_info,
+        });
+        batch.put_node(big, big_node);
+        Ok(big.to_owned())
+    }
+
+    fn set_root_customer<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        root: &str,
+        customer_id: &str,
+    ) -> Result<(), StoreError> {
+        let mut node = batch.node(root)?.unwrap_or_else(empty_node);
+        let size = node.root.as_ref().map_or(1, |r| r.size);
+        node.root = Some(RootInfo {
+            customer_id: customer_id.to_owned(),
+            size,
+        });
+        batch.put_node(root, node);
+        Ok(())
+    }
+
+    /// Adds the event's new identifiers to `primary`, strongest first, refusing any that would
+    /// break a per-kind limit or the profile size limit.
+    fn attach_new_identifiers<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        primary: &str,
+        new_identifiers: &[Identifier],
+        via: Option<&Identifier>,
+        rule: LinkRule,
+        stats: &mut BatchStats,
+    ) -> Result<(), EngineError> {
+        for identifier in new_identifiers {
+            let state = batch.profile(primary)?;
+            if let Some(refusal) = self.addition_refusal(&state, identifier, 1) {
+                let kind = Some(identifier.kind.clone());
+                ctx.refuse(primary, refusal, None, kind, &identifier.kind, stats);
+                continue;
+            }
+            let key = identifier.node_key();
+            match state.root.clone() {
+                Some(root) => {
+                    batch.put_node(
+                        &key,
+                        NodeRecord {
+                            parent: Some(root.clone()),
+                            ..empty_node()
+                        },
+                    );
+                    let mut root_node = batch.node(&root)?.unwrap_or_else(empty_node);
+                    if let Some(info) = root_node.root.as_mut() {
+                        info.size += 1;
+                    }
+                    batch.put_node(&root, root_node);
+                }
+                None => {
+                    batch.put_node(
+                        &key,
+                        NodeRecord {
+                            root: Some(RootInfo {
+                                customer_id: primary.to_owned(),
+                                size: 1,
+                            }),
+                            ..empty_node()
+                        },
+                    );
+                    batch.profile_mut(primary)?.root = Some(key.clone());
+                }
+            }
+            let state = batch.profile_mut(primary)?;
+            add_identifier(state, identifier, &ctx.event.raw.source, &ctx.timestamp);
+            let is_creation = state.profile.version == 0;
+            if !is_creation {
+                batch.add_evidence(
+                    primary,
+                    ctx.evidence(EvidenceLink::IdentifierAdded {
+                        identifier: identifier.clone(),
+                        via: via.cloned(),
+                        rule: rule.clone(),
+                    }),
+                )?;
+            }
+            ctx.change(
+                primary,
+                ChangeKind::IdentifierAdded {
+                    kind: identifier.kind.clone(),
+                    value: identifier.value.clone(),
+                    rule: if is_creation { LinkRule::Created } else { rule.clone() },
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// An anonymous profile (only weak identifiers) whose event carries traits may belong to a
+    /// known customer: look for one by fuzzy match and merge if the rules allow.
+    fn link_anonymous_profile<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        primary: &str,
+        stats: &mut BatchStats,
+    ) -> Result<Option<String>, EngineError> {
+        let state = batch.profile(primary)?;
+        if state.has_strong_identifier(&self.config.identifiers.weak_kinds) || ctx.event.traits.is_empty() {
+            return Ok(None);
+        }
+        let Some((candidate, matched)) = self.fuzzy_candidate(batch, ctx.event, Some(primary), stats)? else {
+            return Ok(None);
+        };
+        let candidate_state = batch.profile(&candidate)?;
+        if self.merge_refusal(&state, &candidate_state, &[]).is_some() {
+            return Ok(None);
+        }
+        stats.fuzzy_links += 1;
+        let rule = fuzzy_rule(matched);
+        let survivor = self.merge(batch, ctx, state, candidate_state, None, None, rule, stats)?;
+        Ok(Some(survivor))
+    }
+
+    /// The best fuzzy candidate for an event's traits at or above the threshold.
+    fn fuzzy_candidate<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        event: &NormalizedEvent,
+        exclude: Option<&str>,
+        stats: &mut BatchStats,
+    ) -> Result<Option<(String, MatchScore)>, EngineError> {
+        let fuzzy = &self.config.fuzzy;
+        if !fuzzy.enabled || event.traits.is_empty() {
+            return Ok(None);
+        }
+        let keys = blocking_keys(&event.traits);
+        let mut candidates: Vec<String> = Vec::new();
+        'keys: for key in keys {
+            let block = batch.block(&key)?;
+            if block.oversize {
+                continue;
+            }
+            for id in block.customers {
+                let Some(live) = batch.resolve_id(&id)? else { continue };
+                if Some(live.as_str()) == exclude || candidates.contains(&live) {
+                    continue;
+                }
+                candidates.push(live);
+                if candidates.len() >= fuzzy.max_candidates {
+                    break 'keys;
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        stats.candidates_per_event.push(candidates.len() as u32);
+        let mut best: Option<(String, MatchScore, String)> = None;
+        for id in candidates {
+            let state = batch.profile(&id)?;
+            let result = score(fuzzy, &event.traits, &state.trait_history);
+            let created_at = state.profile.created_at;
+            let better = match &best {
+                None => true,
+                Some((best_id, best_score, best_created)) => {
+                    (result.total, std::cmp::Reverse((&created_at, &id)))
+                        > (best_score.total, std::cmp::Reverse((best_created, best_id)))
+                }
+            };
+            if better {
+                best = Some((id, result, created_at));
+            }
+        }
+        let (id, result, _) = best.expect("at least one candidate was scored");
+        stats.fuzzy_scores.push(result.total);
+        Ok((result.total >= fuzzy.threshold).then_some((id, result)))
+    }
+
+    fn add_to_blocks<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        customer_id: &str,
+        keys: Vec<String>,
+    ) -> Result<(), EngineError> {
+        for key in keys {
+            let state = batch.profile_mut(customer_id)?;
+            let Err(position) = state.blocking_keys.binary_search(&key) else {
+                continue;
+            };
+            state.blocking_keys.insert(position, key.clone());
+            let mut block = batch.block(&key)?;
+            if block.oversize {
+                continue;
+            }
+            if block.customers.len() >= self.config.fuzzy.max_block_size {
+                // Too common to narrow anything down; the list is dropped to save space.
+                block.oversize = true;
+                block.customers.clear();
+            } else {
+                block.customers.push(customer_id.to_owned());
+            }
+            batch.put_block(&key, block);
+        }
+        Ok(())
+    }
+
+    fn enriched(
+        &self,
+        ctx: &EventContext<'_>,
+        customer_id: &str,
+        action: ResolutionAction,
+        rule: LinkRule,
+    ) -> EnrichedEvent {
+        let event = ctx.event;
+        let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for identifier in &event.identifiers {
+            identifiers
+                .entry(identifier.kind.clone())
+                .or_default()
+                .push(identifier.value.clone());
+        }
+        EnrichedEvent {
+            schema_version: SCHEMA_VERSION,
+            event_id: event.raw.event_id.clone(),
+            customer_id: customer_id.to_owned(),
+            source: event.raw.source.clone(),
+            event_type: event.raw.event_type.clone(),
+            timestamp: ctx.timestamp.clone(),
+            identifiers,
+            traits: event.traits.clone(),
+            properties: event.raw.properties.clone(),
+            resolution: Resolution {
+                action,
+                rule,
+                merged_ids: Vec::new(),
+                refused: Vec::new(),
+            },
+            quality_issues: event.issues.clone(),
+            meta: meta(ctx.coordinates, "enriched", 0),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ResolveResult {
+    touched: Vec<String>,
+    absorbed: Vec<(String, String)>,
+}
+
+fn fuzzy_rule(matched: MatchScore) -> LinkRule {
+    LinkRule::Fuzzy {
+        score: matched.total,
+        fields: matched.fields,
+    }
+}
+
+fn empty_node() -> NodeRecord {
+    NodeRecord {
+        parent: None,
+        root: None,
+        generic: false,
+        conflicts: Vec::new(),
+    }
+}
+
+fn record_quality(stats: &mut BatchStats, event: &NormalizedEvent) {
+    let source = &event.raw.source;
+    bump(&mut stats.events, source);
+    if event.identifiers.is_empty() {
+        bump(&mut stats.no_identifier_by_source, source);
+    }
+    for issue in &event.issues {
+        let (section, name) = issue.field.split_once('.').unwrap_or(("", &issue.field));
+        let map = match (section, issue.kind) {
+            ("traits", _) => &mut stats.invalid_traits,
+            (_, idgraph_model::IssueKind::Invalid) => &mut stats.invalid_identifiers,
+            (_, idgraph_model::IssueKind::Blocked) => &mut stats.blocked_identifiers,
+        };
+        bump(map, name);
+    }
+    let present = stats.trait_present.entry(source.clone()).or_default();
+    for name in event.traits.keys() {
+        bump(present, name);
+    }
+}
+
+/// The customer id of a profile created by an event: a hash of the event's source and id,
+/// so it is the same on every replay and on every worker, with no counter to coordinate.
+pub fn customer_id_for(source: &str, event_id: &str) -> String {
+    let hash = xxh3_128(format!("{source}\0{event_id}").as_bytes());
+    format!("cus_{:024x}", hash >> 32)
+}
+
+/// Output metadata: the input coordinates and an idempotency key derived from them, the
+/// output's kind and its ordinal, so a re-emitted record carries the same key.
+fn meta(coordinates: &InputCoordinates, output: &str, ordinal: usize) -> RecordMeta {
+    let hash = xxh3_128(format!("{}\0{output}\0{ordinal}", coordinates.display()).as_bytes());
+    RecordMeta {
+        input: coordinates.clone(),
+        idempotency_key: format!("{hash:032x}"),
+    }
+}

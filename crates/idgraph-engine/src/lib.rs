@@ -1,0 +1,27 @@
+//! The identity-resolution engine of idgraph: a union-find identity graph (path compression,
+//! union by size) over normalized identifiers, deterministic links on shared identifiers,
+//! fuzzy links by blocking and Fellegi–Sunter style scoring, over-merge protection, stable
+//! customer ids, link evidence and profile building (SPEC §3).
+//!
+//! The engine does no I/O, reads no clock and draws no random numbers. It reads state through
+//! the small [`StateStore`] trait and returns a batch's state changes as one [`WriteSet`]
+//! together with the output records; the caller decides when to write and emit. This crate
+//! also holds the in-memory store and the store conformance suite; the RocksDB store lives in
+//! `idgraph-store-rocksdb`.
+
+mod batch;
+pub mod config;
+pub mod conformance;
+mod engine;
+pub mod matching;
+pub mod profile;
+pub mod read;
+pub mod state;
+pub mod stats;
+pub mod store;
+
+pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
+pub use engine::{customer_id_for, BatchOutcome, Engine, EngineError, InputMessage};
+pub use idgraph_model::Normalizer;
+pub use stats::BatchStats;
+pub use store::{ErrorClass, MemoryStore, StateStore, StoreError, Table, WriteOp, WriteSet};

@@ -1,0 +1,266 @@
+//! Profile building: applying an event to a profile and merging two profiles.
+//!
+//! Every rule here is order-independent for independent events: the latest value of a trait
+//! is chosen by event time (ties by value), sums are integers, sets are ordered. That is what
+//! lets the property tests shuffle independent events and expect the same profiles.
+
+use std::collections::BTreeMap;
+
+use idgraph_model::normalize::NAME_TRAITS;
+use idgraph_model::{ComputedTraits, Identifier, NormalizedEvent, Profile, ProfileIdentifier, TimedNumber, TraitValue};
+use serde_json::Value;
+
+use crate::matching::MATCH_FIELDS;
+use crate::state::ProfileState;
+
+/// Event types that count as an order, whatever the source.
+const ORDER_EVENT_TYPES: [&str; 5] = ["order_completed", "purchase", "order", "transaction", "checkout_completed"];
+
+/// A new, empty profile created by an event.
+pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
+    ProfileState {
+        profile: Profile {
+            customer_id,
+            created_at: timestamp.to_owned(),
+            version: 0,
+            identifiers: Vec::new(),
+            traits: BTreeMap::new(),
+            computed: ComputedTraits {
+                first_seen: timestamp.to_owned(),
+                last_seen: timestamp.to_owned(),
+                ..ComputedTraits::default()
+            },
+            absorbed_ids: Vec::new(),
+        },
+        root: None,
+        trait_history: BTreeMap::new(),
+        blocking_keys: Vec::new(),
+        evidence_count: 0,
+    }
+}
+
+/// Adds an identifier the profile does not hold yet, keeping the list sorted.
+pub fn add_identifier(state: &mut ProfileState, identifier: &Identifier, source: &str, timestamp: &str) {
+    let list = &mut state.profile.identifiers;
+    let position = list.partition_point(|i| (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value));
+    if list
+        .get(position)
+        .is_some_and(|i| i.kind == identifier.kind && i.value == identifier.value)
+    {
+        return;
+    }
+    list.insert(
+        position,
+        ProfileIdentifier {
+            kind: identifier.kind.clone(),
+            value: identifier.value.clone(),
+            first_seen: timestamp.to_owned(),
+            last_seen: timestamp.to_owned(),
+            source: source.to_owned(),
+        },
+    );
+}
+
+/// Applies one event to its profile: identifier times, traits, trait history and computed
+/// traits.
+pub fn apply_event(state: &mut ProfileState, event: &NormalizedEvent, timestamp: &str, history_len: usize) {
+    let source = &event.raw.source;
+    for identifier in &event.identifiers {
+        if let Ok(i) = state
+            .profile
+            .identifiers
+            .binary_search_by(|p| (p.kind.as_str(), p.value.as_str()).cmp(&(&identifier.kind, &identifier.value)))
+        {
+            let held = &mut state.profile.identifiers[i];
+            if timestamp < held.first_seen.as_str() {
+                held.first_seen = timestamp.to_owned();
+                held.source = source.clone();
+            }
+            if timestamp > held.last_seen.as_str() {
+                held.last_seen = timestamp.to_owned();
+            }
+        }
+    }
+    for (name, normalized) in &event.traits {
+        let shown = display_value(event, name, normalized);
+        let candidate = TraitValue {
+            value: shown,
+            source: source.clone(),
+            updated_at: timestamp.to_owned(),
+        };
+        match state.profile.traits.get(name) {
+            Some(current) if !is_newer(&candidate, current) => {}
+            _ => {
+                state.profile.traits.insert(name.clone(), candidate);
+            }
+        }
+        if MATCH_FIELDS.contains(&name.as_str()) {
+            remember(state.trait_history.entry(name.clone()).or_default(), normalized, history_len);
+        }
+    }
+    update_computed(&mut state.profile.computed, event, timestamp);
+    state.profile.version += 1;
+}
+
+/// Profiles show names and addresses as people wrote them, dates of birth as ISO dates.
+fn display_value(event: &NormalizedEvent, name: &str, normalized: &str) -> String {
+    let is_matching_text = NAME_TRAITS.contains(&name) || MATCH_FIELDS.contains(&name);
+    match event.raw.traits.get(name) {
+        Some(raw) if is_matching_text && name != "date_of_birth" => raw.trim().to_owned(),
+        _ => normalized.to_owned(),
+    }
+}
+
+/// Later event time wins; at the same time the larger value wins, so the result does not
+/// depend on which event arrived first.
+fn is_newer(candidate: &TraitValue, current: &TraitValue) -> bool {
+    (candidate.updated_at.as_str(), candidate.value.as_str()) > (current.updated_at.as_str(), current.value.as_str())
+}
+
+/// Keeps a value in a short history: a value already there is left where it is, a new one is
+/// appended, and the list is kept sorted so the history does not depend on arrival order.
+fn remember(history: &mut Vec<String>, value: &str, limit: usize) {
+    if limit == 0 || history.iter().any(|v| v == value) {
+        return;
+    }
+    if history.len() >= limit {
+        // Once full, new spellings are not recorded: the first values seen are kept.
+        return;
+    }
+    let position = history.partition_point(|v| v.as_str() < value);
+    history.insert(position, value.to_owned());
+}
+
+fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, timestamp: &str) {
+    let raw = &event.raw;
+    computed.event_count += 1;
+    *computed
+        .events
+        .entry(raw.source.clone())
+        .or_default()
+        .entry(raw.event_type.clone())
+        .or_default() += 1;
+    if computed.first_seen.is_empty() || timestamp < computed.first_seen.as_str() {
+        computed.first_seen = timestamp.to_owned();
+    }
+    if timestamp > computed.last_seen.as_str() {
+        computed.last_seen = timestamp.to_owned();
+    }
+    computed.channels.insert(raw.source.clone());
+    let amount = raw.properties.get("amount").and_then(Value::as_f64);
+    let is_order = ORDER_EVENT_TYPES.contains(&raw.event_type.as_str()) || (raw.source == "transaction" && amount.is_some());
+    if is_order {
+        computed.order_count += 1;
+        if let Some(amount) = amount {
+            let currency = raw
+                .properties
+                .get("currency")
+                .and_then(Value::as_str)
+                .map(str::to_ascii_uppercase)
+                .unwrap_or_else(|| "XXX".to_owned());
+            *computed.lifetime_value_minor.entry(currency).or_default() += (amount * 100.0).round() as i64;
+        }
+    }
+    if let Some(sentiment) = raw.properties.get("sentiment").and_then(Value::as_f64) {
+        keep_latest(&mut computed.latest_sentiment, sentiment, timestamp);
+    }
+    if let Some(followers) = raw.properties.get("followers").and_then(Value::as_f64) {
+        keep_latest(&mut computed.follower_reach, followers, timestamp);
+    }
+}
+
+fn keep_latest(slot: &mut Option<TimedNumber>, value: f64, at: &str) {
+    let newer = match slot {
+        None => true,
+        Some(current) => (at, value) > (current.at.as_str(), current.value),
+    };
+    if newer {
+        *slot = Some(TimedNumber {
+            value,
+            at: at.to_owned(),
+        });
+    }
+}
+
+/// Folds `absorbed` into `survivor`. Identifier sets are disjoint (each identifier belongs to
+/// one profile), so their lists interleave.
+pub fn merge_into(survivor: &mut ProfileState, absorbed: ProfileState, history_len: usize) {
+    let ProfileState {
+        profile: other,
+        trait_history,
+        blocking_keys,
+        ..
+    } = absorbed;
+    for identifier in other.identifiers {
+        let list = &mut survivor.profile.identifiers;
+        let position = list.partition_point(|i| (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value));
+        list.insert(position, identifier);
+    }
+    for (name, value) in other.traits {
+        match survivor.profile.traits.get(&name) {
+            Some(current) if !is_newer(&value, current) => {}
+            _ => {
+                survivor.profile.traits.insert(name, value);
+            }
+        }
+    }
+    for (name, values) in trait_history {
+        let history = survivor.trait_history.entry(name).or_default();
+        for value in values {
+            remember(history, &value, history_len);
+        }
+    }
+    for key in blocking_keys {
+        if let Err(position) = survivor.blocking_keys.binary_search(&key) {
+            survivor.blocking_keys.insert(position, key);
+        }
+    }
+    merge_computed(&mut survivor.profile.computed, other.computed);
+    survivor.profile.absorbed_ids.push(other.customer_id);
+    survivor.profile.absorbed_ids.extend(other.absorbed_ids);
+    survivor.profile.version += 1;
+}
+
+fn merge_computed(into: &mut ComputedTraits, other: ComputedTraits) {
+    into.event_count += other.event_count;
+    for (source, types) in other.events {
+        let entry = into.events.entry(source).or_default();
+        for (event_type, count) in types {
+            *entry.entry(event_type).or_default() += count;
+        }
+    }
+    if other.first_seen < into.first_seen {
+        into.first_seen = other.first_seen;
+    }
+    if other.last_seen > into.last_seen {
+        into.last_seen = other.last_seen;
+    }
+    into.order_count += other.order_count;
+    for (currency, minor) in other.lifetime_value_minor {
+        *into.lifetime_value_minor.entry(currency).or_default() += minor;
+    }
+    into.channels.extend(other.channels);
+    if let Some(s) = other.latest_sentiment {
+        keep_latest(&mut into.latest_sentiment, s.value, &s.at);
+    }
+    if let Some(f) = other.follower_reach {
+        keep_latest(&mut into.follower_reach, f.value, &f.at);
+    }
+}
+
+/// The normalized values blocking should use for a profile: the event's values, with the
+/// profile's remembered values filling fields the event lacks.
+pub fn blocking_traits(state: &ProfileState, event: &NormalizedEvent) -> BTreeMap<String, String> {
+    let mut traits = BTreeMap::new();
+    for field in MATCH_FIELDS {
+        let value = event
+            .traits
+            .get(field)
+            .cloned()
+            .or_else(|| state.trait_history.get(field).and_then(|h| h.first().cloned()));
+        if let Some(value) = value {
+            traits.insert(field.to_owned(), value);
+        }
+    }
+    traits
+}

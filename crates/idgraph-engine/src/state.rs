@@ -1,0 +1,145 @@
+//! Typed records kept in the [`StateStore`](crate::StateStore) tables, and their encoding.
+
+use std::collections::BTreeMap;
+
+use idgraph_model::{Identifier, LinkRule, Profile};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{StoreError, Table};
+
+/// A union-find node for one identifier value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The parent node key; `None` for a root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Set on roots only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<RootInfo>,
+    /// A generic value no longer links anything.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generic: bool,
+    /// Other profiles this value was seen with through refused or suspicious merges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
+}
+
+/// What a root node knows about its whole set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootInfo {
+    pub customer_id: String,
+    /// Number of nodes in the set (union by size).
+    pub size: u64,
+}
+
+/// A customer id's entry: a live profile or a redirect left by a merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CustomerEntry {
+    Live(Box<ProfileState>),
+    Redirect { to: String },
+}
+
+/// A profile plus what the engine needs to keep resolving against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileState {
+    pub profile: Profile,
+    /// The root node of the profile's identifier set, if it has identifiers.
+    pub root: Option<String>,
+    /// Recent normalized values per matching trait, newest last.
+    pub trait_history: BTreeMap<String, Vec<String>>,
+    /// Blocking keys this profile is listed under.
+    pub blocking_keys: Vec<String>,
+    /// Number of evidence records written under this id.
+    pub evidence_count: u32,
+}
+
+impl ProfileState {
+    /// Whether the profile holds an identifier of a kind outside `weak_kinds`.
+    pub fn has_strong_identifier(&self, weak_kinds: &[String]) -> bool {
+        self.profile.identifiers.iter().any(|i| !weak_kinds.contains(&i.kind))
+    }
+
+    pub fn count_of_kind(&self, kind: &str) -> usize {
+        self.profile.identifiers.iter().filter(|i| i.kind == kind).count()
+    }
+
+    pub fn holds(&self, identifier: &Identifier) -> bool {
+        self.profile
+            .identifiers
+            .binary_search_by(|i| (i.kind.as_str(), i.value.as_str()).cmp(&(&identifier.kind, &identifier.value)))
+            .is_ok()
+    }
+}
+
+/// Candidate profiles under one blocking key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub customers: Vec<String>,
+    /// Set once the key has had more profiles than `max_block_size`; it then yields none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oversize: bool,
+}
+
+/// One stored reason why something belongs to a profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub event_id: String,
+    pub source: String,
+    pub at: String,
+    #[serde(flatten)]
+    pub link: EvidenceLink,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "link", rename_all = "snake_case")]
+pub enum EvidenceLink {
+    /// The profile was created by this event with these identifiers.
+    Created { identifiers: Vec<Identifier> },
+    /// `identifier` joined the profile on an event linked through `via`.
+    IdentifierAdded {
+        identifier: Identifier,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Identifier>,
+        rule: LinkRule,
+    },
+    /// Profile `absorbed` was merged in; `via` and `other` are the identifiers on each side.
+    Merged {
+        absorbed: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via: Option<Identifier>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        other: Option<Identifier>,
+        rule: LinkRule,
+    },
+    /// An event with no new identifier was linked by its traits.
+    EventLinked { rule: LinkRule },
+}
+
+/// The key of an event in [`Table::Events`].
+pub fn event_key(source: &str, event_id: &str) -> String {
+    format!("{source}\0{event_id}")
+}
+
+/// The key of evidence number `seq` of `customer_id` in [`Table::Evidence`]; big-endian so
+/// that a prefix scan returns evidence in order.
+pub fn evidence_key(customer_id: &str, seq: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(customer_id.len() + 5);
+    key.extend_from_slice(customer_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state records always serialize")
+}
+
+pub fn decode<T: DeserializeOwned>(table: Table, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        table: table.name(),
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,91 @@
+//! Counters a batch produces: the raw material of metrics and data-quality reports.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What one batch (or, added up, one run) did. Keys are sources, kinds, rules and failure
+/// kinds: never customer data.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BatchStats {
+    /// Valid events per source.
+    pub events: BTreeMap<String, u64>,
+    /// Dead-lettered messages per failure kind.
+    pub dead_letters: BTreeMap<String, u64>,
+    /// Resolution actions (new, matched, merged, duplicate).
+    pub actions: BTreeMap<String, u64>,
+    /// Events that joined an existing profile (matched or merged), per source.
+    pub matched_by_source: BTreeMap<String, u64>,
+    /// Events with no usable identifier, per source.
+    pub no_identifier_by_source: BTreeMap<String, u64>,
+    /// Identifier values dropped as invalid, per kind.
+    pub invalid_identifiers: BTreeMap<String, u64>,
+    /// Identifier values dropped as junk or blocked, per kind.
+    pub blocked_identifiers: BTreeMap<String, u64>,
+    /// Trait values dropped as invalid, per trait.
+    pub invalid_traits: BTreeMap<String, u64>,
+    /// Events carrying each trait, per source then trait.
+    pub trait_present: BTreeMap<String, BTreeMap<String, u64>>,
+    pub profiles_created: u64,
+    pub merges: u64,
+    pub merges_refused: BTreeMap<String, u64>,
+    /// Identifier values that became generic.
+    pub identifiers_made_generic: u64,
+    /// Identifier occurrences ignored because the value is generic.
+    pub generic_identifier_hits: u64,
+    /// Events linked by fuzzy matching.
+    pub fuzzy_links: u64,
+    /// Best fuzzy score of each event that had candidates.
+    pub fuzzy_scores: Vec<f64>,
+    /// Candidates scored per event that went through fuzzy matching.
+    pub candidates_per_event: Vec<u32>,
+    /// Identifier counts of the profiles written by the batch.
+    pub profile_sizes: Vec<u32>,
+}
+
+impl BatchStats {
+    /// Adds `other` into `self`; the sample vectors are appended.
+    pub fn absorb(&mut self, other: BatchStats) {
+        fn add(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
+            for (k, v) in from {
+                *into.entry(k).or_default() += v;
+            }
+        }
+        add(&mut self.events, other.events);
+        add(&mut self.dead_letters, other.dead_letters);
+        add(&mut self.actions, other.actions);
+        add(&mut self.matched_by_source, other.matched_by_source);
+        add(&mut self.no_identifier_by_source, other.no_identifier_by_source);
+        add(&mut self.invalid_identifiers, other.invalid_identifiers);
+        add(&mut self.blocked_identifiers, other.blocked_identifiers);
+        add(&mut self.invalid_traits, other.invalid_traits);
+        for (source, traits) in other.trait_present {
+            add(self.trait_present.entry(source).or_default(), traits);
+        }
+        self.profiles_created += other.profiles_created;
+        self.merges += other.merges;
+        add(&mut self.merges_refused, other.merges_refused);
+        self.identifiers_made_generic += other.identifiers_made_generic;
+        self.generic_identifier_hits += other.generic_identifier_hits;
+        self.fuzzy_links += other.fuzzy_links;
+        self.fuzzy_scores.extend(other.fuzzy_scores);
+        self.candidates_per_event.extend(other.candidates_per_event);
+        self.profile_sizes.extend(other.profile_sizes);
+    }
+
+    pub fn total_events(&self) -> u64 {
+        self.events.values().sum()
+    }
+
+    pub fn total_dead_letters(&self) -> u64 {
+        self.dead_letters.values().sum()
+    }
+}
+
+pub(crate) fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+    if let Some(v) = map.get_mut(key) {
+        *v += 1;
+    } else {
+        map.insert(key.to_owned(), 1);
+    }
+}

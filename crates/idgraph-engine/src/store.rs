@@ -1,0 +1,198 @@
+//! The storage trait the engine reads through and writes to, and its in-memory implementation.
+//!
+//! The trait is deliberately tiny (point reads, prefix scans, one atomic write of a batch) so
+//! that a second implementation (RocksDB) is easy to get right, and one conformance suite
+//! ([`crate::conformance`]) checks both.
+
+use std::collections::BTreeMap;
+
+/// The version of the stored state's layout; a store refuses to open state of another version.
+pub const STATE_SCHEMA_VERSION: &str = "1";
+
+/// The key under which [`STATE_SCHEMA_VERSION`] is stored in [`Table::Meta`].
+pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
+
+/// The logical tables of the state; RocksDB keeps each in its own column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    /// Identifier node key → union-find node record.
+    Nodes,
+    /// Customer id → profile, or redirect for an absorbed id.
+    Customers,
+    /// Blocking key → candidate customer ids for fuzzy matching.
+    Blocks,
+    /// Source and event id → the customer the event was assigned to (replay protection).
+    Events,
+    /// Customer id and sequence → one piece of link evidence.
+    Evidence,
+    /// Input stream → the next position to read.
+    Positions,
+    /// Store metadata such as the schema version.
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 7] = [
+        Table::Nodes,
+        Table::Customers,
+        Table::Blocks,
+        Table::Events,
+        Table::Evidence,
+        Table::Positions,
+        Table::Meta,
+    ];
+
+    /// The column-family name of the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Nodes => "nodes",
+            Table::Customers => "customers",
+            Table::Blocks => "blocks",
+            Table::Events => "events",
+            Table::Evidence => "evidence",
+            Table::Positions => "positions",
+            Table::Meta => "meta",
+        }
+    }
+}
+
+/// One write of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
+    Delete { table: Table, key: Vec<u8> },
+}
+
+/// All the writes of one engine batch, applied atomically and in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteSet {
+    pub ops: Vec<WriteOp>,
+}
+
+impl WriteSet {
+    pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Put {
+            table,
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
+    pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Delete {
+            table,
+            key: key.into(),
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// How a caller should react to a storage error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry with backoff (a busy or full disk, a stall).
+    Transient,
+    /// Stop: the state cannot be trusted or reached.
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage is temporarily unavailable: {0}")]
+    Transient(String),
+    #[error("storage failed: {0}")]
+    Fatal(String),
+    #[error("stored state has schema version {found:?} but this build reads version {expected:?}; use a new state directory or the matching idgraph version")]
+    SchemaMismatch { found: String, expected: String },
+    #[error("stored record in table {table} under key {key:?} cannot be decoded: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Transient(_) => ErrorClass::Transient,
+            _ => ErrorClass::Fatal,
+        }
+    }
+}
+
+/// Durable key-value state, split into [`Table`]s.
+///
+/// Implementations must make [`StateStore::write`] atomic: after a crash either every
+/// operation of a write set is visible or none is.
+pub trait StateStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError>;
+}
+
+/// A [`StateStore`] in memory, for tests and for runs that need no durability.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemoryStore {
+    tables: BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        let mut store = MemoryStore::default();
+        store
+            .tables
+            .entry(Table::Meta)
+            .or_default()
+            .insert(SCHEMA_VERSION_KEY.to_vec(), STATE_SCHEMA_VERSION.as_bytes().to_vec());
+        store
+    }
+
+    /// Number of entries in a table; used by tests and statistics.
+    pub fn table_len(&self, table: Table) -> usize {
+        self.tables.get(&table).map_or(0, BTreeMap::len)
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tables.get(&table).and_then(|t| t.get(key)).cloned())
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let Some(entries) = self.tables.get(&table) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
+        for op in &batch.ops {
+            match op {
+                WriteOp::Put { table, key, value } => {
+                    self.tables.entry(*table).or_default().insert(key.clone(), value.clone());
+                }
+                WriteOp::Delete { table, key } => {
+                    if let Some(t) = self.tables.get_mut(table) {
+                        t.remove(key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

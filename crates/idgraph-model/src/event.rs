@@ -1,0 +1,384 @@
+//! The touchpoint event envelope and its parsers (canonical envelope and Segment Spec).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{FailureKind, ParseError};
+
+/// One touchpoint as it arrived, before normalization.
+///
+/// Identifier and trait values are kept raw here; [`crate::normalize`] turns them into the
+/// forms that the identity graph stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawEvent {
+    pub event_id: String,
+    pub source: String,
+    pub event_type: String,
+    /// The event time as sent, in RFC 3339.
+    pub timestamp: String,
+    /// Raw identifier values in input order, as `(kind, value)`; a kind may repeat.
+    pub identifiers: Vec<(String, String)>,
+    /// Raw trait values by trait name.
+    pub traits: BTreeMap<String, String>,
+    /// Free-form event properties, passed through to the enriched event.
+    pub properties: Map<String, Value>,
+}
+
+impl RawEvent {
+    /// The event time parsed as UTC.
+    pub fn time(&self) -> DateTime<Utc> {
+        // `parse_event` has already validated the timestamp, so this cannot fail for events
+        // that came from it; a hand-built event with a bad time sorts as the epoch.
+        DateTime::parse_from_rfc3339(&self.timestamp)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default()
+    }
+}
+
+/// Segment Spec message types that the parser recognises.
+const SEGMENT_TYPES: [&str; 5] = ["identify", "track", "page", "screen", "alias"];
+
+/// Trait names that the Segment Spec carries inside `traits` but that idgraph treats as
+/// identifiers.
+const SEGMENT_IDENTIFIER_TRAITS: [&str; 2] = ["email", "phone"];
+
+/// Parses one message (a Kafka value or a JSONL line) into a [`RawEvent`].
+///
+/// `default_source` names the source for messages that do not say their own (Segment Spec
+/// messages normally do not). Both the canonical envelope and Segment Spec messages are
+/// accepted; a message with a Segment `type` and no `event_id` is read as Segment Spec.
+pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, ParseError> {
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        ParseError::new(
+            FailureKind::InvalidUtf8,
+            format!("payload is not valid utf-8: {e}"),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err(ParseError::new(
+            FailureKind::EmptyPayload,
+            "payload is empty",
+        ));
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        ParseError::new(FailureKind::InvalidJson, format!("payload is not valid json: {e}"))
+    })?;
+    let Value::Object(object) = value else {
+        return Err(ParseError::new(
+            FailureKind::WrongType,
+            format!("payload must be a json object, found {}", json_type(&value)),
+        ));
+    };
+    let is_segment = !object.contains_key("event_id")
+        && object
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| SEGMENT_TYPES.contains(&t));
+    let event = if is_segment {
+        parse_segment(&object, default_source)?
+    } else {
+        parse_canonical(&object, default_source)?
+    };
+    validate_timestamp(&event.timestamp)?;
+    Ok(event)
+}
+
+fn parse_canonical(object: &Map<String, Value>, default_source: &str) -> Result<RawEvent, ParseError> {
+    let event_id = required_string(object, "event_id")?;
+    let event_type = required_string(object, "event_type")?;
+    let timestamp = required_string(object, "timestamp")?;
+    let source = optional_string(object, "source")?.unwrap_or_else(|| default_source.to_owned());
+    let mut identifiers = Vec::new();
+    if let Some(ids) = object.get("identifiers") {
+        let ids = expect_object(ids, "identifiers")?;
+        for (kind, value) in ids {
+            collect_identifier_values(kind, value, &mut identifiers)?;
+        }
+    }
+    let traits = match object.get("traits") {
+        Some(traits) => collect_traits(expect_object(traits, "traits")?, &[]),
+        None => BTreeMap::new(),
+    };
+    let properties = match object.get("properties") {
+        Some(Value::Null) | None => Map::new(),
+        Some(props) => expect_object(props, "properties")?.clone(),
+    };
+    Ok(RawEvent {
+        event_id,
+        source,
+        event_type,
+        timestamp,
+        identifiers,
+        traits,
+        properties,
+    })
+}
+
+/// Maps a Segment Spec message onto the envelope: `messageId` → `event_id`, `userId` →
+/// `user_id`, `anonymousId` and `previousId` → `cookie_id`, `context.device.id` →
+/// `device_id`, `email`/`phone` traits → identifiers, the rest of the traits → traits.
+fn parse_segment(object: &Map<String, Value>, default_source: &str) -> Result<RawEvent, ParseError> {
+    let message_type = required_string(object, "type")?;
+    let event_id = required_string(object, "messageId")?;
+    let timestamp = required_string(object, "timestamp")?;
+    let source = optional_string(object, "source")?.unwrap_or_else(|| default_source.to_owned());
+    let event_type = match message_type.as_str() {
+        "track" => optional_string(object, "event")?.unwrap_or_else(|| "track".to_owned()),
+        other => other.to_owned(),
+    };
+    let mut identifiers = Vec::new();
+    for (field, kind) in [
+        ("userId", "user_id"),
+        ("anonymousId", "cookie_id"),
+        ("previousId", "cookie_id"),
+    ] {
+        if let Some(value) = object.get(field) {
+            collect_identifier_values(kind, value, &mut identifiers)
+                .map_err(|e| e.with_field(field))?;
+        }
+    }
+    let context = object.get("context").and_then(Value::as_object);
+    if let Some(device_id) = context
+        .and_then(|c| c.get("device"))
+        .and_then(|d| d.get("id"))
+    {
+        collect_identifier_values("device_id", device_id, &mut identifiers)?;
+    }
+    let mut traits = BTreeMap::new();
+    let trait_objects = [
+        context.and_then(|c| c.get("traits")).and_then(Value::as_object),
+        object.get("traits").and_then(Value::as_object),
+    ];
+    for trait_object in trait_objects.into_iter().flatten() {
+        for kind in SEGMENT_IDENTIFIER_TRAITS {
+            if let Some(value) = trait_object.get(kind) {
+                collect_identifier_values(kind, value, &mut identifiers)?;
+            }
+        }
+        traits.extend(collect_traits(trait_object, &SEGMENT_IDENTIFIER_TRAITS));
+    }
+    let properties = object
+        .get("properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    Ok(RawEvent {
+        event_id,
+        source,
+        event_type,
+        timestamp,
+        identifiers,
+        traits,
+        properties,
+    })
+}
+
+fn validate_timestamp(timestamp: &str) -> Result<(), ParseError> {
+    DateTime::parse_from_rfc3339(timestamp).map(|_| ()).map_err(|e| {
+        ParseError::new(
+            FailureKind::InvalidTimestamp,
+            format!("timestamp {timestamp:?} is not rfc 3339: {e}"),
+        )
+        .with_field("timestamp")
+    })
+}
+
+fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, ParseError> {
+    match optional_string(object, field)? {
+        Some(value) if !value.trim().is_empty() => Ok(value),
+        Some(_) => Err(ParseError::new(
+            FailureKind::MissingField,
+            format!("required field {field:?} is empty"),
+        )
+        .with_field(field)),
+        None => Err(ParseError::new(
+            FailureKind::MissingField,
+            format!("required field {field:?} is missing"),
+        )
+        .with_field(field)),
+    }
+}
+
+fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, ParseError> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        // Numeric ids are common in exports; accepting them loses nothing.
+        Some(Value::Number(n)) if field != "timestamp" => Ok(Some(n.to_string())),
+        Some(other) => Err(ParseError::new(
+            FailureKind::WrongType,
+            format!("field {field:?} must be a string, found {}", json_type(other)),
+        )
+        .with_field(field)),
+    }
+}
+
+fn expect_object<'a>(value: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ParseError> {
+    value.as_object().ok_or_else(|| {
+        ParseError::new(
+            FailureKind::WrongType,
+            format!("field {field:?} must be an object, found {}", json_type(value)),
+        )
+        .with_field(field)
+    })
+}
+
+/// Adds the values of one identifier kind: a string, a number, or an array of them. Nulls are
+/// skipped (they say "no value"); other types are a wrong-type error for the whole message
+/// because the sender's schema is broken, not one value.
+fn collect_identifier_values(
+    kind: &str,
+    value: &Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), ParseError> {
+    match value {
+        Value::Null => Ok(()),
+        Value::String(s) => {
+            out.push((kind.to_owned(), s.clone()));
+            Ok(())
+        }
+        Value::Number(n) => {
+            out.push((kind.to_owned(), n.to_string()));
+            Ok(())
+        }
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|item| match item {
+                Value::Array(_) => Err(wrong_identifier_type(kind, item)),
+                _ => collect_identifier_values(kind, item, out),
+            }),
+        other => Err(wrong_identifier_type(kind, other)),
+    }
+}
+
+fn wrong_identifier_type(kind: &str, value: &Value) -> ParseError {
+    ParseError::new(
+        FailureKind::WrongType,
+        format!(
+            "identifier {kind:?} must be a string or an array of strings, found {}",
+            json_type(value)
+        ),
+    )
+    .with_field(&format!("identifiers.{kind}"))
+}
+
+/// Keeps scalar trait values as strings; nested objects (a Segment `address`) are flattened
+/// one level with the inner key (`address.city` → `city`).
+fn collect_traits(object: &Map<String, Value>, skip: &[&str]) -> BTreeMap<String, String> {
+    let mut traits = BTreeMap::new();
+    for (key, value) in object {
+        if skip.contains(&key.as_str()) {
+            continue;
+        }
+        match value {
+            Value::Object(inner) => {
+                for (inner_key, inner_value) in inner {
+                    if let Some(text) = scalar_text(inner_value) {
+                        traits.insert(map_segment_trait(inner_key), text);
+                    }
+                }
+            }
+            other => {
+                if let Some(text) = scalar_text(other) {
+                    traits.insert(map_segment_trait(key), text);
+                }
+            }
+        }
+    }
+    traits
+}
+
+/// Segment's reserved trait names in camelCase map onto idgraph's snake_case traits.
+fn map_segment_trait(key: &str) -> String {
+    match key {
+        "firstName" => "first_name",
+        "lastName" => "last_name",
+        "birthday" => "date_of_birth",
+        "postalCode" => "postcode",
+        other => other,
+    }
+    .to_owned()
+}
+
+fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_envelope_keeps_every_identifier_value_and_custom_kinds() {
+        let line = br#"{"event_id":"w1","source":"web","event_type":"page_view",
+            "timestamp":"2026-03-01T12:00:00Z",
+            "identifiers":{"email":["a@x.com","b@x.com"],"crm_id":"77"},
+            "traits":{"first_name":"Ann"},"properties":{"amount":3}}"#;
+        let event = parse_event(line, "web").unwrap();
+        assert_eq!(
+            event.identifiers,
+            vec![
+                ("crm_id".to_owned(), "77".to_owned()),
+                ("email".to_owned(), "a@x.com".to_owned()),
+                ("email".to_owned(), "b@x.com".to_owned()),
+            ]
+        );
+        assert_eq!(event.traits["first_name"], "Ann");
+    }
+
+    #[test]
+    fn segment_identify_maps_user_anonymous_device_and_traits() {
+        let line = br#"{"type":"identify","messageId":"m1","timestamp":"2026-03-01T12:00:00Z",
+            "userId":"u-1","anonymousId":"anon-9","context":{"device":{"id":"dev-3"}},
+            "traits":{"email":"Ann@X.com","firstName":"Ann","address":{"city":"Springfield"}}}"#;
+        let event = parse_event(line, "mobile").unwrap();
+        assert_eq!(event.source, "mobile");
+        assert_eq!(event.event_type, "identify");
+        assert!(event.identifiers.contains(&("user_id".into(), "u-1".into())));
+        assert!(event.identifiers.contains(&("cookie_id".into(), "anon-9".into())));
+        assert!(event.identifiers.contains(&("device_id".into(), "dev-3".into())));
+        assert!(event.identifiers.contains(&("email".into(), "Ann@X.com".into())));
+        assert_eq!(event.traits["first_name"], "Ann");
+        assert_eq!(event.traits["city"], "Springfield");
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        let kind = |payload: &[u8]| parse_event(payload, "web").unwrap_err().kind;
+        assert_eq!(kind(b"{not json"), FailureKind::InvalidJson);
+        assert_eq!(kind(b"\xff\xfe"), FailureKind::InvalidUtf8);
+        assert_eq!(kind(b"  "), FailureKind::EmptyPayload);
+        assert_eq!(kind(b"[1,2]"), FailureKind::WrongType);
+        assert_eq!(
+            kind(br#"{"event_type":"x","timestamp":"2026-03-01T12:00:00Z"}"#),
+            FailureKind::MissingField
+        );
+        assert_eq!(
+            kind(br#"{"event_id":"1","event_type":"x","timestamp":"yesterday"}"#),
+            FailureKind::InvalidTimestamp
+        );
+        assert_eq!(
+            kind(br#"{"event_id":"1","event_type":"x","timestamp":"2026-03-01T12:00:00Z","identifiers":{"email":{"a":1}}}"#),
+            FailureKind::WrongType
+        );
+    }
+}

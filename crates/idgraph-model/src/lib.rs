@@ -1,0 +1,16 @@
+//! The data model of idgraph: the touchpoint event envelope and its parsers (canonical and
+//! Segment Spec), normalization of identifiers and traits (SPEC §2), and the output records
+//! (enriched events, profiles, identity changes, dead letters) with their `schema_version`.
+//!
+//! This crate does no I/O and holds no state: it turns bytes into events and events into
+//! normalized values. Resolution lives in `idgraph-engine`.
+
+pub mod error;
+pub mod event;
+pub mod normalize;
+pub mod records;
+
+pub use error::{FailureKind, ParseError};
+pub use event::{parse_event, RawEvent};
+pub use normalize::{Identifier, IssueKind, NormalizeConfig, NormalizedEvent, Normalizer, QualityIssue};
+pub use records::*;

@@ -1,0 +1,475 @@
+//! Normalization of identifiers and traits (SPEC §2).
+//!
+//! The normalized form is what the identity graph stores and compares, so every rule here is
+//! part of the matching contract: changing one changes which events link.
+
+use std::collections::BTreeMap;
+
+use chrono::NaiveDate;
+use regex::RegexSet;
+use serde::{Deserialize, Serialize};
+use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::event::RawEvent;
+
+/// Settings for normalization; the `[engine.normalize]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeConfig {
+    /// ISO 3166 region used for phone numbers written without a country code.
+    pub default_phone_region: String,
+    /// Ignore dots and `+tags` in the local part of gmail addresses.
+    pub email_provider_rules: bool,
+    /// Prefix social handles with the event's `network` property (`twitter:annlee`).
+    pub social_handle_network_prefix: bool,
+    /// How to read ambiguous numeric dates such as 03/04/1980: "dmy" or "mdy".
+    pub date_order: DateOrder,
+    /// Identifier values (after normalization) that never link anything.
+    pub blocked_values: Vec<String>,
+    /// Regular expressions; an identifier value (after normalization) matching any is blocked.
+    pub blocked_patterns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DateOrder {
+    Dmy,
+    Mdy,
+}
+
+/// A normalized, non-blocked identifier: a node of the identity graph.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Identifier {
+    pub kind: String,
+    pub value: String,
+}
+
+impl Identifier {
+    pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
+        Identifier {
+            kind: kind.into(),
+            value: value.into(),
+        }
+    }
+
+    /// The storage key of this identifier's graph node: kind and value separated by a NUL,
+    /// which neither can contain after normalization.
+    pub fn node_key(&self) -> String {
+        format!("{}\0{}", self.kind, self.value)
+    }
+}
+
+/// Why a field was left out of matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueKind {
+    /// The value could not be understood (an unparsable phone, a date that is not a date).
+    Invalid,
+    /// The value is a known junk or configured blocked value.
+    Blocked,
+}
+
+/// One field of a valid event that was dropped from matching: a data-quality problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QualityIssue {
+    /// `identifiers.<kind>` or `traits.<name>`.
+    pub field: String,
+    pub kind: IssueKind,
+}
+
+/// An event after normalization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormalizedEvent {
+    pub raw: RawEvent,
+    /// Usable identifiers, de-duplicated, in (kind, value) order.
+    pub identifiers: Vec<Identifier>,
+    /// Traits with the matching fields normalized; other traits trimmed.
+    pub traits: BTreeMap<String, String>,
+    pub issues: Vec<QualityIssue>,
+}
+
+/// Trait names that take part in fuzzy matching and get matching-grade normalization.
+pub const NAME_TRAITS: [&str; 2] = ["first_name", "last_name"];
+const TEXT_TRAITS: [&str; 4] = ["street", "address_line2", "city", "state"];
+pub const DATE_OF_BIRTH: &str = "date_of_birth";
+
+/// Values that people and systems type when they have no value.
+const BUILT_IN_JUNK: [&str; 16] = [
+    "null",
+    "undefined",
+    "none",
+    "nil",
+    "n/a",
+    "na",
+    "unknown",
+    "test",
+    "test@test.com",
+    "test@example.com",
+    "noemail@noemail.com",
+    "no@email.com",
+    "email@email.com",
+    "00000000-0000-0000-0000-000000000000",
+    "anonymous",
+    "[object object]",
+];
+
+/// Normalizes raw events; built once from config and shared.
+#[derive(Debug, Clone)]
+pub struct Normalizer {
+    config: NormalizeConfig,
+    region: phonenumber::country::Id,
+    blocked_patterns: RegexSet,
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NormalizeConfigError {
+    #[error("engine.normalize.default_phone_region {0:?} is not an iso 3166 region code such as \"US\" or \"AU\"")]
+    UnknownRegion(String),
+    #[error("engine.normalize.blocked_patterns has an invalid regular expression: {0}")]
+    BadPattern(#[from] regex::Error),
+}
+
+impl Normalizer {
+    pub fn new(config: NormalizeConfig) -> Result<Self, NormalizeConfigError> {
+        let region = config
+            .default_phone_region
+            .to_ascii_uppercase()
+            .parse::<phonenumber::country::Id>()
+            .map_err(|_| NormalizeConfigError::UnknownRegion(config.default_phone_region.clone()))?;
+        let blocked_patterns = RegexSet::new(&config.blocked_patterns)?;
+        Ok(Normalizer {
+            config,
+            region,
+            blocked_patterns,
+        })
+    }
+
+    pub fn normalize(&self, raw: RawEvent) -> NormalizedEvent {
+        let mut issues = Vec::new();
+        let mut identifiers = Vec::with_capacity(raw.identifiers.len());
+        let network = raw.properties.get("network").and_then(|v| v.as_str());
+        for (kind, value) in &raw.identifiers {
+            let kind = kind.trim().to_ascii_lowercase();
+            match self.identifier_value(&kind, value, network) {
+                Ok(normalized) => identifiers.push(Identifier::new(kind, normalized)),
+                Err(issue_kind) => {
+                    // A missing value is not a quality problem worth counting twice; an empty
+                    // string is a junk value and is counted as blocked.
+                    issues.push(QualityIssue {
+                        field: format!("identifiers.{kind}"),
+                        kind: issue_kind,
+                    });
+                }
+            }
+        }
+        identifiers.sort();
+        identifiers.dedup();
+        let traits = self.traits(&raw.traits, &mut issues);
+        NormalizedEvent {
+            raw,
+            identifiers,
+            traits,
+            issues,
+        }
+    }
+
+    /// Normalizes one identifier value, or says why it cannot link anything.
+    pub fn identifier_value(
+        &self,
+        kind: &str,
+        value: &str,
+        network: Option<&str>,
+    ) -> Result<String, IssueKind> {
+        let trimmed = value.trim();
+        if is_junk(trimmed) {
+            return Err(IssueKind::Blocked);
+        }
+        let normalized = match kind {
+            "email" => normalize_email(trimmed, self.config.email_provider_rules)?,
+            "phone" => self.normalize_phone(trimmed)?,
+            "social_handle" => normalize_handle(trimmed, network, self.config.social_handle_network_prefix)?,
+            "national_id" => trimmed
+                .chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_uppercase)
+                .collect(),
+            _ => trimmed.replace('\0', ""),
+        };
+        if normalized.is_empty() || is_junk(&normalized) || self.is_blocked(&normalized) {
+            return Err(IssueKind::Blocked);
+        }
+        Ok(normalized)
+    }
+
+    fn is_blocked(&self, value: &str) -> bool {
+        self.config.blocked_values.iter().any(|b| b == value) || self.blocked_patterns.is_match(value)
+    }
+
+    fn normalize_phone(&self, value: &str) -> Result<String, IssueKind> {
+        let digits = value.chars().filter(char::is_ascii_digit).count();
+        if digits < 6 {
+            return Err(IssueKind::Invalid);
+        }
+        if value.chars().filter(char::is_ascii_digit).all(|c| c == '0') {
+            return Err(IssueKind::Blocked);
+        }
+        let number = phonenumber::parse(Some(self.region), value).map_err(|_| IssueKind::Invalid)?;
+        if !phonenumber::is_valid(&number) {
+            return Err(IssueKind::Invalid);
+        }
+        Ok(number.format().mode(phonenumber::Mode::E164).to_string())
+    }
+
+    fn traits(
+        &self,
+        raw: &BTreeMap<String, String>,
+        issues: &mut Vec<QualityIssue>,
+    ) -> BTreeMap<String, String> {
+        let mut traits = BTreeMap::new();
+        for (name, value) in raw {
+            let normalized = match name.as_str() {
+                n if NAME_TRAITS.contains(&n) || TEXT_TRAITS.contains(&n) => {
+                    let text = fold_text(value);
+                    if n == "street" {
+                        abbreviate_street(&text)
+                    } else {
+                        text
+                    }
+                }
+                DATE_OF_BIRTH => match parse_date(value, self.config.date_order) {
+                    Some(date) => date.format("%Y-%m-%d").to_string(),
+                    None => {
+                        if !value.trim().is_empty() {
+                            issues.push(QualityIssue {
+                                field: format!("traits.{name}"),
+                                kind: IssueKind::Invalid,
+                            });
+                        }
+                        continue;
+                    }
+                },
+                "postcode" => value
+                    .chars()
+                    .filter(|c| c.is_alphanumeric())
+                    .flat_map(char::to_uppercase)
+                    .collect(),
+                "country" => value.trim().to_ascii_uppercase(),
+                _ => value.trim().to_owned(),
+            };
+            if !normalized.is_empty() && !is_junk(&normalized) {
+                traits.insert(name.clone(), normalized);
+            }
+        }
+        traits
+    }
+}
+
+fn is_junk(value: &str) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    let lower = value.to_lowercase();
+    BUILT_IN_JUNK.contains(&lower.as_str())
+}
+
+/// Lower-cases and validates an address; with provider rules, gmail's dots and `+tags` are
+/// dropped because gmail delivers all those spellings to one mailbox.
+pub fn normalize_email(value: &str, provider_rules: bool) -> Result<String, IssueKind> {
+    let lower = value.to_lowercase();
+    let (local, domain) = lower.split_once('@').ok_or(IssueKind::Invalid)?;
+    let valid = !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !lower.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !valid {
+        return Err(IssueKind::Invalid);
+    }
+    if provider_rules && (domain == "gmail.com" || domain == "googlemail.com") {
+        let local = local.split('+').next().unwrap_or(local).replace('.', "");
+        if local.is_empty() {
+            return Err(IssueKind::Invalid);
+        }
+        return Ok(format!("{local}@gmail.com"));
+    }
+    Ok(lower)
+}
+
+fn normalize_handle(value: &str, network: Option<&str>, prefix: bool) -> Result<String, IssueKind> {
+    let handle = value.trim_start_matches('@').to_lowercase();
+    if handle.is_empty() || handle.chars().any(char::is_whitespace) {
+        return Err(IssueKind::Invalid);
+    }
+    Ok(match (prefix, network) {
+        (true, Some(network)) => format!("{}:{handle}", network.to_lowercase()),
+        _ => handle,
+    })
+}
+
+/// Unicode-normalizes (NFKD, accents dropped), case-folds, removes punctuation and collapses
+/// spaces: "  José  O'Neil-Smith " → "jose oneil smith".
+pub fn fold_text(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut pending_space = false;
+    for c in value.nfkd().filter(|c| !is_combining_mark(*c)) {
+        if c.is_alphanumeric() {
+            if pending_space && !out.is_empty() {
+                out.push(' ');
+            }
+            pending_space = false;
+            out.extend(c.to_lowercase());
+        } else if c.is_whitespace() || c == '-' || c == '/' || c == ',' {
+            pending_space = true;
+        }
+        // Other punctuation (apostrophes, dots) joins: "o'neil" → "oneil", "st." → "st".
+    }
+    out
+}
+
+/// Replaces common street words by their postal abbreviation so "12 High Street" and
+/// "12 high st." compare equal.
+fn abbreviate_street(text: &str) -> String {
+    text.split(' ')
+        .map(|word| match word {
+            "street" => "st",
+            "road" => "rd",
+            "avenue" => "ave",
+            "drive" => "dr",
+            "lane" => "ln",
+            "boulevard" => "blvd",
+            "court" => "ct",
+            "place" => "pl",
+            "terrace" => "tce",
+            "highway" => "hwy",
+            "apartment" => "apt",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Parses a date of birth written in one of the common formats.
+pub fn parse_date(value: &str, order: DateOrder) -> Option<NaiveDate> {
+    let value = value.trim();
+    const UNAMBIGUOUS: [&str; 8] = [
+        "%Y-%m-%d", "%Y/%m/%d", "%Y.%m.%d", "%Y%m%d", "%d %b %Y", "%d %B %Y", "%b %d, %Y", "%B %d, %Y",
+    ];
+    if let Some(date) = UNAMBIGUOUS
+        .iter()
+        .find_map(|format| NaiveDate::parse_from_str(value, format).ok())
+    {
+        return plausible(date);
+    }
+    // Timestamps such as 1980-02-29T00:00:00Z: the date part is the date of birth.
+    if value.len() > 10 && value.as_bytes().get(10) == Some(&b'T') {
+        return parse_date(&value[..10], order);
+    }
+    let parts: Vec<&str> = value.split(['/', '-', '.']).collect();
+    if parts.len() != 3 || parts[2].len() != 4 {
+        return None;
+    }
+    let first: u32 = parts[0].parse().ok()?;
+    let second: u32 = parts[1].parse().ok()?;
+    let year: i32 = parts[2].parse().ok()?;
+    let (day, month) = if first > 12 {
+        (first, second)
+    } else if second > 12 {
+        (second, first)
+    } else {
+        match order {
+            DateOrder::Dmy => (first, second),
+            DateOrder::Mdy => (second, first),
+        }
+    };
+    NaiveDate::from_ymd_opt(year, month, day).and_then(plausible)
+}
+
+/// Births before 1900 or after 2100 are typos or placeholders, not dates of birth.
+fn plausible(date: NaiveDate) -> Option<NaiveDate> {
+    use chrono::Datelike;
+    (1900..=2100).contains(&date.year()).then_some(date)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normalizer() -> Normalizer {
+        Normalizer::new(NormalizeConfig {
+            default_phone_region: "US".into(),
+            email_provider_rules: true,
+            social_handle_network_prefix: false,
+            date_order: DateOrder::Dmy,
+            blocked_values: vec!["+14155550000".into()],
+            blocked_patterns: vec!["^guest-".into()],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn emails_are_lower_cased_and_gmail_spellings_collapse() {
+        let n = normalizer();
+        assert_eq!(n.identifier_value("email", " Ann.Lee@Example.com ", None), Ok("ann.lee@example.com".into()));
+        assert_eq!(n.identifier_value("email", "Ann.Lee+shop@GMail.com", None), Ok("annlee@gmail.com".into()));
+        assert_eq!(n.identifier_value("email", "not-an-email", None), Err(IssueKind::Invalid));
+        assert_eq!(n.identifier_value("email", "test@test.com", None), Err(IssueKind::Blocked));
+    }
+
+    #[test]
+    fn phones_become_e164_with_the_default_region() {
+        let n = normalizer();
+        assert_eq!(n.identifier_value("phone", "(415) 555-0132", None), Ok("+14155550132".into()));
+        assert_eq!(n.identifier_value("phone", "+61 2 9374 4000", None), Ok("+61293744000".into()));
+        assert_eq!(n.identifier_value("phone", "000-000-0000", None), Err(IssueKind::Blocked));
+        assert_eq!(n.identifier_value("phone", "12", None), Err(IssueKind::Invalid));
+        assert_eq!(n.identifier_value("phone", "415 555 0000", None), Err(IssueKind::Blocked));
+    }
+
+    #[test]
+    fn handles_junk_and_patterns() {
+        let n = normalizer();
+        assert_eq!(n.identifier_value("social_handle", "@AnnLee", None), Ok("annlee".into()));
+        assert_eq!(n.identifier_value("user_id", "undefined", None), Err(IssueKind::Blocked));
+        assert_eq!(n.identifier_value("cookie_id", "", None), Err(IssueKind::Blocked));
+        assert_eq!(n.identifier_value("cookie_id", "guest-17", None), Err(IssueKind::Blocked));
+        assert_eq!(n.identifier_value("crm_id", " 77 ", None), Ok("77".into()));
+    }
+
+    #[test]
+    fn text_is_folded_and_streets_abbreviated() {
+        assert_eq!(fold_text("  José  O'Neil-Smith "), "jose oneil smith");
+        assert_eq!(abbreviate_street(&fold_text("12 High Street")), "12 high st");
+    }
+
+    #[test]
+    fn dates_of_birth_parse_from_common_formats() {
+        let d = |s| parse_date(s, DateOrder::Dmy).map(|d| d.to_string());
+        assert_eq!(d("1980-02-29"), Some("1980-02-29".into()));
+        assert_eq!(d("29/02/1980"), Some("1980-02-29".into()));
+        assert_eq!(d("02/29/1980"), Some("1980-02-29".into()));
+        assert_eq!(d("03/04/1980"), Some("1980-04-03".into()));
+        assert_eq!(d("29 Feb 1980"), Some("1980-02-29".into()));
+        assert_eq!(d("1981-02-29"), None);
+        assert_eq!(d("yesterday"), None);
+        assert_eq!(parse_date("03/04/1980", DateOrder::Mdy).unwrap().to_string(), "1980-03-04");
+    }
+
+    #[test]
+    fn bad_fields_are_dropped_and_reported_but_the_event_survives() {
+        let raw = crate::event::parse_event(
+            br#"{"event_id":"1","event_type":"t","timestamp":"2026-01-01T00:00:00Z",
+            "identifiers":{"phone":"call me","email":"A@b.co"},"traits":{"date_of_birth":"31/31/1999","first_name":"Ann"}}"#,
+            "web",
+        )
+        .unwrap();
+        let event = normalizer().normalize(raw);
+        assert_eq!(event.identifiers, vec![Identifier::new("email", "a@b.co")]);
+        assert_eq!(event.traits.get("first_name").map(String::as_str), Some("ann"));
+        assert!(!event.traits.contains_key("date_of_birth"));
+        let fields: Vec<_> = event.issues.iter().map(|i| i.field.as_str()).collect();
+        assert_eq!(fields, vec!["identifiers.phone", "traits.date_of_birth"]);
+    }
+}

@@ -1,0 +1,426 @@
+//! Output record types (SPEC §4) and the profile they carry.
+//!
+//! Every record has a `schema_version`; maps are `BTreeMap`s so that serializing the same
+//! record always gives the same bytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ParseError;
+
+/// The version of every output record's layout. Bump it on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Where an input message came from: a line of a file or an offset of a Kafka partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InputCoordinates {
+    File { file: String, line: u64 },
+    Kafka { topic: String, partition: i32, offset: i64 },
+}
+
+impl InputCoordinates {
+    /// The key under which the next position of this input stream is stored.
+    pub fn stream_key(&self) -> String {
+        match self {
+            InputCoordinates::File { file, .. } => format!("file:{file}"),
+            InputCoordinates::Kafka { topic, partition, .. } => format!("kafka:{topic}:{partition}"),
+        }
+    }
+
+    /// The position to resume from after this message has been processed.
+    pub fn next_position(&self) -> u64 {
+        match self {
+            InputCoordinates::File { line, .. } => *line,
+            InputCoordinates::Kafka { offset, .. } => (*offset + 1) as u64,
+        }
+    }
+
+    /// A compact text form for headers and logs: `file:line` or `topic/partition@offset`.
+    pub fn display(&self) -> String {
+        match self {
+            InputCoordinates::File { file, line } => format!("{file}:{line}"),
+            InputCoordinates::Kafka {
+                topic,
+                partition,
+                offset,
+            } => format!("{topic}/{partition}@{offset}"),
+        }
+    }
+}
+
+/// What resolution did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResolutionAction {
+    /// A new profile was created for the event.
+    New,
+    /// The event joined one existing profile.
+    Matched,
+    /// The event joined profiles that were merged because of it.
+    Merged,
+    /// The same source and event id were processed before; nothing changed.
+    Duplicate,
+}
+
+impl ResolutionAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolutionAction::New => "new",
+            ResolutionAction::Matched => "matched",
+            ResolutionAction::Merged => "merged",
+            ResolutionAction::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// The rule that linked an event, identifier or profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum LinkRule {
+    /// The first event of a new profile.
+    Created,
+    /// A normalized identifier shared with the profile.
+    SharedIdentifier { kind: String, value: String },
+    /// Fuzzy trait match with a candidate, with the total and per-field scores.
+    Fuzzy { score: f64, fields: Vec<FieldScore> },
+    /// The same source and event id were processed before.
+    SameEvent,
+    /// The identifier arrived on an event already assigned to the profile.
+    CoOccurrence,
+}
+
+/// One field's contribution to a fuzzy score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldScore {
+    pub field: String,
+    /// `exact`, `close`, `disagree` or `missing`.
+    pub level: String,
+    pub similarity: f64,
+    pub weight: f64,
+}
+
+/// A rule that refused a merge (SPEC §3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalRule {
+    /// The merged profile would hold more identifiers of one kind than allowed.
+    KindLimit,
+    /// The linking identifier is seen on too many profiles to mean one person.
+    GenericValue,
+    /// The merged profile would be larger than the maximum profile size.
+    MaxProfileSize,
+    /// Only weak identifiers (devices, cookies) link two profiles that both have strong ones.
+    WeakIdentifier,
+}
+
+impl RefusalRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalRule::KindLimit => "kind_limit",
+            RefusalRule::GenericValue => "generic_value",
+            RefusalRule::MaxProfileSize => "max_profile_size",
+            RefusalRule::WeakIdentifier => "weak_identifier",
+        }
+    }
+}
+
+/// How an event was resolved; part of the enriched event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub action: ResolutionAction,
+    #[serde(flatten)]
+    pub rule: LinkRule,
+    /// Profiles absorbed into `customer_id` because of this event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_ids: Vec<String>,
+    /// Merges this event asked for that were refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedMerge>,
+}
+
+/// A merge that a rule refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedMerge {
+    pub rule: RefusalRule,
+    /// The profile that stayed apart; `None` when a new identifier was refused instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_customer_id: Option<String>,
+    /// The identifier kind whose rule was broken, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// Metadata carried by every output record: the input message it came from and a key that
+/// is the same every time the same output is produced, so consumers can drop duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordMeta {
+    pub input: InputCoordinates,
+    pub idempotency_key: String,
+}
+
+/// `idgraph.enriched`: the input event, normalized, with its customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrichedEvent {
+    pub schema_version: u32,
+    pub event_id: String,
+    pub customer_id: String,
+    pub source: String,
+    pub event_type: String,
+    pub timestamp: String,
+    pub identifiers: BTreeMap<String, Vec<String>>,
+    pub traits: BTreeMap<String, String>,
+    pub properties: Map<String, Value>,
+    pub resolution: Resolution,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quality_issues: Vec<crate::normalize::QualityIssue>,
+    #[serde(flatten)]
+    pub meta: RecordMeta,
+}
+
+/// An identifier held by a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileIdentifier {
+    pub kind: String,
+    pub value: String,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// The source of the event that first brought it.
+    pub source: String,
+}
+
+/// The most recent non-empty value of a trait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraitValue {
+    pub value: String,
+    pub source: String,
+    pub updated_at: String,
+}
+
+/// Traits computed from the profile's events (SPEC §3.6).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ComputedTraits {
+    pub event_count: u64,
+    /// Events per source, then per event type.
+    pub events: BTreeMap<String, BTreeMap<String, u64>>,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub order_count: u64,
+    /// Sum of transaction amounts per currency, in minor units (cents), so that the sum does
+    /// not depend on the order events arrive in.
+    pub lifetime_value_minor: BTreeMap<String, i64>,
+    pub channels: BTreeSet<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_sentiment: Option<TimedNumber>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follower_reach: Option<TimedNumber>,
+}
+
+/// A number with the event time it was observed at; the latest observation wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimedNumber {
+    pub value: f64,
+    pub at: String,
+}
+
+/// A unified customer profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub customer_id: String,
+    /// Event time of the event that created the profile; with the id, decides which profile
+    /// is older when two merge.
+    pub created_at: String,
+    /// Bumped on every change; lets consumers order profile records.
+    pub version: u64,
+    /// Sorted by (kind, value).
+    pub identifiers: Vec<ProfileIdentifier>,
+    pub traits: BTreeMap<String, TraitValue>,
+    pub computed: ComputedTraits,
+    /// Ids absorbed into this profile; each redirects here.
+    pub absorbed_ids: Vec<String>,
+}
+
+/// `idgraph.profiles`: a profile after a change, or a tombstone for an absorbed id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub schema_version: u32,
+    pub customer_id: String,
+    /// `None` for a tombstone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+    /// For a tombstone of an absorbed id: the survivor it now redirects to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    #[serde(flatten)]
+    pub meta: RecordMeta,
+}
+
+/// `idgraph.identity-changes`: one typed change of the identity graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityChange {
+    pub schema_version: u32,
+    pub customer_id: String,
+    /// The event that caused the change.
+    pub event_id: String,
+    pub source: String,
+    /// The event time of that event.
+    pub at: String,
+    #[serde(flatten)]
+    pub change: ChangeKind,
+    #[serde(flatten)]
+    pub meta: RecordMeta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created { identifiers: Vec<crate::Identifier> },
+    Merged {
+        survivor: String,
+        absorbed: Vec<String>,
+        #[serde(flatten)]
+        rule: LinkRule,
+    },
+    IdentifierAdded {
+        kind: String,
+        value: String,
+        #[serde(flatten)]
+        rule: LinkRule,
+    },
+    MergeRefused {
+        rule: RefusalRule,
+        /// The profile that stayed apart; `None` when a new identifier was refused instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        other_customer_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// The identifier that would have linked the two profiles.
+        linking_kind: String,
+    },
+    /// An identifier value was seen on so many profiles that it stopped linking.
+    IdentifierGeneric { kind: String, value: String, profiles_seen: u32 },
+}
+
+impl ChangeKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ChangeKind::Created { .. } => "created",
+            ChangeKind::Merged { .. } => "merged",
+            ChangeKind::IdentifierAdded { .. } => "identifier_added",
+            ChangeKind::MergeRefused { .. } => "merge_refused",
+            ChangeKind::IdentifierGeneric { .. } => "identifier_generic",
+        }
+    }
+}
+
+/// `idgraph.dead-letter`: a message that could not become an event, with everything needed to
+/// find, understand and replay it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub schema_version: u32,
+    pub failure_kind: crate::error::FailureKind,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub processor_version: String,
+    /// `utf8` or `base64`.
+    pub payload_encoding: String,
+    pub payload: String,
+    /// The real size of the payload in bytes, even when `payload` is truncated.
+    pub payload_size: u64,
+    pub truncated: bool,
+    #[serde(flatten)]
+    pub meta: RecordMeta,
+}
+
+impl DeadLetter {
+    /// Builds the dead letter for `payload`, keeping at most `max_payload_bytes` of it.
+    pub fn new(
+        error: &ParseError,
+        payload: &[u8],
+        max_payload_bytes: usize,
+        processor_version: &str,
+        meta: RecordMeta,
+    ) -> Self {
+        let kept = &payload[..payload.len().min(max_payload_bytes)];
+        let (payload_encoding, text) = match std::str::from_utf8(kept) {
+            Ok(text) => ("utf8", text.to_owned()),
+            // A cut in the middle of a multi-byte character is not bad data; keep the valid
+            // prefix as text.
+            Err(e) if e.error_len().is_none() && std::str::from_utf8(payload).is_ok() => {
+                ("utf8", String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned())
+            }
+            Err(_) => ("base64", base64::engine::general_purpose::STANDARD.encode(kept)),
+        };
+        DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            failure_kind: error.kind,
+            reason: error.reason.clone(),
+            field: error.field.clone(),
+            processor_version: processor_version.to_owned(),
+            payload_encoding: payload_encoding.to_owned(),
+            payload: text,
+            payload_size: payload.len() as u64,
+            truncated: kept.len() < payload.len(),
+            meta,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::FailureKind;
+
+    fn meta() -> RecordMeta {
+        RecordMeta {
+            input: InputCoordinates::File {
+                file: "in.jsonl".into(),
+                line: 7,
+            },
+            idempotency_key: "k".into(),
+        }
+    }
+
+    #[test]
+    fn dead_letters_keep_binary_payloads_as_base64_and_report_the_real_size() {
+        let error = ParseError::new(FailureKind::InvalidUtf8, "bad");
+        let letter = DeadLetter::new(&error, b"\xff\xfeabc", 3, "0.1.0", meta());
+        assert_eq!(letter.payload_encoding, "base64");
+        assert_eq!(letter.payload, "//5h");
+        assert_eq!(letter.payload_size, 5);
+        assert!(letter.truncated);
+        let json = serde_json::to_value(&letter).unwrap();
+        assert_eq!(json["input"]["line"], 7);
+        assert_eq!(json["failure_kind"], "invalid_utf8");
+    }
+
+    #[test]
+    fn change_records_are_typed_and_flat() {
+        let change = IdentityChange {
+            schema_version: SCHEMA_VERSION,
+            customer_id: "c1".into(),
+            event_id: "e1".into(),
+            source: "web".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+            change: ChangeKind::Merged {
+                survivor: "c1".into(),
+                absorbed: vec!["c2".into()],
+                rule: LinkRule::SharedIdentifier {
+                    kind: "email".into(),
+                    value: "a@b.co".into(),
+                },
+            },
+            meta: meta(),
+        };
+        let json = serde_json::to_value(&change).unwrap();
+        assert_eq!(json["type"], "merged");
+        assert_eq!(json["rule"], "shared_identifier");
+        assert_eq!(json["absorbed"][0], "c2");
+        let back: IdentityChange = serde_json::from_value(json).unwrap();
+        assert_eq!(back, change);
+    }
+}

@@ -1,0 +1,211 @@
+//! The RocksDB implementation of idgraph's [`StateStore`]: one column family per
+//! [`Table`], bloom filters on the point-lookup tables, one shared LRU block cache sized from
+//! config, and one atomic `WriteBatch` per engine batch (which also carries the input
+//! positions, so state and position never disagree after a crash).
+//!
+//! This is the only crate that links RocksDB. It knows nothing about identities: it stores
+//! bytes under keys and checks the state schema version when it opens a directory.
+
+use std::path::{Path, PathBuf};
+
+use idgraph_engine::store::{SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
+use idgraph_engine::{StateStore, StoreError, Table, WriteOp, WriteSet};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+/// The `[storage]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub block_cache_mb: usize,
+    pub bloom_bits_per_key: f64,
+    pub sync_writes: bool,
+    pub compression: Compression,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Lz4,
+}
+
+/// Figures an operator watches: size on disk, cache effectiveness, stalls.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StorageStats {
+    pub live_data_bytes: u64,
+    pub sst_files_bytes: u64,
+    pub block_cache_usage_bytes: u64,
+    pub block_cache_hit: u64,
+    pub block_cache_miss: u64,
+    pub write_stalled: bool,
+}
+
+/// A state directory opened with RocksDB.
+pub struct RocksStore {
+    db: DB,
+    path: PathBuf,
+    write_options: WriteOptions,
+    cache: Cache,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore").field("path", &self.path).finish()
+    }
+}
+
+fn convert(error: rocksdb::Error) -> StoreError {
+    match error.kind() {
+        ErrorKind::Busy | ErrorKind::TimedOut | ErrorKind::TryAgain | ErrorKind::Incomplete => {
+            StoreError::Transient(error.to_string())
+        }
+        _ => StoreError::Fatal(error.to_string()),
+    }
+}
+
+impl RocksStore {
+    /// Opens (or creates) the state in `path`, checking its schema version.
+    pub fn open(path: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(config.block_cache_mb.max(1) * 1024 * 1024);
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_background_jobs(2);
+        db_options.enable_statistics();
+        let descriptors = Table::ALL
+            .iter()
+            .map(|table| ColumnFamilyDescriptor::new(table.name(), table_options(*table, config, &cache)))
+            .collect::<Vec<_>>();
+        let db = DB::open_cf_descriptors(&db_options, path, descriptors).map_err(|e| {
+            StoreError::Fatal(format!("cannot open state directory {}: {e}", path.display()))
+        })?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(config.sync_writes);
+        let mut store = RocksStore {
+            db,
+            path: path.to_owned(),
+            write_options,
+            cache,
+        };
+        store.check_schema_version()?;
+        Ok(store)
+    }
+
+    fn check_schema_version(&mut self) -> Result<(), StoreError> {
+        match self.get(Table::Meta, SCHEMA_VERSION_KEY)? {
+            Some(found) if found == STATE_SCHEMA_VERSION.as_bytes() => Ok(()),
+            Some(found) => Err(StoreError::SchemaMismatch {
+                found: String::from_utf8_lossy(&found).into_owned(),
+                expected: STATE_SCHEMA_VERSION.to_owned(),
+            }),
+            None => {
+                let mut batch = WriteSet::default();
+                batch.put(Table::Meta, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION);
+                self.write(&batch)
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn handle(&self, table: Table) -> &ColumnFamily {
+        self.db
+            .cf_handle(table.name())
+            .expect("every table's column family is created at open")
+    }
+
+    /// Size, cache and stall figures from RocksDB's properties.
+    pub fn stats(&self) -> StorageStats {
+        let mut stats = StorageStats::default();
+        for table in Table::ALL {
+            let cf = self.handle(table);
+            let int = |name: &str| self.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+            stats.live_data_bytes += int("rocksdb.estimate-live-data-size");
+            stats.sst_files_bytes += int("rocksdb.total-sst-files-size");
+            stats.write_stalled |= int("rocksdb.actual-delayed-write-rate") > 0 || int("rocksdb.is-write-stopped") > 0;
+        }
+        stats.block_cache_usage_bytes = self.cache.get_usage() as u64;
+        if let Ok(Some(text)) = self.db.property_value("rocksdb.stats") {
+            stats.block_cache_hit = ticker(&text, "rocksdb.block.cache.hit");
+            stats.block_cache_miss = ticker(&text, "rocksdb.block.cache.miss");
+        }
+        stats
+    }
+
+    /// Flushes memtables to disk; used before measuring size.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for table in Table::ALL {
+            self.db.flush_cf(self.handle(table)).map_err(convert)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one ticker count from the statistics dump (`name COUNT : 123`).
+fn ticker(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(" COUNT"))
+        .and_then(|line| line.rsplit(':').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn table_options(table: Table, config: &StorageConfig, cache: &Cache) -> Options {
+    let mut block = BlockBasedOptions::default();
+    block.set_block_cache(cache);
+    block.set_cache_index_and_filter_blocks(true);
+    // Point lookups dominate every table except evidence, which is read by prefix scans.
+    if table != Table::Evidence {
+        block.set_bloom_filter(config.bloom_bits_per_key, false);
+    }
+    let mut options = Options::default();
+    options.set_block_based_table_factory(&block);
+    options.set_compression_type(match config.compression {
+        Compression::None => DBCompressionType::None,
+        Compression::Lz4 => DBCompressionType::Lz4,
+    });
+    if table == Table::Nodes || table == Table::Events {
+        options.optimize_for_point_lookup(config.block_cache_mb.max(1) as u64);
+        // optimize_for_point_lookup installs its own table factory; put the shared cache back.
+        options.set_block_based_table_factory(&block);
+    }
+    options
+}
+
+impl StateStore for RocksStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.handle(table), key).map_err(convert)
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.handle(table), IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (key, value) = item.map_err(convert)?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.into_vec(), value.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
+        let mut write_batch = WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                WriteOp::Put { table, key, value } => write_batch.put_cf(self.handle(*table), key, value),
+                WriteOp::Delete { table, key } => write_batch.delete_cf(self.handle(*table), key),
+            }
+        }
+        self.db.write_opt(write_batch, &self.write_options).map_err(convert)
+    }
+}
