@@ -5,19 +5,41 @@
 //! [`WriteSet`]. Dirty keys are kept in ordered sets so the write set is deterministic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
 
-use crate::state::{decode, encode, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord, ProfileState, RootInfo};
+use crate::state::{
+    decode, encode, encode_live, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord,
+    ProfileState, RootInfo,
+};
 use crate::store::{StateStore, StoreError, Table, WriteSet};
 
 /// The longest redirect chain followed before the state is declared corrupt; merges rewrite
 /// every absorbed id to the survivor, so real chains have length one.
 const MAX_REDIRECT_HOPS: usize = 64;
 
+/// A customer entry as the overlay keeps it.
+#[derive(Clone)]
+enum Cached {
+    Live(Rc<ProfileState>),
+    Redirect(String),
+}
+
+impl Cached {
+    fn from_entry(entry: CustomerEntry) -> Self {
+        match entry {
+            CustomerEntry::Live(state) => Cached::Live(Rc::new(*state)),
+            CustomerEntry::Redirect { to } => Cached::Redirect(to),
+        }
+    }
+}
+
 pub(crate) struct Batch<'s, S: StateStore> {
     store: &'s S,
     nodes: HashMap<String, Option<NodeRecord>>,
     dirty_nodes: BTreeSet<String>,
-    customers: HashMap<String, Option<CustomerEntry>>,
+    /// Profiles are shared with callers through `Rc`, so reading one costs no copy; a write
+    /// copies only when a caller still holds the old version.
+    customers: HashMap<String, Option<Cached>>,
     dirty_customers: BTreeSet<String>,
     blocks: HashMap<String, BlockRecord>,
     dirty_blocks: BTreeSet<String>,
@@ -92,29 +114,29 @@ impl<'s, S: StateStore> Batch<'s, S> {
         }
     }
 
-    pub(crate) fn customer(&mut self, id: &str) -> Result<Option<CustomerEntry>, StoreError> {
-        if let Some(entry) = self.customers.get(id) {
-            return Ok(entry.clone());
+    /// Loads a customer entry into the overlay if it is not there yet.
+    fn load(&mut self, id: &str) -> Result<Option<&Cached>, StoreError> {
+        if !self.customers.contains_key(id) {
+            let entry = match self.store.get(Table::Customers, id.as_bytes())? {
+                Some(bytes) => Some(Cached::from_entry(decode(
+                    Table::Customers,
+                    id.as_bytes(),
+                    &bytes,
+                )?)),
+                None => None,
+            };
+            self.customers.insert(id.to_owned(), entry);
         }
-        let entry = self.load_customer(id)?;
-        self.customers.insert(id.to_owned(), entry.clone());
-        Ok(entry)
-    }
-
-    fn load_customer(&self, id: &str) -> Result<Option<CustomerEntry>, StoreError> {
-        match self.store.get(Table::Customers, id.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(Table::Customers, id.as_bytes(), &bytes)?)),
-            None => Ok(None),
-        }
+        Ok(self.customers[id].as_ref())
     }
 
     /// The live id that `id` resolves to, following merge redirects.
     pub(crate) fn resolve_id(&mut self, id: &str) -> Result<Option<String>, StoreError> {
         let mut current = id.to_owned();
         for _ in 0..MAX_REDIRECT_HOPS {
-            match self.customer(&current)? {
-                Some(CustomerEntry::Live(_)) => return Ok(Some(current)),
-                Some(CustomerEntry::Redirect { to }) => current = to,
+            match self.load(&current)? {
+                Some(Cached::Live(_)) => return Ok(Some(current)),
+                Some(Cached::Redirect(to)) => current = to.clone(),
                 None => return Ok(None),
             }
         }
@@ -127,43 +149,33 @@ impl<'s, S: StateStore> Batch<'s, S> {
 
     /// A mutable live profile, loaded into the overlay and marked dirty.
     pub(crate) fn profile_mut(&mut self, id: &str) -> Result<&mut ProfileState, StoreError> {
-        if !self.customers.contains_key(id) {
-            let entry = self.load_customer(id)?;
-            self.customers.insert(id.to_owned(), entry);
-        }
+        self.load(id)?;
         self.dirty_customers.insert(id.to_owned());
         match self.customers.get_mut(id) {
-            Some(Some(CustomerEntry::Live(state))) => Ok(state),
-            _ => Err(StoreError::Corrupt {
-                table: Table::Customers.name(),
-                key: id.to_owned(),
-                reason: "expected a live profile".into(),
-            }),
+            Some(Some(Cached::Live(state))) => Ok(Rc::make_mut(state)),
+            _ => Err(not_live(id)),
         }
     }
 
-    /// A copy of a live profile.
-    pub(crate) fn profile(&mut self, id: &str) -> Result<ProfileState, StoreError> {
-        match self.customer(id)? {
-            Some(CustomerEntry::Live(state)) => Ok(*state),
-            _ => Err(StoreError::Corrupt {
-                table: Table::Customers.name(),
-                key: id.to_owned(),
-                reason: "expected a live profile".into(),
-            }),
+    /// A shared handle on a live profile; cheap, and unaffected by later writes.
+    pub(crate) fn profile(&mut self, id: &str) -> Result<Rc<ProfileState>, StoreError> {
+        match self.load(id)? {
+            Some(Cached::Live(state)) => Ok(Rc::clone(state)),
+            _ => Err(not_live(id)),
         }
     }
 
     pub(crate) fn put_profile(&mut self, state: ProfileState) {
         let id = state.profile.customer_id.clone();
         self.dirty_customers.insert(id.clone());
-        self.customers.insert(id, Some(CustomerEntry::Live(Box::new(state))));
+        self.customers
+            .insert(id, Some(Cached::Live(Rc::new(state))));
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
         self.dirty_customers.insert(id.to_owned());
         self.customers
-            .insert(id.to_owned(), Some(CustomerEntry::Redirect { to: to.to_owned() }));
+            .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
 
     pub(crate) fn block(&mut self, key: &str) -> Result<BlockRecord, StoreError> {
@@ -199,11 +211,16 @@ impl<'s, S: StateStore> Batch<'s, S> {
     }
 
     /// Appends evidence under `customer_id`, numbering it from the profile's counter.
-    pub(crate) fn add_evidence(&mut self, customer_id: &str, evidence: Evidence) -> Result<(), StoreError> {
+    pub(crate) fn add_evidence(
+        &mut self,
+        customer_id: &str,
+        evidence: Evidence,
+    ) -> Result<(), StoreError> {
         let state = self.profile_mut(customer_id)?;
         let seq = state.evidence_count;
         state.evidence_count += 1;
-        self.evidence.push((evidence_key(customer_id, seq), evidence));
+        self.evidence
+            .push((evidence_key(customer_id, seq), evidence));
         Ok(())
     }
 
@@ -221,8 +238,15 @@ impl<'s, S: StateStore> Batch<'s, S> {
             }
         }
         for key in &self.dirty_customers {
-            if let Some(Some(entry)) = self.customers.get(key) {
-                writes.put(Table::Customers, key.as_bytes(), encode(entry));
+            match self.customers.get(key) {
+                Some(Some(Cached::Live(state))) => {
+                    writes.put(Table::Customers, key.as_bytes(), encode_live(state));
+                }
+                Some(Some(Cached::Redirect(to))) => {
+                    let entry = CustomerEntry::Redirect { to: to.clone() };
+                    writes.put(Table::Customers, key.as_bytes(), encode(&entry));
+                }
+                _ => {}
             }
         }
         for key in &self.dirty_blocks {
@@ -238,6 +262,14 @@ impl<'s, S: StateStore> Batch<'s, S> {
             writes.put(Table::Positions, stream.as_bytes(), next.to_string());
         }
         writes
+    }
+}
+
+fn not_live(id: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: Table::Customers.name(),
+        key: id.to_owned(),
+        reason: "expected a live profile".into(),
     }
 }
 

@@ -43,6 +43,12 @@ pub struct ProtectionConfig {
     pub generic_threshold: u32,
     /// Most identifiers a profile may hold.
     pub max_profile_identifiers: u32,
+    /// A trait score below this between the two sides of a link means two different people:
+    /// the link is refused as `conflicting_traits` and counted against the linking value.
+    pub conflict_score: f64,
+    /// Least trait score with which a device or cookie may merge two profiles that both hold
+    /// strong identifiers.
+    pub weak_link_min_score: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,7 +103,8 @@ impl EngineConfig {
             engine: EngineConfig,
         }
         // Keys outside [engine] belong to other crates; a lenient outer struct ignores them.
-        let file: File = toml::from_str(DEFAULT_CONFIG_TOML).expect("config/default.toml has a valid [engine] table");
+        let file: File = toml::from_str(DEFAULT_CONFIG_TOML)
+            .expect("config/default.toml has a valid [engine] table");
         file.engine
     }
 
@@ -112,18 +119,46 @@ impl EngineConfig {
         if self.protection.generic_threshold < 2 {
             return problem(
                 "protection.generic_threshold",
-                format!("must be at least 2 (one profile is never generic), got {}", self.protection.generic_threshold),
+                format!(
+                    "must be at least 2 (one profile is never generic), got {}",
+                    self.protection.generic_threshold
+                ),
+            );
+        }
+        if self.protection.conflict_score >= self.protection.weak_link_min_score {
+            return problem(
+                "protection.conflict_score",
+                format!(
+                    "must be below protection.weak_link_min_score ({}), got {}",
+                    self.protection.weak_link_min_score, self.protection.conflict_score
+                ),
             );
         }
         if self.protection.max_profile_identifiers == 0 {
-            return problem("protection.max_profile_identifiers", "must be at least 1".into());
+            return problem(
+                "protection.max_profile_identifiers",
+                "must be at least 1".into(),
+            );
         }
         if self.fuzzy.max_candidates == 0 && self.fuzzy.enabled {
-            return problem("fuzzy.max_candidates", "must be at least 1 when fuzzy matching is enabled".into());
+            return problem(
+                "fuzzy.max_candidates",
+                "must be at least 1 when fuzzy matching is enabled".into(),
+            );
         }
-        for required in ["first_name", "last_name", "date_of_birth", "street", "city", "postcode"] {
+        for required in [
+            "first_name",
+            "last_name",
+            "date_of_birth",
+            "street",
+            "city",
+            "postcode",
+        ] {
             if !self.fuzzy.fields.contains_key(required) {
-                return problem("fuzzy.fields", format!("is missing weights for {required:?}"));
+                return problem(
+                    "fuzzy.fields",
+                    format!("is missing weights for {required:?}"),
+                );
             }
         }
         for (field, weights) in &self.fuzzy.fields {

@@ -21,9 +21,19 @@ pub fn reads_back_what_was_written<S: StateStore>(store: &mut S) {
     batch.put(Table::Nodes, "email\0a@b.co", "root");
     batch.put(Table::Positions, "file:in.jsonl", "42");
     store.write(&batch).expect("write succeeds");
-    assert_eq!(store.get(Table::Nodes, b"email\0a@b.co").unwrap(), Some(b"root".to_vec()));
-    assert_eq!(store.get(Table::Positions, b"file:in.jsonl").unwrap(), Some(b"42".to_vec()));
-    assert_eq!(store.get(Table::Nodes, b"missing").unwrap(), None, "absent keys read as None");
+    assert_eq!(
+        store.get(Table::Nodes, b"email\0a@b.co").unwrap(),
+        Some(b"root".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Positions, b"file:in.jsonl").unwrap(),
+        Some(b"42".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Nodes, b"missing").unwrap(),
+        None,
+        "absent keys read as None"
+    );
 }
 
 pub fn tables_are_separate<S: StateStore>(store: &mut S) {
@@ -31,9 +41,19 @@ pub fn tables_are_separate<S: StateStore>(store: &mut S) {
     batch.put(Table::Customers, "k", "customer");
     batch.put(Table::Blocks, "k", "block");
     store.write(&batch).unwrap();
-    assert_eq!(store.get(Table::Customers, b"k").unwrap(), Some(b"customer".to_vec()));
-    assert_eq!(store.get(Table::Blocks, b"k").unwrap(), Some(b"block".to_vec()));
-    assert_eq!(store.get(Table::Events, b"k").unwrap(), None, "a key in one table is not in another");
+    assert_eq!(
+        store.get(Table::Customers, b"k").unwrap(),
+        Some(b"customer".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Blocks, b"k").unwrap(),
+        Some(b"block".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Events, b"k").unwrap(),
+        None,
+        "a key in one table is not in another"
+    );
 }
 
 pub fn later_writes_in_a_batch_win<S: StateStore>(store: &mut S) {
@@ -43,8 +63,14 @@ pub fn later_writes_in_a_batch_win<S: StateStore>(store: &mut S) {
     batch.delete(Table::Nodes, "gone");
     batch.put(Table::Nodes, "gone", "back");
     store.write(&batch).unwrap();
-    assert_eq!(store.get(Table::Nodes, b"k").unwrap(), Some(b"second".to_vec()));
-    assert_eq!(store.get(Table::Nodes, b"gone").unwrap(), Some(b"back".to_vec()));
+    assert_eq!(
+        store.get(Table::Nodes, b"k").unwrap(),
+        Some(b"second".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Nodes, b"gone").unwrap(),
+        Some(b"back".to_vec())
+    );
 }
 
 pub fn deletes_remove_keys<S: StateStore>(store: &mut S) {
@@ -70,8 +96,15 @@ pub fn prefix_scans_are_ordered_and_bounded<S: StateStore>(store: &mut S) {
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert_eq!(keys, vec![b"c1\0a".to_vec(), b"c1\0b".to_vec()], "scan returns the prefix only, in order");
-    assert!(store.scan_prefix(Table::Evidence, b"zz").unwrap().is_empty());
+    assert_eq!(
+        keys,
+        vec![b"c1\0a".to_vec(), b"c1\0b".to_vec()],
+        "scan returns the prefix only, in order"
+    );
+    assert!(store
+        .scan_prefix(Table::Evidence, b"zz")
+        .unwrap()
+        .is_empty());
 }
 
 pub fn binary_keys_and_values_survive<S: StateStore>(store: &mut S) {

@@ -1,18 +1,19 @@
 //! The resolution engine: input messages in, state mutations and output records out.
 
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use chrono::SecondsFormat;
 use idgraph_model::{
-    parse_event, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier, IdentityChange, InputCoordinates,
-    LinkRule, NormalizedEvent, Normalizer, ParseError, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge,
-    Resolution, ResolutionAction, SCHEMA_VERSION,
+    parse_event, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier, IdentityChange,
+    InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError, ProfileRecord, RecordMeta,
+    RefusalRule, RefusedMerge, Resolution, ResolutionAction, SCHEMA_VERSION,
 };
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::batch::Batch;
 use crate::config::{ConfigProblem, EngineConfig};
-use crate::matching::{blocking_keys, score, MatchScore};
+use crate::matching::{blocking_keys, score, score_known, MatchScore, MATCH_FIELDS};
 use crate::profile::{add_identifier, apply_event, blocking_traits, merge_into, new_profile};
 use crate::state::{event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, RootInfo};
 use crate::stats::{bump, BatchStats};
@@ -158,7 +159,10 @@ impl Engine {
         let mut last_touch: HashMap<String, InputCoordinates> = HashMap::new();
         let mut tombstones: Vec<(String, String, InputCoordinates)> = Vec::new();
         for message in messages {
-            batch.set_position(message.coordinates.stream_key(), message.coordinates.next_position());
+            batch.set_position(
+                message.coordinates.stream_key(),
+                message.coordinates.next_position(),
+            );
             let raw = if message.payload.len() > self.config.dead_letter.max_message_bytes {
                 Err(ParseError::new(
                     FailureKind::TooLarge,
@@ -208,16 +212,21 @@ impl Engine {
         }
         for id in touched {
             // A profile absorbed later in the batch has no live record any more.
-            let Some(live) = batch.resolve_id(&id)? else { continue };
+            let Some(live) = batch.resolve_id(&id)? else {
+                continue;
+            };
             if live != id {
                 continue;
             }
             let state = batch.profile(&id)?;
-            outcome.stats.profile_sizes.push(state.profile.identifiers.len() as u32);
+            outcome
+                .stats
+                .profile_sizes
+                .push(state.profile.identifiers.len() as u32);
             outcome.profiles.push(ProfileRecord {
                 schema_version: SCHEMA_VERSION,
                 customer_id: id.clone(),
-                profile: Some(state.profile),
+                profile: Some(state.profile.clone()),
                 merged_into: None,
                 meta: meta(&last_touch[&id], &format!("profile:{id}"), 0),
             });
@@ -227,7 +236,10 @@ impl Engine {
     }
 
     fn rank(&self, kind: &str) -> usize {
-        self.priority.get(kind).copied().unwrap_or(self.priority.len())
+        self.priority
+            .get(kind)
+            .copied()
+            .unwrap_or(self.priority.len())
     }
 
     fn is_weak(&self, kind: &str) -> bool {
@@ -270,14 +282,24 @@ impl Engine {
         let key = event_key(&raw.source, &raw.event_id);
         if let Some(previous) = batch.event_customer(&key)? {
             let customer_id = batch.resolve_id(&previous)?.unwrap_or(previous);
-            bump(&mut outcome.stats.actions, ResolutionAction::Duplicate.as_str());
-            outcome.enriched.push(self.enriched(&ctx, &customer_id, ResolutionAction::Duplicate, LinkRule::SameEvent));
+            bump(
+                &mut outcome.stats.actions,
+                ResolutionAction::Duplicate.as_str(),
+            );
+            outcome.enriched.push(self.enriched(
+                &ctx,
+                &customer_id,
+                ResolutionAction::Duplicate,
+                LinkRule::SameEvent,
+            ));
             return Ok(ResolveResult::default());
         }
 
-        let (groups, new_identifiers) = self.lookup_identifiers(batch, event, &mut outcome.stats)?;
+        let (groups, new_identifiers) =
+            self.lookup_identifiers(batch, event, &mut outcome.stats)?;
         let mut touched = Vec::new();
-        let (mut primary, action, rule) = self.choose_primary(batch, &mut ctx, &groups, &new_identifiers, outcome)?;
+        let (mut primary, action, rule) =
+            self.choose_primary(batch, &mut ctx, &groups, &new_identifiers, outcome)?;
         touched.push(primary.clone());
         let primary_link = groups
             .iter()
@@ -300,19 +322,33 @@ impl Engine {
         )?;
 
         for group in &groups {
-            if group.customer_id == primary || batch.resolve_id(&group.customer_id)?.as_deref() == Some(primary.as_str()) {
+            if group.customer_id == primary
+                || batch.resolve_id(&group.customer_id)?.as_deref() == Some(primary.as_str())
+            {
                 continue;
             }
             let link_rule = LinkRule::SharedIdentifier {
                 kind: group.linking[0].kind.clone(),
                 value: group.linking[0].value.clone(),
             };
-            let via = primary_link.clone().or_else(|| new_identifiers.first().cloned());
-            primary = self.merge_or_refuse(batch, &mut ctx, &primary, group, via, link_rule, &mut outcome.stats)?;
+            let via = primary_link
+                .clone()
+                .or_else(|| new_identifiers.first().cloned());
+            primary = self.merge_or_refuse(
+                batch,
+                &mut ctx,
+                &primary,
+                group,
+                via,
+                link_rule,
+                &mut outcome.stats,
+            )?;
         }
 
         if action != ResolutionAction::New && ctx.merged_ids.is_empty() {
-            if let Some(survivor) = self.link_anonymous_profile(batch, &mut ctx, &primary, &mut outcome.stats)? {
+            if let Some(survivor) =
+                self.link_anonymous_profile(batch, &mut ctx, &primary, &mut outcome.stats)?
+            {
                 primary = survivor;
             }
         }
@@ -323,8 +359,14 @@ impl Engine {
         let keys = blocking_keys(&blocking_traits(state, event));
         self.add_to_blocks(batch, &primary, keys)?;
         batch.record_event(key, &primary);
-        if matches!(rule, LinkRule::Fuzzy { .. }) && new_identifiers.is_empty() && action == ResolutionAction::Matched {
-            batch.add_evidence(&primary, ctx.evidence(EvidenceLink::EventLinked { rule: rule.clone() }))?;
+        if matches!(rule, LinkRule::Fuzzy { .. })
+            && new_identifiers.is_empty()
+            && action == ResolutionAction::Matched
+        {
+            batch.add_evidence(
+                &primary,
+                ctx.evidence(EvidenceLink::EventLinked { rule: rule.clone() }),
+            )?;
         }
 
         let action = if action == ResolutionAction::Matched && !ctx.merged_ids.is_empty() {
@@ -345,7 +387,12 @@ impl Engine {
             .iter()
             .map(|id| (id.clone(), primary.clone()))
             .collect();
-        for (ordinal, (change, customer_id)) in ctx.changes.drain(..).zip(ctx.changes_customer.drain(..)).enumerate() {
+        for (ordinal, (change, customer_id)) in ctx
+            .changes
+            .drain(..)
+            .zip(ctx.changes_customer.drain(..))
+            .enumerate()
+        {
             let customer_id = batch.resolve_id(&customer_id)?.unwrap_or(customer_id);
             outcome.changes.push(IdentityChange {
                 schema_version: SCHEMA_VERSION,
@@ -353,7 +400,11 @@ impl Engine {
                 event_id: raw.event_id.clone(),
                 source: raw.source.clone(),
                 at: ctx.timestamp.clone(),
-                meta: meta(coordinates, &format!("change:{}", change.type_name()), ordinal),
+                meta: meta(
+                    coordinates,
+                    &format!("change:{}", change.type_name()),
+                    ordinal,
+                ),
                 change,
             });
         }
@@ -378,7 +429,10 @@ impl Engine {
                 Some(node) if node.generic => stats.generic_identifier_hits += 1,
                 Some(_) => {
                     let (_, root) = batch.find(&node_key)?;
-                    match groups.iter_mut().find(|g| g.customer_id == root.customer_id) {
+                    match groups
+                        .iter_mut()
+                        .find(|g| g.customer_id == root.customer_id)
+                    {
                         Some(group) => group.linking.push(identifier.clone()),
                         None => groups.push(Group {
                             customer_id: root.customer_id,
@@ -393,7 +447,11 @@ impl Engine {
         }
         let mut keyed = Vec::with_capacity(groups.len());
         for group in groups {
-            let created_at = batch.profile(&group.customer_id)?.profile.created_at;
+            let created_at = batch
+                .profile(&group.customer_id)?
+                .profile
+                .created_at
+                .clone();
             let rank = self.rank(&group.linking[0].kind);
             keyed.push(((rank, created_at, group.customer_id.clone()), group));
         }
@@ -414,6 +472,8 @@ impl Engine {
         new_identifiers: &[Identifier],
         outcome: &mut BatchOutcome,
     ) -> Result<(String, ResolutionAction, LinkRule), EngineError> {
+        // A link refused because the traits conflict; reported once the new profile exists.
+        let mut refused_link: Option<&Group> = None;
         if let Some(best) = groups.first() {
             let link = &best.linking[0];
             let rule = LinkRule::SharedIdentifier {
@@ -427,15 +487,25 @@ impl Engine {
                 }
                 _ => false,
             };
-            // Weak identifiers never tie a new strong identifier to a known customer: a shared
-            // tablet seeing a new email is a new person until something stronger says otherwise.
+            let agreement = self.event_agreement(ctx.event, &state);
+            // A shared value with another person's name and birth date behind it is a shared
+            // phone or tablet, not this customer.
+            let conflicting =
+                agreement.is_some_and(|score| score < self.config.protection.conflict_score);
+            // Weak identifiers tie a new strong identifier to a known customer only when the
+            // event's traits corroborate it: a shared tablet seeing a new email is a new person.
             let weak_link_to_known = best.linking.iter().all(|i| self.is_weak(&i.kind))
                 && new_identifiers.iter().any(|i| !self.is_weak(&i.kind))
-                && state.has_strong_identifier(&self.config.identifiers.weak_kinds);
-            if !outranked_and_blocked && !weak_link_to_known {
+                && state.has_strong_identifier(&self.config.identifiers.weak_kinds)
+                && agreement.is_none_or(|score| score < self.config.protection.weak_link_min_score);
+            if conflicting {
+                refused_link = Some(best);
+            } else if !outranked_and_blocked && !weak_link_to_known {
                 return Ok((best.customer_id.clone(), ResolutionAction::Matched, rule));
             }
-        } else if let Some((candidate, matched)) = self.fuzzy_candidate(batch, ctx.event, None, &mut outcome.stats)? {
+        } else if let Some((candidate, matched)) =
+            self.fuzzy_candidate(batch, ctx.event, None, &mut outcome.stats)?
+        {
             let state = batch.profile(&candidate)?;
             let conflicts = new_identifiers
                 .iter()
@@ -461,14 +531,34 @@ impl Engine {
                 identifiers: new_identifiers.to_vec(),
             },
         );
+        if let Some(group) = refused_link {
+            let linking_kind = &group.linking[0].kind;
+            let (other, kind) = (Some(group.customer_id.clone()), Some(linking_kind.clone()));
+            ctx.refuse(
+                &customer_id,
+                RefusalRule::ConflictingTraits,
+                other,
+                kind,
+                linking_kind,
+                &mut outcome.stats,
+            );
+            self.note_conflicts(batch, ctx, &group.linking, &customer_id, &mut outcome.stats)?;
+        }
         Ok((customer_id, ResolutionAction::New, LinkRule::Created))
     }
 
     /// Why `count` more identifiers like `identifier` cannot join `state`, if they cannot.
-    fn addition_refusal(&self, state: &ProfileState, identifier: &Identifier, count: usize) -> Option<RefusalRule> {
+    fn addition_refusal(
+        &self,
+        state: &ProfileState,
+        identifier: &Identifier,
+        count: usize,
+    ) -> Option<RefusalRule> {
         if state.count_of_kind(&identifier.kind) + count > self.kind_limit(&identifier.kind) {
             Some(RefusalRule::KindLimit)
-        } else if state.profile.identifiers.len() + count > self.config.protection.max_profile_identifiers as usize {
+        } else if state.profile.identifiers.len() + count
+            > self.config.protection.max_profile_identifiers as usize
+        {
             Some(RefusalRule::MaxProfileSize)
         } else {
             None
@@ -476,33 +566,80 @@ impl Engine {
     }
 
     /// Why two profiles must stay apart, if they must; `linking` are the identifiers on
-    /// `other`'s side that the event shares (empty for a fuzzy link).
+    /// `other`'s side that the event shares (empty for a fuzzy link), `agreement` the trait
+    /// score between the two sides (`None` when no trait can be compared).
     fn merge_refusal(
         &self,
         primary: &ProfileState,
         other: &ProfileState,
         linking: &[Identifier],
+        agreement: Option<f64>,
     ) -> Option<(RefusalRule, Option<String>)> {
         let weak = &self.config.identifiers.weak_kinds;
+        let protection = &self.config.protection;
+        if agreement.is_some_and(|score| score < protection.conflict_score) {
+            return Some((
+                RefusalRule::ConflictingTraits,
+                linking.first().map(|i| i.kind.clone()),
+            ));
+        }
         if !linking.is_empty()
             && linking.iter().all(|i| self.is_weak(&i.kind))
             && primary.has_strong_identifier(weak)
             && other.has_strong_identifier(weak)
+            && agreement.is_none_or(|score| score < protection.weak_link_min_score)
         {
             return Some((RefusalRule::WeakIdentifier, Some(linking[0].kind.clone())));
         }
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for identifier in primary.profile.identifiers.iter().chain(&other.profile.identifiers) {
+        for identifier in primary
+            .profile
+            .identifiers
+            .iter()
+            .chain(&other.profile.identifiers)
+        {
             *counts.entry(identifier.kind.as_str()).or_default() += 1;
         }
-        if let Some((kind, _)) = counts.iter().find(|(kind, count)| **count > self.kind_limit(kind)) {
+        if let Some((kind, _)) = counts
+            .iter()
+            .find(|(kind, count)| **count > self.kind_limit(kind))
+        {
             return Some((RefusalRule::KindLimit, Some((*kind).to_owned())));
         }
         let size = primary.profile.identifiers.len() + other.profile.identifiers.len();
-        if size > self.config.protection.max_profile_identifiers as usize {
+        if size > protection.max_profile_identifiers as usize {
             return Some((RefusalRule::MaxProfileSize, None));
         }
         None
+    }
+
+    /// The trait score between an event (with what its profile already knows) and a profile.
+    fn event_agreement(&self, event: &NormalizedEvent, profile: &ProfileState) -> Option<f64> {
+        if event.traits.is_empty() {
+            return None;
+        }
+        let result = score(&self.config.fuzzy, &event.traits, &profile.trait_history);
+        result.has_evidence().then_some(result.total)
+    }
+
+    /// The trait score between two profiles, the first seen together with the current event.
+    fn profile_agreement(
+        &self,
+        event: &NormalizedEvent,
+        primary: &ProfileState,
+        other: &ProfileState,
+    ) -> Option<f64> {
+        let mut known = primary.trait_history.clone();
+        for field in MATCH_FIELDS {
+            if let Some(value) = event.traits.get(field) {
+                let values = known.entry(field.to_owned()).or_default();
+                if !values.contains(value) {
+                    values.push(value.clone());
+                }
+            }
+        }
+        let result = score_known(&self.config.fuzzy, &known, &other.trait_history);
+        result.has_evidence().then_some(result.total)
     }
 
     /// Merges `group`'s profile into `primary` or records why not. Returns the id the event
@@ -526,31 +663,41 @@ impl Engine {
         }
         let primary_state = batch.profile(primary)?;
         let other_state = batch.profile(&other_id)?;
-        let weak = &self.config.identifiers.weak_kinds;
-        let both_established = primary_state.has_strong_identifier(weak) && other_state.has_strong_identifier(weak);
-        if let Some((refusal, kind)) = self.merge_refusal(&primary_state, &other_state, &group.linking) {
-            ctx.refuse(primary, refusal, Some(other_id), kind, &group.linking[0].kind, stats);
+        let agreement = self.profile_agreement(ctx.event, &primary_state, &other_state);
+        let linking_kind = group.linking[0].kind.clone();
+        let refusal = if self.all_generic(batch, &group.linking)? {
+            Some((RefusalRule::GenericValue, Some(linking_kind.clone())))
+        } else {
+            self.merge_refusal(&primary_state, &other_state, &group.linking, agreement)
+        };
+        if let Some((rule, kind)) = refusal {
+            ctx.refuse(primary, rule, Some(other_id), kind, &linking_kind, stats);
             self.note_conflicts(batch, ctx, &group.linking, primary, stats)?;
             return Ok(primary.to_owned());
         }
-        if both_established {
-            // Two established customers joined by one value is how shared values first show;
-            // counting it lets a value that keeps doing this turn generic, and a value that
-            // has just turned generic links nothing, this merge included.
-            self.note_conflicts(batch, ctx, &group.linking, primary, stats)?;
-            if self.all_generic(batch, &group.linking)? {
-                let kind = Some(group.linking[0].kind.clone());
-                ctx.refuse(primary, RefusalRule::GenericValue, Some(other_id), kind, &group.linking[0].kind, stats);
-                return Ok(primary.to_owned());
-            }
-        }
         let other_link = group.linking.first().cloned();
-        Ok(self.merge(batch, ctx, primary_state, other_state, via, other_link, rule, stats)?)
+        Ok(self.merge(
+            batch,
+            ctx,
+            primary_state,
+            other_state,
+            via,
+            other_link,
+            rule,
+            stats,
+        )?)
     }
 
-    fn all_generic<S: StateStore>(&self, batch: &mut Batch<'_, S>, identifiers: &[Identifier]) -> Result<bool, EngineError> {
+    fn all_generic<S: StateStore>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        identifiers: &[Identifier],
+    ) -> Result<bool, EngineError> {
         for identifier in identifiers {
-            if !batch.node(&identifier.node_key())?.is_some_and(|n| n.generic) {
+            if !batch
+                .node(&identifier.node_key())?
+                .is_some_and(|n| n.generic)
+            {
                 return Ok(false);
             }
         }
@@ -570,7 +717,9 @@ impl Engine {
         let threshold = self.config.protection.generic_threshold as usize;
         for identifier in linking {
             let key = identifier.node_key();
-            let Some(mut node) = batch.node(&key)? else { continue };
+            let Some(mut node) = batch.node(&key)? else {
+                continue;
+            };
             if node.generic || node.conflicts.iter().any(|c| c == seen_with) {
                 continue;
             }
@@ -600,19 +749,21 @@ impl Engine {
         &self,
         batch: &mut Batch<'_, S>,
         ctx: &mut EventContext<'_>,
-        primary: ProfileState,
-        other: ProfileState,
+        primary: Rc<ProfileState>,
+        other: Rc<ProfileState>,
         via: Option<Identifier>,
         other_link: Option<Identifier>,
         rule: LinkRule,
         stats: &mut BatchStats,
     ) -> Result<String, StoreError> {
         let age = |s: &ProfileState| (s.profile.created_at.clone(), s.profile.customer_id.clone());
-        let (mut survivor, absorbed) = if age(&primary) <= age(&other) {
+        let (survivor, absorbed) = if age(&primary) <= age(&other) {
             (primary, other)
         } else {
             (other, primary)
         };
+        let mut survivor = Rc::unwrap_or_clone(survivor);
+        let absorbed = Rc::unwrap_or_clone(absorbed);
         let survivor_id = survivor.profile.customer_id.clone();
         let absorbed_id = absorbed.profile.customer_id.clone();
         survivor.root = match (survivor.root.take(), absorbed.root.clone()) {
@@ -666,11 +817,12 @@ impl Engine {
         }
         let (_, root_a) = batch.find(a)?;
         let (_, root_b) = batch.find(b)?;
-        let (big, big_info, small) = if (root_a.size, std::cmp::Reverse(a)) >= (root_b.size, std::cmp::Reverse(b)) {
-            (a, root_a.size + root_b.size, b)
-        } else {
-            (b, root_a.size + root_b.size, a)
-        };
+        let (big, big_info, small) =
+            if (root_a.size, std::cmp::Reverse(a)) >= (root_b.size, std::cmp::Reverse(b)) {
+                (a, root_a.size + root_b.size, b)
+            } else {
+                (b, root_a.size + root_b.size, a)
+            };
         let mut small_node = batch.node(small)?.unwrap_or_else(empty_node);
         small_node.parent = Some(big.to_owned());
         small_node.root = None;
@@ -767,7 +919,11 @@ impl Engine {
                 ChangeKind::IdentifierAdded {
                     kind: identifier.kind.clone(),
                     value: identifier.value.clone(),
-                    rule: if is_creation { LinkRule::Created } else { rule.clone() },
+                    rule: if is_creation {
+                        LinkRule::Created
+                    } else {
+                        rule.clone()
+                    },
                 },
             );
         }
@@ -784,14 +940,21 @@ impl Engine {
         stats: &mut BatchStats,
     ) -> Result<Option<String>, EngineError> {
         let state = batch.profile(primary)?;
-        if state.has_strong_identifier(&self.config.identifiers.weak_kinds) || ctx.event.traits.is_empty() {
+        if state.has_strong_identifier(&self.config.identifiers.weak_kinds)
+            || ctx.event.traits.is_empty()
+        {
             return Ok(None);
         }
-        let Some((candidate, matched)) = self.fuzzy_candidate(batch, ctx.event, Some(primary), stats)? else {
+        let Some((candidate, matched)) =
+            self.fuzzy_candidate(batch, ctx.event, Some(primary), stats)?
+        else {
             return Ok(None);
         };
         let candidate_state = batch.profile(&candidate)?;
-        if self.merge_refusal(&state, &candidate_state, &[]).is_some() {
+        if self
+            .merge_refusal(&state, &candidate_state, &[], None)
+            .is_some()
+        {
             return Ok(None);
         }
         stats.fuzzy_links += 1;
@@ -820,7 +983,9 @@ impl Engine {
                 continue;
             }
             for id in block.customers {
-                let Some(live) = batch.resolve_id(&id)? else { continue };
+                let Some(live) = batch.resolve_id(&id)? else {
+                    continue;
+                };
                 if Some(live.as_str()) == exclude || candidates.contains(&live) {
                     continue;
                 }
@@ -838,7 +1003,7 @@ impl Engine {
         for id in candidates {
             let state = batch.profile(&id)?;
             let result = score(fuzzy, &event.traits, &state.trait_history);
-            let created_at = state.profile.created_at;
+            let created_at = state.profile.created_at.clone();
             let better = match &best {
                 None => true,
                 Some((best_id, best_score, best_created)) => {

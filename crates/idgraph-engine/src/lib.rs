@@ -23,5 +23,5 @@ pub mod store;
 pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
 pub use engine::{customer_id_for, BatchOutcome, Engine, EngineError, InputMessage};
 pub use idgraph_model::Normalizer;
-pub use stats::BatchStats;
+pub use stats::{BatchStats, QualityReport};
 pub use store::{ErrorClass, MemoryStore, StateStore, StoreError, Table, WriteOp, WriteSet};

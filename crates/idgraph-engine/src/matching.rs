@@ -12,7 +12,14 @@ use idgraph_model::FieldScore;
 use crate::config::{FieldWeights, FuzzyConfig};
 
 /// The traits that fuzzy matching compares, in scoring order.
-pub const MATCH_FIELDS: [&str; 6] = ["first_name", "last_name", "date_of_birth", "street", "city", "postcode"];
+pub const MATCH_FIELDS: [&str; 6] = [
+    "first_name",
+    "last_name",
+    "date_of_birth",
+    "street",
+    "city",
+    "postcode",
+];
 
 /// American Soundex of the first word of `name` ("robert" → "R163"); empty for no letters.
 pub fn soundex(name: &str) -> String {
@@ -28,7 +35,10 @@ pub fn soundex(name: &str) -> String {
             _ => b'0',
         }
     }
-    let mut letters = name.chars().filter(char::is_ascii_alphabetic).map(|c| c.to_ascii_lowercase());
+    let mut letters = name
+        .chars()
+        .filter(char::is_ascii_alphabetic)
+        .map(|c| c.to_ascii_lowercase());
     let Some(first) = letters.next() else {
         return String::new();
     };
@@ -56,7 +66,12 @@ pub fn soundex(name: &str) -> String {
 /// combines fields that rarely change together, so a typo, a move or a new surname still
 /// leaves at least one key shared with the old record.
 pub fn blocking_keys(traits: &BTreeMap<String, String>) -> Vec<String> {
-    let get = |name: &str| traits.get(name).map(String::as_str).filter(|v| !v.is_empty());
+    let get = |name: &str| {
+        traits
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
     let first_initial = get("first_name").and_then(|f| f.chars().next());
     let last_sound = get("last_name").map(soundex).filter(|s| !s.is_empty());
     let dob = get(DATE_OF_BIRTH);
@@ -85,8 +100,24 @@ const NICKNAMES: &[&[&str]] = &[
     &["james", "jim", "jimmy", "jamie"],
     &["john", "jack", "johnny", "jon"],
     &["margaret", "maggie", "meg", "peggy", "marge"],
-    &["elizabeth", "liz", "beth", "betty", "eliza", "lisa", "libby"],
-    &["katherine", "kate", "katie", "kathy", "kat", "catherine", "cathy"],
+    &[
+        "elizabeth",
+        "liz",
+        "beth",
+        "betty",
+        "eliza",
+        "lisa",
+        "libby",
+    ],
+    &[
+        "katherine",
+        "kate",
+        "katie",
+        "kathy",
+        "kat",
+        "catherine",
+        "cathy",
+    ],
     &["michael", "mike", "mikey", "mick"],
     &["christopher", "chris", "kit"],
     &["jennifer", "jen", "jenny"],
@@ -118,7 +149,9 @@ const NICKNAMES: &[&[&str]] = &[
 
 /// Whether two normalized first names are known variants of one name.
 pub fn are_nicknames(a: &str, b: &str) -> bool {
-    NICKNAMES.iter().any(|group| group.contains(&a) && group.contains(&b))
+    NICKNAMES
+        .iter()
+        .any(|group| group.contains(&a) && group.contains(&b))
 }
 
 /// Agreement level of two date-of-birth strings (YYYY-MM-DD): one typo (a single component
@@ -129,12 +162,19 @@ fn date_agreement(a: &str, b: &str) -> Level {
     }
     let parts = |d: &str| -> Option<(String, String, String)> {
         let mut it = d.split('-');
-        Some((it.next()?.to_owned(), it.next()?.to_owned(), it.next()?.to_owned()))
+        Some((
+            it.next()?.to_owned(),
+            it.next()?.to_owned(),
+            it.next()?.to_owned(),
+        ))
     };
     let (Some((ay, am, ad)), Some((by, bm, bd))) = (parts(a), parts(b)) else {
         return Level::Disagree;
     };
-    let same = [ay == by, am == bm, ad == bd].iter().filter(|s| **s).count();
+    let same = [ay == by, am == bm, ad == bd]
+        .iter()
+        .filter(|s| **s)
+        .count();
     let swapped = ay == by && am == bd && ad == bm;
     if same == 2 || swapped {
         Level::Close
@@ -160,26 +200,33 @@ impl Level {
     }
 }
 
-/// Compares one field of the event with every known value of the candidate; the best
-/// agreement counts.
-fn field_level(field: &str, event_value: &str, known: &[String], weights: &FieldWeights) -> (Level, f64) {
+/// Compares every value one side has for a field with every value the other side has; the
+/// best agreement counts.
+fn field_level<'a>(
+    field: &str,
+    values: impl IntoIterator<Item = &'a String>,
+    known: &[String],
+    weights: &FieldWeights,
+) -> (Level, f64) {
     let mut best = (Level::Disagree, 0.0f64);
-    for value in known {
-        let similarity = strsim::jaro_winkler(event_value, value);
-        let level = if event_value == value {
-            Level::Exact
-        } else if field == DATE_OF_BIRTH {
-            date_agreement(event_value, value)
-        } else if similarity >= weights.close_similarity
-            || one_edit_apart(event_value, value)
-            || (field == "first_name" && are_nicknames(event_value, value))
-        {
-            Level::Close
-        } else {
-            Level::Disagree
-        };
-        if (level, similarity) > (best.0, best.1) {
-            best = (level, similarity);
+    for event_value in values {
+        for value in known {
+            let similarity = strsim::jaro_winkler(event_value, value);
+            let level = if event_value == value {
+                Level::Exact
+            } else if field == DATE_OF_BIRTH {
+                date_agreement(event_value, value)
+            } else if similarity >= weights.close_similarity
+                || one_edit_apart(event_value, value)
+                || (field == "first_name" && are_nicknames(event_value, value))
+            {
+                Level::Close
+            } else {
+                Level::Disagree
+            };
+            if (level, similarity) > (best.0, best.1) {
+                best = (level, similarity);
+            }
         }
     }
     best
@@ -204,17 +251,50 @@ pub fn score(
     event_traits: &BTreeMap<String, String>,
     known: &BTreeMap<String, Vec<String>>,
 ) -> MatchScore {
+    score_fields(
+        config,
+        |field| event_traits.get(field).into_iter().collect(),
+        known,
+    )
+}
+
+/// Scores two sets of known values against each other (a profile against a profile), taking
+/// the best agreement per field.
+pub fn score_known(
+    config: &FuzzyConfig,
+    left: &BTreeMap<String, Vec<String>>,
+    right: &BTreeMap<String, Vec<String>>,
+) -> MatchScore {
+    score_fields(
+        config,
+        |field| {
+            left.get(field)
+                .map(|v| v.iter().collect())
+                .unwrap_or_default()
+        },
+        right,
+    )
+}
+
+fn score_fields<'a>(
+    config: &FuzzyConfig,
+    values_of: impl Fn(&str) -> Vec<&'a String>,
+    known: &BTreeMap<String, Vec<String>>,
+) -> MatchScore {
     let mut total = 0.0;
     let mut fields = Vec::with_capacity(MATCH_FIELDS.len());
     for field in MATCH_FIELDS {
         let Some(weights) = config.fields.get(field) else {
             continue;
         };
-        let event_value = event_traits.get(field).filter(|v| !v.is_empty());
+        let values: Vec<&String> = values_of(field)
+            .into_iter()
+            .filter(|v| !v.is_empty())
+            .collect();
         let known_values = known.get(field).filter(|v| !v.is_empty());
-        let (level_name, similarity, weight) = match (event_value, known_values) {
-            (Some(value), Some(known_values)) => {
-                let (level, similarity) = field_level(field, value, known_values, weights);
+        let (level_name, similarity, weight) = match known_values {
+            Some(known_values) if !values.is_empty() => {
+                let (level, similarity) = field_level(field, values, known_values, weights);
                 let weight = match level {
                     Level::Exact => weights.exact,
                     Level::Close => weights.close,
@@ -238,6 +318,13 @@ pub fn score(
     }
 }
 
+impl MatchScore {
+    /// Whether any field could be compared at all; a score of nothing is not evidence.
+    pub fn has_evidence(&self) -> bool {
+        self.fields.iter().any(|f| f.level != "missing")
+    }
+}
+
 /// Rounds for output so that scores print the same everywhere.
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
@@ -249,11 +336,17 @@ mod tests {
     use crate::EngineConfig;
 
     fn traits(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn known(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<String>> {
-        pairs.iter().map(|(k, v)| (k.to_string(), vec![v.to_string()])).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+            .collect()
     }
 
     #[test]
@@ -313,7 +406,11 @@ mod tests {
     #[test]
     fn missing_fields_neither_help_nor_hurt() {
         let config = EngineConfig::defaults().fuzzy;
-        let result = score(&config, &traits(&[("first_name", "ann")]), &known(&[("last_name", "lee")]));
+        let result = score(
+            &config,
+            &traits(&[("first_name", "ann")]),
+            &known(&[("last_name", "lee")]),
+        );
         assert_eq!(result.total, 0.0);
         assert!(result.fields.iter().all(|f| f.level == "missing"));
     }

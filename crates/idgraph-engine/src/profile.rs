@@ -7,14 +7,23 @@
 use std::collections::BTreeMap;
 
 use idgraph_model::normalize::NAME_TRAITS;
-use idgraph_model::{ComputedTraits, Identifier, NormalizedEvent, Profile, ProfileIdentifier, TimedNumber, TraitValue};
+use idgraph_model::{
+    ComputedTraits, Identifier, NormalizedEvent, Profile, ProfileIdentifier, TimedNumber,
+    TraitValue,
+};
 use serde_json::Value;
 
 use crate::matching::MATCH_FIELDS;
 use crate::state::ProfileState;
 
 /// Event types that count as an order, whatever the source.
-const ORDER_EVENT_TYPES: [&str; 5] = ["order_completed", "purchase", "order", "transaction", "checkout_completed"];
+const ORDER_EVENT_TYPES: [&str; 5] = [
+    "order_completed",
+    "purchase",
+    "order",
+    "transaction",
+    "checkout_completed",
+];
 
 /// A new, empty profile created by an event.
 pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
@@ -40,9 +49,16 @@ pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
 }
 
 /// Adds an identifier the profile does not hold yet, keeping the list sorted.
-pub fn add_identifier(state: &mut ProfileState, identifier: &Identifier, source: &str, timestamp: &str) {
+pub fn add_identifier(
+    state: &mut ProfileState,
+    identifier: &Identifier,
+    source: &str,
+    timestamp: &str,
+) {
     let list = &mut state.profile.identifiers;
-    let position = list.partition_point(|i| (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value));
+    let position = list.partition_point(|i| {
+        (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value)
+    });
     if list
         .get(position)
         .is_some_and(|i| i.kind == identifier.kind && i.value == identifier.value)
@@ -63,14 +79,17 @@ pub fn add_identifier(state: &mut ProfileState, identifier: &Identifier, source:
 
 /// Applies one event to its profile: identifier times, traits, trait history and computed
 /// traits.
-pub fn apply_event(state: &mut ProfileState, event: &NormalizedEvent, timestamp: &str, history_len: usize) {
+pub fn apply_event(
+    state: &mut ProfileState,
+    event: &NormalizedEvent,
+    timestamp: &str,
+    history_len: usize,
+) {
     let source = &event.raw.source;
     for identifier in &event.identifiers {
-        if let Ok(i) = state
-            .profile
-            .identifiers
-            .binary_search_by(|p| (p.kind.as_str(), p.value.as_str()).cmp(&(&identifier.kind, &identifier.value)))
-        {
+        if let Ok(i) = state.profile.identifiers.binary_search_by(|p| {
+            (p.kind.as_str(), p.value.as_str()).cmp(&(&identifier.kind, &identifier.value))
+        }) {
             let held = &mut state.profile.identifiers[i];
             if timestamp < held.first_seen.as_str() {
                 held.first_seen = timestamp.to_owned();
@@ -95,7 +114,11 @@ pub fn apply_event(state: &mut ProfileState, event: &NormalizedEvent, timestamp:
             }
         }
         if MATCH_FIELDS.contains(&name.as_str()) {
-            remember(state.trait_history.entry(name.clone()).or_default(), normalized, history_len);
+            remember(
+                state.trait_history.entry(name.clone()).or_default(),
+                normalized,
+                history_len,
+            );
         }
     }
     update_computed(&mut state.profile.computed, event, timestamp);
@@ -114,7 +137,8 @@ fn display_value(event: &NormalizedEvent, name: &str, normalized: &str) -> Strin
 /// Later event time wins; at the same time the larger value wins, so the result does not
 /// depend on which event arrived first.
 fn is_newer(candidate: &TraitValue, current: &TraitValue) -> bool {
-    (candidate.updated_at.as_str(), candidate.value.as_str()) > (current.updated_at.as_str(), current.value.as_str())
+    (candidate.updated_at.as_str(), candidate.value.as_str())
+        > (current.updated_at.as_str(), current.value.as_str())
 }
 
 /// Keeps a value in a short history: a value already there is left where it is, a new one is
@@ -148,7 +172,8 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
     }
     computed.channels.insert(raw.source.clone());
     let amount = raw.properties.get("amount").and_then(Value::as_f64);
-    let is_order = ORDER_EVENT_TYPES.contains(&raw.event_type.as_str()) || (raw.source == "transaction" && amount.is_some());
+    let is_order = ORDER_EVENT_TYPES.contains(&raw.event_type.as_str())
+        || (raw.source == "transaction" && amount.is_some());
     if is_order {
         computed.order_count += 1;
         if let Some(amount) = amount {
@@ -158,7 +183,8 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
                 .and_then(Value::as_str)
                 .map(str::to_ascii_uppercase)
                 .unwrap_or_else(|| "XXX".to_owned());
-            *computed.lifetime_value_minor.entry(currency).or_default() += (amount * 100.0).round() as i64;
+            *computed.lifetime_value_minor.entry(currency).or_default() +=
+                (amount * 100.0).round() as i64;
         }
     }
     if let Some(sentiment) = raw.properties.get("sentiment").and_then(Value::as_f64) {
@@ -193,7 +219,9 @@ pub fn merge_into(survivor: &mut ProfileState, absorbed: ProfileState, history_l
     } = absorbed;
     for identifier in other.identifiers {
         let list = &mut survivor.profile.identifiers;
-        let position = list.partition_point(|i| (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value));
+        let position = list.partition_point(|i| {
+            (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value)
+        });
         list.insert(position, identifier);
     }
     for (name, value) in other.traits {
@@ -253,11 +281,12 @@ fn merge_computed(into: &mut ComputedTraits, other: ComputedTraits) {
 pub fn blocking_traits(state: &ProfileState, event: &NormalizedEvent) -> BTreeMap<String, String> {
     let mut traits = BTreeMap::new();
     for field in MATCH_FIELDS {
-        let value = event
-            .traits
-            .get(field)
-            .cloned()
-            .or_else(|| state.trait_history.get(field).and_then(|h| h.first().cloned()));
+        let value = event.traits.get(field).cloned().or_else(|| {
+            state
+                .trait_history
+                .get(field)
+                .and_then(|h| h.first().cloned())
+        });
         if let Some(value) = value {
             traits.insert(field.to_owned(), value);
         }

@@ -11,7 +11,10 @@ use crate::store::{StateStore, StoreError, Table};
 use crate::Normalizer;
 
 /// Reads a customer id's entry, following merge redirects to the live profile.
-pub fn profile_by_id<S: StateStore>(store: &S, customer_id: &str) -> Result<Option<ProfileState>, StoreError> {
+pub fn profile_by_id<S: StateStore>(
+    store: &S,
+    customer_id: &str,
+) -> Result<Option<ProfileState>, StoreError> {
     let mut current = customer_id.to_owned();
     for _ in 0..64 {
         let Some(bytes) = store.get(Table::Customers, current.as_bytes())? else {
@@ -76,7 +79,10 @@ pub struct PathStep {
 }
 
 /// Builds the explanation of a profile from its evidence and that of the ids it absorbed.
-pub fn explain<S: StateStore>(store: &S, customer_id: &str) -> Result<Option<Explanation>, StoreError> {
+pub fn explain<S: StateStore>(
+    store: &S,
+    customer_id: &str,
+) -> Result<Option<Explanation>, StoreError> {
     let Some(state) = profile_by_id(store, customer_id)? else {
         return Ok(None);
     };
@@ -86,7 +92,10 @@ pub fn explain<S: StateStore>(store: &S, customer_id: &str) -> Result<Option<Exp
         let mut prefix = id.as_bytes().to_vec();
         prefix.push(0);
         for (key, bytes) in store.scan_prefix(Table::Evidence, &prefix)? {
-            evidence.push((id.clone(), decode::<Evidence>(Table::Evidence, &key, &bytes)?));
+            evidence.push((
+                id.clone(),
+                decode::<Evidence>(Table::Evidence, &key, &bytes)?,
+            ));
         }
     }
     evidence.sort_by(|a, b| a.1.at.cmp(&b.1.at));
@@ -123,7 +132,9 @@ fn member_paths(live_id: &str, evidence: &[(String, Evidence)]) -> Vec<MemberPat
     let mut graph: UnGraph<String, (String, String)> = UnGraph::new_undirected();
     let mut index: HashMap<String, NodeIndex> = HashMap::new();
     let mut node = |graph: &mut UnGraph<String, (String, String)>, name: String| {
-        *index.entry(name.clone()).or_insert_with(|| graph.add_node(name))
+        *index
+            .entry(name.clone())
+            .or_insert_with(|| graph.add_node(name))
     };
     let anchor = node(&mut graph, profile_name(live_id));
     for (owner, item) in evidence {
@@ -136,7 +147,11 @@ fn member_paths(live_id: &str, evidence: &[(String, Evidence)]) -> Vec<MemberPat
                     graph.add_edge(owner_node, member, edge(&LinkRule::Created));
                 }
             }
-            EvidenceLink::IdentifierAdded { identifier, via, rule } => {
+            EvidenceLink::IdentifierAdded {
+                identifier,
+                via,
+                rule,
+            } => {
                 let member = node(&mut graph, member_name(identifier));
                 let from = match via {
                     Some(via) => node(&mut graph, member_name(via)),
@@ -144,10 +159,19 @@ fn member_paths(live_id: &str, evidence: &[(String, Evidence)]) -> Vec<MemberPat
                 };
                 graph.add_edge(from, member, edge(rule));
             }
-            EvidenceLink::Merged { absorbed, via, other, rule } => {
+            EvidenceLink::Merged {
+                absorbed,
+                via,
+                other,
+                rule,
+            } => {
                 let absorbed_node = node(&mut graph, profile_name(absorbed));
-                let from = via.as_ref().map_or(owner_node, |v| node(&mut graph, member_name(v)));
-                let to = other.as_ref().map_or(absorbed_node, |o| node(&mut graph, member_name(o)));
+                let from = via
+                    .as_ref()
+                    .map_or(owner_node, |v| node(&mut graph, member_name(v)));
+                let to = other
+                    .as_ref()
+                    .map_or(absorbed_node, |o| node(&mut graph, member_name(o)));
                 graph.add_edge(from, to, edge(rule));
                 graph.add_edge(owner_node, absorbed_node, edge(rule));
             }
@@ -164,7 +188,9 @@ fn member_paths(live_id: &str, evidence: &[(String, Evidence)]) -> Vec<MemberPat
         let steps = nodes
             .windows(2)
             .map(|pair| {
-                let edge = graph.find_edge(pair[0], pair[1]).expect("consecutive path nodes share an edge");
+                let edge = graph
+                    .find_edge(pair[0], pair[1])
+                    .expect("consecutive path nodes share an edge");
                 let (event_id, rule) = graph[edge].clone();
                 PathStep {
                     to: graph[pair[1]].clone(),

@@ -58,17 +58,26 @@ pub struct ProfileState {
 impl ProfileState {
     /// Whether the profile holds an identifier of a kind outside `weak_kinds`.
     pub fn has_strong_identifier(&self, weak_kinds: &[String]) -> bool {
-        self.profile.identifiers.iter().any(|i| !weak_kinds.contains(&i.kind))
+        self.profile
+            .identifiers
+            .iter()
+            .any(|i| !weak_kinds.contains(&i.kind))
     }
 
     pub fn count_of_kind(&self, kind: &str) -> usize {
-        self.profile.identifiers.iter().filter(|i| i.kind == kind).count()
+        self.profile
+            .identifiers
+            .iter()
+            .filter(|i| i.kind == kind)
+            .count()
     }
 
     pub fn holds(&self, identifier: &Identifier) -> bool {
         self.profile
             .identifiers
-            .binary_search_by(|i| (i.kind.as_str(), i.value.as_str()).cmp(&(&identifier.kind, &identifier.value)))
+            .binary_search_by(|i| {
+                (i.kind.as_str(), i.value.as_str()).cmp(&(&identifier.kind, &identifier.value))
+            })
             .is_ok()
     }
 }
@@ -132,11 +141,25 @@ pub fn evidence_key(customer_id: &str, seq: u32) -> Vec<u8> {
     key
 }
 
+/// Encodes a live profile exactly as `CustomerEntry::Live` would, without moving it into one.
+pub fn encode_live(state: &ProfileState) -> Vec<u8> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "snake_case")]
+    enum LiveRef<'a> {
+        Live(&'a ProfileState),
+    }
+    encode(&LiveRef::Live(state))
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("state records always serialize")
 }
 
-pub fn decode<T: DeserializeOwned>(table: Table, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+pub fn decode<T: DeserializeOwned>(
+    table: Table,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         table: table.name(),
         key: String::from_utf8_lossy(key).replace('\0', "/"),

@@ -55,7 +55,10 @@ impl BatchStats {
         add(&mut self.dead_letters, other.dead_letters);
         add(&mut self.actions, other.actions);
         add(&mut self.matched_by_source, other.matched_by_source);
-        add(&mut self.no_identifier_by_source, other.no_identifier_by_source);
+        add(
+            &mut self.no_identifier_by_source,
+            other.no_identifier_by_source,
+        );
         add(&mut self.invalid_identifiers, other.invalid_identifiers);
         add(&mut self.blocked_identifiers, other.blocked_identifiers);
         add(&mut self.invalid_traits, other.invalid_traits);
@@ -87,5 +90,77 @@ pub(crate) fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
         *v += 1;
     } else {
         map.insert(key.to_owned(), 1);
+    }
+}
+
+/// The data-quality figures of SPEC §6, computed from accumulated [`BatchStats`]: what the
+/// quality topic and `quality.json` carry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QualityReport {
+    pub schema_version: u32,
+    /// Valid events per source.
+    pub events: BTreeMap<String, u64>,
+    /// Dead-lettered messages per failure kind.
+    pub dead_letters: BTreeMap<String, u64>,
+    /// Share of each source's events that carried no usable identifier.
+    pub no_identifier_share: BTreeMap<String, f64>,
+    /// Identifier values dropped as invalid, per kind.
+    pub invalid_identifiers: BTreeMap<String, u64>,
+    /// Identifier values dropped as junk or blocked, per kind.
+    pub blocked_identifiers: BTreeMap<String, u64>,
+    /// Trait values dropped as invalid, per trait.
+    pub invalid_traits: BTreeMap<String, u64>,
+    /// Per source, the share of events that carried each trait.
+    pub trait_completeness: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Share of each source's events that joined an existing profile.
+    pub match_rate: BTreeMap<String, f64>,
+}
+
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        // Four decimals: enough for a dashboard, and stable in text form.
+        ((part as f64 / whole as f64) * 10_000.0).round() / 10_000.0
+    }
+}
+
+impl QualityReport {
+    pub fn from_stats(stats: &BatchStats) -> Self {
+        let per_source = |counts: &BTreeMap<String, u64>| -> BTreeMap<String, f64> {
+            stats
+                .events
+                .iter()
+                .map(|(source, total)| {
+                    (
+                        source.clone(),
+                        share(counts.get(source).copied().unwrap_or(0), *total),
+                    )
+                })
+                .collect()
+        };
+        let trait_completeness = stats
+            .trait_present
+            .iter()
+            .map(|(source, traits)| {
+                let total = stats.events.get(source).copied().unwrap_or(0);
+                let shares = traits
+                    .iter()
+                    .map(|(name, n)| (name.clone(), share(*n, total)))
+                    .collect();
+                (source.clone(), shares)
+            })
+            .collect();
+        QualityReport {
+            schema_version: idgraph_model::SCHEMA_VERSION,
+            events: stats.events.clone(),
+            dead_letters: stats.dead_letters.clone(),
+            no_identifier_share: per_source(&stats.no_identifier_by_source),
+            invalid_identifiers: stats.invalid_identifiers.clone(),
+            blocked_identifiers: stats.blocked_identifiers.clone(),
+            invalid_traits: stats.invalid_traits.clone(),
+            trait_completeness,
+            match_rate: per_source(&stats.matched_by_source),
+        }
     }
 }

@@ -59,8 +59,15 @@ impl Table {
 /// One write of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
-    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
-    Delete { table: Table, key: Vec<u8> },
+    Put {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        key: Vec<u8>,
+    },
 }
 
 /// All the writes of one engine batch, applied atomically and in order.
@@ -136,7 +143,11 @@ pub trait StateStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Every entry whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
 
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError>;
 }
@@ -150,11 +161,10 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         let mut store = MemoryStore::default();
-        store
-            .tables
-            .entry(Table::Meta)
-            .or_default()
-            .insert(SCHEMA_VERSION_KEY.to_vec(), STATE_SCHEMA_VERSION.as_bytes().to_vec());
+        store.tables.entry(Table::Meta).or_default().insert(
+            SCHEMA_VERSION_KEY.to_vec(),
+            STATE_SCHEMA_VERSION.as_bytes().to_vec(),
+        );
         store
     }
 
@@ -169,7 +179,11 @@ impl StateStore for MemoryStore {
         Ok(self.tables.get(&table).and_then(|t| t.get(key)).cloned())
     }
 
-    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let Some(entries) = self.tables.get(&table) else {
             return Ok(Vec::new());
         };
@@ -184,7 +198,10 @@ impl StateStore for MemoryStore {
         for op in &batch.ops {
             match op {
                 WriteOp::Put { table, key, value } => {
-                    self.tables.entry(*table).or_default().insert(key.clone(), value.clone());
+                    self.tables
+                        .entry(*table)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
                 }
                 WriteOp::Delete { table, key } => {
                     if let Some(t) = self.tables.get_mut(table) {

@@ -64,7 +64,10 @@ pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, Par
         ));
     }
     let value: Value = serde_json::from_str(text).map_err(|e| {
-        ParseError::new(FailureKind::InvalidJson, format!("payload is not valid json: {e}"))
+        ParseError::new(
+            FailureKind::InvalidJson,
+            format!("payload is not valid json: {e}"),
+        )
     })?;
     let Value::Object(object) = value else {
         return Err(ParseError::new(
@@ -86,7 +89,10 @@ pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, Par
     Ok(event)
 }
 
-fn parse_canonical(object: &Map<String, Value>, default_source: &str) -> Result<RawEvent, ParseError> {
+fn parse_canonical(
+    object: &Map<String, Value>,
+    default_source: &str,
+) -> Result<RawEvent, ParseError> {
     let event_id = required_string(object, "event_id")?;
     let event_type = required_string(object, "event_type")?;
     let timestamp = required_string(object, "timestamp")?;
@@ -120,7 +126,10 @@ fn parse_canonical(object: &Map<String, Value>, default_source: &str) -> Result<
 /// Maps a Segment Spec message onto the envelope: `messageId` → `event_id`, `userId` →
 /// `user_id`, `anonymousId` and `previousId` → `cookie_id`, `context.device.id` →
 /// `device_id`, `email`/`phone` traits → identifiers, the rest of the traits → traits.
-fn parse_segment(object: &Map<String, Value>, default_source: &str) -> Result<RawEvent, ParseError> {
+fn parse_segment(
+    object: &Map<String, Value>,
+    default_source: &str,
+) -> Result<RawEvent, ParseError> {
     let message_type = required_string(object, "type")?;
     let event_id = required_string(object, "messageId")?;
     let timestamp = required_string(object, "timestamp")?;
@@ -149,7 +158,9 @@ fn parse_segment(object: &Map<String, Value>, default_source: &str) -> Result<Ra
     }
     let mut traits = BTreeMap::new();
     let trait_objects = [
-        context.and_then(|c| c.get("traits")).and_then(Value::as_object),
+        context
+            .and_then(|c| c.get("traits"))
+            .and_then(Value::as_object),
         object.get("traits").and_then(Value::as_object),
     ];
     for trait_object in trait_objects.into_iter().flatten() {
@@ -177,13 +188,15 @@ fn parse_segment(object: &Map<String, Value>, default_source: &str) -> Result<Ra
 }
 
 fn validate_timestamp(timestamp: &str) -> Result<(), ParseError> {
-    DateTime::parse_from_rfc3339(timestamp).map(|_| ()).map_err(|e| {
-        ParseError::new(
-            FailureKind::InvalidTimestamp,
-            format!("timestamp {timestamp:?} is not rfc 3339: {e}"),
-        )
-        .with_field("timestamp")
-    })
+    DateTime::parse_from_rfc3339(timestamp)
+        .map(|_| ())
+        .map_err(|e| {
+            ParseError::new(
+                FailureKind::InvalidTimestamp,
+                format!("timestamp {timestamp:?} is not rfc 3339: {e}"),
+            )
+            .with_field("timestamp")
+        })
 }
 
 fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, ParseError> {
@@ -210,7 +223,10 @@ fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<St
         Some(Value::Number(n)) if field != "timestamp" => Ok(Some(n.to_string())),
         Some(other) => Err(ParseError::new(
             FailureKind::WrongType,
-            format!("field {field:?} must be a string, found {}", json_type(other)),
+            format!(
+                "field {field:?} must be a string, found {}",
+                json_type(other)
+            ),
         )
         .with_field(field)),
     }
@@ -220,7 +236,10 @@ fn expect_object<'a>(value: &'a Value, field: &str) -> Result<&'a Map<String, Va
     value.as_object().ok_or_else(|| {
         ParseError::new(
             FailureKind::WrongType,
-            format!("field {field:?} must be an object, found {}", json_type(value)),
+            format!(
+                "field {field:?} must be an object, found {}",
+                json_type(value)
+            ),
         )
         .with_field(field)
     })
@@ -244,12 +263,10 @@ fn collect_identifier_values(
             out.push((kind.to_owned(), n.to_string()));
             Ok(())
         }
-        Value::Array(items) => items
-            .iter()
-            .try_for_each(|item| match item {
-                Value::Array(_) => Err(wrong_identifier_type(kind, item)),
-                _ => collect_identifier_values(kind, item, out),
-            }),
+        Value::Array(items) => items.iter().try_for_each(|item| match item {
+            Value::Array(_) => Err(wrong_identifier_type(kind, item)),
+            _ => collect_identifier_values(kind, item, out),
+        }),
         other => Err(wrong_identifier_type(kind, other)),
     }
 }
@@ -353,10 +370,18 @@ mod tests {
         let event = parse_event(line, "mobile").unwrap();
         assert_eq!(event.source, "mobile");
         assert_eq!(event.event_type, "identify");
-        assert!(event.identifiers.contains(&("user_id".into(), "u-1".into())));
-        assert!(event.identifiers.contains(&("cookie_id".into(), "anon-9".into())));
-        assert!(event.identifiers.contains(&("device_id".into(), "dev-3".into())));
-        assert!(event.identifiers.contains(&("email".into(), "Ann@X.com".into())));
+        assert!(event
+            .identifiers
+            .contains(&("user_id".into(), "u-1".into())));
+        assert!(event
+            .identifiers
+            .contains(&("cookie_id".into(), "anon-9".into())));
+        assert!(event
+            .identifiers
+            .contains(&("device_id".into(), "dev-3".into())));
+        assert!(event
+            .identifiers
+            .contains(&("email".into(), "Ann@X.com".into())));
         assert_eq!(event.traits["first_name"], "Ann");
         assert_eq!(event.traits["city"], "Springfield");
     }

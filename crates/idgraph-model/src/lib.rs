@@ -12,5 +12,7 @@ pub mod records;
 
 pub use error::{FailureKind, ParseError};
 pub use event::{parse_event, RawEvent};
-pub use normalize::{Identifier, IssueKind, NormalizeConfig, NormalizedEvent, Normalizer, QualityIssue};
+pub use normalize::{
+    Identifier, IssueKind, NormalizeConfig, NormalizedEvent, Normalizer, QualityIssue,
+};
 pub use records::*;

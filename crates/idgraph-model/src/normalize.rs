@@ -137,7 +137,9 @@ impl Normalizer {
             .default_phone_region
             .to_ascii_uppercase()
             .parse::<phonenumber::country::Id>()
-            .map_err(|_| NormalizeConfigError::UnknownRegion(config.default_phone_region.clone()))?;
+            .map_err(|_| {
+                NormalizeConfigError::UnknownRegion(config.default_phone_region.clone())
+            })?;
         let blocked_patterns = RegexSet::new(&config.blocked_patterns)?;
         Ok(Normalizer {
             config,
@@ -189,7 +191,9 @@ impl Normalizer {
         let normalized = match kind {
             "email" => normalize_email(trimmed, self.config.email_provider_rules)?,
             "phone" => self.normalize_phone(trimmed)?,
-            "social_handle" => normalize_handle(trimmed, network, self.config.social_handle_network_prefix)?,
+            "social_handle" => {
+                normalize_handle(trimmed, network, self.config.social_handle_network_prefix)?
+            }
             "national_id" => trimmed
                 .chars()
                 .filter(|c| c.is_alphanumeric())
@@ -204,7 +208,8 @@ impl Normalizer {
     }
 
     fn is_blocked(&self, value: &str) -> bool {
-        self.config.blocked_values.iter().any(|b| b == value) || self.blocked_patterns.is_match(value)
+        self.config.blocked_values.iter().any(|b| b == value)
+            || self.blocked_patterns.is_match(value)
     }
 
     fn normalize_phone(&self, value: &str) -> Result<String, IssueKind> {
@@ -215,7 +220,8 @@ impl Normalizer {
         if value.chars().filter(char::is_ascii_digit).all(|c| c == '0') {
             return Err(IssueKind::Blocked);
         }
-        let number = phonenumber::parse(Some(self.region), value).map_err(|_| IssueKind::Invalid)?;
+        let number =
+            phonenumber::parse(Some(self.region), value).map_err(|_| IssueKind::Invalid)?;
         if !phonenumber::is_valid(&number) {
             return Err(IssueKind::Invalid);
         }
@@ -271,7 +277,23 @@ fn is_junk(value: &str) -> bool {
         return true;
     }
     let lower = value.to_lowercase();
-    BUILT_IN_JUNK.contains(&lower.as_str())
+    BUILT_IN_JUNK.contains(&lower.as_str()) || is_one_repeated_character(&lower)
+}
+
+/// "aaaaaa", "111111", "xxxxxx@xxxxxx": six or more of one character, ignoring punctuation.
+fn is_one_repeated_character(value: &str) -> bool {
+    let mut significant = value.chars().filter(|c| c.is_alphanumeric());
+    let Some(first) = significant.next() else {
+        return false;
+    };
+    let mut count = 1;
+    for c in significant {
+        if c != first {
+            return false;
+        }
+        count += 1;
+    }
+    count >= 6
 }
 
 /// Lower-cases and validates an address; with provider rules, gmail's dots and `+tags` are
@@ -355,7 +377,14 @@ fn abbreviate_street(text: &str) -> String {
 pub fn parse_date(value: &str, order: DateOrder) -> Option<NaiveDate> {
     let value = value.trim();
     const UNAMBIGUOUS: [&str; 8] = [
-        "%Y-%m-%d", "%Y/%m/%d", "%Y.%m.%d", "%Y%m%d", "%d %b %Y", "%d %B %Y", "%b %d, %Y", "%B %d, %Y",
+        "%Y-%m-%d",
+        "%Y/%m/%d",
+        "%Y.%m.%d",
+        "%Y%m%d",
+        "%d %b %Y",
+        "%d %B %Y",
+        "%b %d, %Y",
+        "%B %d, %Y",
     ];
     if let Some(date) = UNAMBIGUOUS
         .iter()
@@ -412,36 +441,78 @@ mod tests {
     #[test]
     fn emails_are_lower_cased_and_gmail_spellings_collapse() {
         let n = normalizer();
-        assert_eq!(n.identifier_value("email", " Ann.Lee@Example.com ", None), Ok("ann.lee@example.com".into()));
-        assert_eq!(n.identifier_value("email", "Ann.Lee+shop@GMail.com", None), Ok("annlee@gmail.com".into()));
-        assert_eq!(n.identifier_value("email", "not-an-email", None), Err(IssueKind::Invalid));
-        assert_eq!(n.identifier_value("email", "test@test.com", None), Err(IssueKind::Blocked));
+        assert_eq!(
+            n.identifier_value("email", " Ann.Lee@Example.com ", None),
+            Ok("ann.lee@example.com".into())
+        );
+        assert_eq!(
+            n.identifier_value("email", "Ann.Lee+shop@GMail.com", None),
+            Ok("annlee@gmail.com".into())
+        );
+        assert_eq!(
+            n.identifier_value("email", "not-an-email", None),
+            Err(IssueKind::Invalid)
+        );
+        assert_eq!(
+            n.identifier_value("email", "test@test.com", None),
+            Err(IssueKind::Blocked)
+        );
     }
 
     #[test]
     fn phones_become_e164_with_the_default_region() {
         let n = normalizer();
-        assert_eq!(n.identifier_value("phone", "(415) 555-0132", None), Ok("+14155550132".into()));
-        assert_eq!(n.identifier_value("phone", "+61 2 9374 4000", None), Ok("+61293744000".into()));
-        assert_eq!(n.identifier_value("phone", "000-000-0000", None), Err(IssueKind::Blocked));
-        assert_eq!(n.identifier_value("phone", "12", None), Err(IssueKind::Invalid));
-        assert_eq!(n.identifier_value("phone", "415 555 0000", None), Err(IssueKind::Blocked));
+        assert_eq!(
+            n.identifier_value("phone", "(415) 555-0132", None),
+            Ok("+14155550132".into())
+        );
+        assert_eq!(
+            n.identifier_value("phone", "+61 2 9374 4000", None),
+            Ok("+61293744000".into())
+        );
+        assert_eq!(
+            n.identifier_value("phone", "000-000-0000", None),
+            Err(IssueKind::Blocked)
+        );
+        assert_eq!(
+            n.identifier_value("phone", "12", None),
+            Err(IssueKind::Invalid)
+        );
+        assert_eq!(
+            n.identifier_value("phone", "415 555 0000", None),
+            Err(IssueKind::Blocked)
+        );
     }
 
     #[test]
     fn handles_junk_and_patterns() {
         let n = normalizer();
-        assert_eq!(n.identifier_value("social_handle", "@AnnLee", None), Ok("annlee".into()));
-        assert_eq!(n.identifier_value("user_id", "undefined", None), Err(IssueKind::Blocked));
-        assert_eq!(n.identifier_value("cookie_id", "", None), Err(IssueKind::Blocked));
-        assert_eq!(n.identifier_value("cookie_id", "guest-17", None), Err(IssueKind::Blocked));
+        assert_eq!(
+            n.identifier_value("social_handle", "@AnnLee", None),
+            Ok("annlee".into())
+        );
+        assert_eq!(
+            n.identifier_value("user_id", "undefined", None),
+            Err(IssueKind::Blocked)
+        );
+        assert_eq!(
+            n.identifier_value("cookie_id", "", None),
+            Err(IssueKind::Blocked)
+        );
+        assert_eq!(
+            n.identifier_value("cookie_id", "guest-17", None),
+            Err(IssueKind::Blocked)
+        );
         assert_eq!(n.identifier_value("crm_id", " 77 ", None), Ok("77".into()));
     }
 
     #[test]
     fn text_is_folded_and_streets_abbreviated() {
         assert_eq!(fold_text("  José  O'Neil-Smith "), "jose oneil smith");
-        assert_eq!(abbreviate_street(&fold_text("12 High Street")), "12 high st");
+        assert_eq!(
+            abbreviate_street(&fold_text("12 High Street")),
+            "12 high st"
+        );
     }
 
     #[test]
@@ -454,7 +525,12 @@ mod tests {
         assert_eq!(d("29 Feb 1980"), Some("1980-02-29".into()));
         assert_eq!(d("1981-02-29"), None);
         assert_eq!(d("yesterday"), None);
-        assert_eq!(parse_date("03/04/1980", DateOrder::Mdy).unwrap().to_string(), "1980-03-04");
+        assert_eq!(
+            parse_date("03/04/1980", DateOrder::Mdy)
+                .unwrap()
+                .to_string(),
+            "1980-03-04"
+        );
     }
 
     #[test]
@@ -467,7 +543,10 @@ mod tests {
         .unwrap();
         let event = normalizer().normalize(raw);
         assert_eq!(event.identifiers, vec![Identifier::new("email", "a@b.co")]);
-        assert_eq!(event.traits.get("first_name").map(String::as_str), Some("ann"));
+        assert_eq!(
+            event.traits.get("first_name").map(String::as_str),
+            Some("ann")
+        );
         assert!(!event.traits.contains_key("date_of_birth"));
         let fields: Vec<_> = event.issues.iter().map(|i| i.field.as_str()).collect();
         assert_eq!(fields, vec!["identifiers.phone", "traits.date_of_birth"]);

@@ -18,8 +18,15 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum InputCoordinates {
-    File { file: String, line: u64 },
-    Kafka { topic: String, partition: i32, offset: i64 },
+    File {
+        file: String,
+        line: u64,
+    },
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
 }
 
 impl InputCoordinates {
@@ -27,7 +34,9 @@ impl InputCoordinates {
     pub fn stream_key(&self) -> String {
         match self {
             InputCoordinates::File { file, .. } => format!("file:{file}"),
-            InputCoordinates::Kafka { topic, partition, .. } => format!("kafka:{topic}:{partition}"),
+            InputCoordinates::Kafka {
+                topic, partition, ..
+            } => format!("kafka:{topic}:{partition}"),
         }
     }
 
@@ -113,8 +122,12 @@ pub enum RefusalRule {
     GenericValue,
     /// The merged profile would be larger than the maximum profile size.
     MaxProfileSize,
-    /// Only weak identifiers (devices, cookies) link two profiles that both have strong ones.
+    /// Only weak identifiers (devices, cookies) link two profiles that both have strong ones,
+    /// and their traits do not corroborate the link.
     WeakIdentifier,
+    /// The traits on the two sides say they are different people (other name and birth date),
+    /// whatever identifier links them.
+    ConflictingTraits,
 }
 
 impl RefusalRule {
@@ -124,6 +137,7 @@ impl RefusalRule {
             RefusalRule::GenericValue => "generic_value",
             RefusalRule::MaxProfileSize => "max_profile_size",
             RefusalRule::WeakIdentifier => "weak_identifier",
+            RefusalRule::ConflictingTraits => "conflicting_traits",
         }
     }
 }
@@ -277,7 +291,9 @@ pub struct IdentityChange {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChangeKind {
-    Created { identifiers: Vec<crate::Identifier> },
+    Created {
+        identifiers: Vec<crate::Identifier>,
+    },
     Merged {
         survivor: String,
         absorbed: Vec<String>,
@@ -301,7 +317,11 @@ pub enum ChangeKind {
         linking_kind: String,
     },
     /// An identifier value was seen on so many profiles that it stopped linking.
-    IdentifierGeneric { kind: String, value: String, profiles_seen: u32 },
+    IdentifierGeneric {
+        kind: String,
+        value: String,
+        profiles_seen: u32,
+    },
 }
 
 impl ChangeKind {
@@ -350,10 +370,14 @@ impl DeadLetter {
             Ok(text) => ("utf8", text.to_owned()),
             // A cut in the middle of a multi-byte character is not bad data; keep the valid
             // prefix as text.
-            Err(e) if e.error_len().is_none() && std::str::from_utf8(payload).is_ok() => {
-                ("utf8", String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned())
-            }
-            Err(_) => ("base64", base64::engine::general_purpose::STANDARD.encode(kept)),
+            Err(e) if e.error_len().is_none() && std::str::from_utf8(payload).is_ok() => (
+                "utf8",
+                String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned(),
+            ),
+            Err(_) => (
+                "base64",
+                base64::engine::general_purpose::STANDARD.encode(kept),
+            ),
         };
         DeadLetter {
             schema_version: SCHEMA_VERSION,

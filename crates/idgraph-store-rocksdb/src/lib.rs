@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use idgraph_engine::store::{SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
 use idgraph_engine::{StateStore, StoreError, Table, WriteOp, WriteSet};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, ErrorKind,
-    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +54,9 @@ pub struct RocksStore {
 
 impl std::fmt::Debug for RocksStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RocksStore").field("path", &self.path).finish()
+        f.debug_struct("RocksStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -78,10 +80,15 @@ impl RocksStore {
         db_options.enable_statistics();
         let descriptors = Table::ALL
             .iter()
-            .map(|table| ColumnFamilyDescriptor::new(table.name(), table_options(*table, config, &cache)))
+            .map(|table| {
+                ColumnFamilyDescriptor::new(table.name(), table_options(*table, config, &cache))
+            })
             .collect::<Vec<_>>();
         let db = DB::open_cf_descriptors(&db_options, path, descriptors).map_err(|e| {
-            StoreError::Fatal(format!("cannot open state directory {}: {e}", path.display()))
+            StoreError::Fatal(format!(
+                "cannot open state directory {}: {e}",
+                path.display()
+            ))
         })?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(config.sync_writes);
@@ -125,10 +132,17 @@ impl RocksStore {
         let mut stats = StorageStats::default();
         for table in Table::ALL {
             let cf = self.handle(table);
-            let int = |name: &str| self.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+            let int = |name: &str| {
+                self.db
+                    .property_int_value_cf(cf, name)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
             stats.live_data_bytes += int("rocksdb.estimate-live-data-size");
             stats.sst_files_bytes += int("rocksdb.total-sst-files-size");
-            stats.write_stalled |= int("rocksdb.actual-delayed-write-rate") > 0 || int("rocksdb.is-write-stopped") > 0;
+            stats.write_stalled |=
+                int("rocksdb.actual-delayed-write-rate") > 0 || int("rocksdb.is-write-stopped") > 0;
         }
         stats.block_cache_usage_bytes = self.cache.get_usage() as u64;
         if let Ok(Some(text)) = self.db.property_value("rocksdb.stats") {
@@ -183,12 +197,16 @@ impl StateStore for RocksStore {
         self.db.get_cf(self.handle(table), key).map_err(convert)
     }
 
-    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.handle(table), IteratorMode::From(prefix, Direction::Forward))
-        {
+        for item in self.db.iterator_cf(
+            self.handle(table),
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
             let (key, value) = item.map_err(convert)?;
             if !key.starts_with(prefix) {
                 break;
@@ -202,10 +220,14 @@ impl StateStore for RocksStore {
         let mut write_batch = WriteBatch::default();
         for op in &batch.ops {
             match op {
-                WriteOp::Put { table, key, value } => write_batch.put_cf(self.handle(*table), key, value),
+                WriteOp::Put { table, key, value } => {
+                    write_batch.put_cf(self.handle(*table), key, value)
+                }
                 WriteOp::Delete { table, key } => write_batch.delete_cf(self.handle(*table), key),
             }
         }
-        self.db.write_opt(write_batch, &self.write_options).map_err(convert)
+        self.db
+            .write_opt(write_batch, &self.write_options)
+            .map_err(convert)
     }
 }

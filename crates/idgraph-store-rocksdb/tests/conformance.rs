@@ -39,7 +39,12 @@ fn reopening_a_directory_restores_every_table() {
     let store = RocksStore::open(dir.path(), &config()).unwrap();
     for table in Table::ALL {
         let key = format!("key-{}", table.name());
-        assert_eq!(store.get(table, key.as_bytes()).unwrap(), Some(b"value".to_vec()), "{}", table.name());
+        assert_eq!(
+            store.get(table, key.as_bytes()).unwrap(),
+            Some(b"value".to_vec()),
+            "{}",
+            table.name()
+        );
     }
 }
 
@@ -63,7 +68,11 @@ fn stats_report_size_after_flush() {
     let mut store = RocksStore::open(dir.path(), &config()).unwrap();
     let mut batch = WriteSet::default();
     for i in 0..1000 {
-        batch.put(Table::Nodes, format!("email\0user{i}@example.com"), vec![b'x'; 100]);
+        batch.put(
+            Table::Nodes,
+            format!("email\0user{i}@example.com"),
+            vec![b'x'; 100],
+        );
     }
     store.write(&batch).unwrap();
     store.flush().unwrap();

@@ -1,0 +1,256 @@
+//! Loading the configuration: `config/default.toml` (compiled in), then the `--config` file,
+//! then `IDGRAPH__SECTION__KEY` environment variables; unknown keys are errors that name the
+//! key; the result is validated before anything starts.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use idgraph_engine::{EngineConfig, DEFAULT_CONFIG_TOML};
+use idgraph_store_rocksdb::StorageConfig;
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub engine: EngineConfig,
+    pub storage: StorageConfig,
+    pub resolve: ResolveConfig,
+    pub log: LogConfig,
+}
+
+/// `[resolve]`: file mode.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveConfig {
+    pub batch_size: usize,
+    pub default_source: String,
+    pub progress_interval_secs: u64,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Tables whose keys are names chosen by the user (identifier kinds), not settings.
+const OPEN_TABLES: [&str; 1] = ["engine.identifiers.max_per_profile"];
+
+/// The prefix of environment variables that override single keys.
+const ENV_PREFIX: &str = "IDGRAPH__";
+
+impl AppConfig {
+    /// Defaults, then `file`, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        let defaults: Table = DEFAULT_CONFIG_TOML
+            .parse()
+            .context("the built-in config/default.toml is invalid")?;
+        let mut merged = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let user: Table = text
+                .parse()
+                .with_context(|| format!("config file {} is not valid toml", path.display()))?;
+            merge(&mut merged, user, &defaults, "")
+                .with_context(|| format!("in config file {}", path.display()))?;
+        }
+        let mut overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        overrides.sort();
+        for (name, raw) in overrides {
+            apply_env_override(&mut merged, &defaults, &name, &raw)?;
+        }
+        let config: AppConfig = Value::Table(merged)
+            .try_into()
+            .context("configuration has a value of the wrong type")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.engine.validate()?;
+        if self.storage.block_cache_mb == 0 {
+            bail!("storage.block_cache_mb must be at least 1");
+        }
+        if self.resolve.batch_size == 0 {
+            bail!("resolve.batch_size must be at least 1");
+        }
+        if self.resolve.default_source.trim().is_empty() {
+            bail!("resolve.default_source must name a source such as \"web\"");
+        }
+        Ok(())
+    }
+}
+
+/// Merges `user` into `into`, refusing keys that the defaults do not have (except inside
+/// [`OPEN_TABLES`]).
+fn merge(into: &mut Table, user: Table, defaults: &Table, prefix: &str) -> Result<()> {
+    for (key, value) in user {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let open = OPEN_TABLES.contains(&prefix);
+        let Some(default) = defaults.get(&key) else {
+            if open {
+                into.insert(key, value);
+                continue;
+            }
+            bail!("unknown configuration key {path:?}; see config/default.toml for every key");
+        };
+        match (default, value) {
+            (Value::Table(default_table), Value::Table(user_table)) => {
+                let Some(Value::Table(target)) = into.get_mut(&key) else {
+                    unreachable!("merged config starts as a copy of the defaults");
+                };
+                merge(target, user_table, default_table, &path)?;
+            }
+            (Value::Table(_), other) => {
+                bail!(
+                    "configuration key {path:?} must be a table, found {}",
+                    other.type_str()
+                )
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `IDGRAPH__ENGINE__FUZZY__THRESHOLD=14` sets `engine.fuzzy.threshold`. The value is read as
+/// TOML (a number, a boolean, a list) and otherwise taken as a plain string.
+fn apply_env_override(merged: &mut Table, defaults: &Table, name: &str, raw: &str) -> Result<()> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let dotted = path.join(".");
+    let value = format!("v = {raw}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(raw.to_owned()));
+    let mut user = Table::new();
+    let (leaf, parents) = path.split_last().expect("split yields at least one part");
+    let mut cursor = &mut user;
+    for part in parents {
+        cursor = cursor
+            .entry(part.clone())
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .expect("just inserted a table");
+    }
+    cursor.insert(leaf.clone(), value);
+    merge(merged, user, defaults, "")
+        .with_context(|| format!("in environment variable {name} (key {dotted:?})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let config = AppConfig::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(config.resolve.batch_size, 2000);
+        assert_eq!(config.engine.identifiers.max_per_profile["user_id"], 1);
+    }
+
+    #[test]
+    fn a_file_overrides_only_what_it_names_and_may_add_identifier_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[engine.fuzzy]\nthreshold = 15.5\n[engine.identifiers.max_per_profile]\ncrm_id = 1\n",
+        )
+        .unwrap();
+        let config = AppConfig::load_with_env(Some(&path), env(&[])).unwrap();
+        assert_eq!(config.engine.fuzzy.threshold, 15.5);
+        assert_eq!(config.engine.fuzzy.max_candidates, 20);
+        assert_eq!(config.engine.identifiers.max_per_profile["crm_id"], 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[engine.fuzzy]\ntreshold = 15\n").unwrap();
+        let error = format!(
+            "{:#}",
+            AppConfig::load_with_env(Some(&path), env(&[])).unwrap_err()
+        );
+        assert!(error.contains("engine.fuzzy.treshold"), "{error}");
+        let error = format!(
+            "{:#}",
+            AppConfig::load_with_env(None, env(&[("IDGRAPH__STORAGE__CACHE", "1")])).unwrap_err()
+        );
+        assert!(
+            error.contains("storage.cache") && error.contains("IDGRAPH__STORAGE__CACHE"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_single_keys_with_typed_values() {
+        let config = AppConfig::load_with_env(
+            None,
+            env(&[
+                ("IDGRAPH__ENGINE__FUZZY__THRESHOLD", "14"),
+                ("IDGRAPH__RESOLVE__DEFAULT_SOURCE", "mobile"),
+                ("IDGRAPH__ENGINE__FUZZY__ENABLED", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.engine.fuzzy.threshold, 14.0);
+        assert_eq!(config.resolve.default_source, "mobile");
+        assert!(!config.engine.fuzzy.enabled);
+    }
+
+    #[test]
+    fn invalid_values_get_an_actionable_message() {
+        let error = format!(
+            "{:#}",
+            AppConfig::load_with_env(
+                None,
+                env(&[("IDGRAPH__ENGINE__PROTECTION__GENERIC_THRESHOLD", "1")])
+            )
+            .unwrap_err()
+        );
+        assert!(
+            error.contains("generic_threshold") && error.contains("at least 2"),
+            "{error}"
+        );
+    }
+}

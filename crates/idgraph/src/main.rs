@@ -1,0 +1,159 @@
+//! The `idgraph` command. Subcommands: `resolve` (file mode), `gen` (synthetic data with
+//! truth), `eval` (accuracy against truth), `lookup` and `explain` (read the state), `bench`
+//! (throughput, memory and accuracy at several sizes) and `demo` (all of it on generated data,
+//! no external services).
+
+mod commands;
+mod config;
+mod resolve;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::{AppConfig, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "idgraph",
+    version,
+    about = "Streaming customer-identity resolution"
+)]
+struct Cli {
+    /// A TOML file with settings that differ from config/default.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Resolve a JSON Lines file of touchpoints into profiles, changes and dead letters.
+    Resolve {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output_dir: PathBuf,
+        /// State directory; reuse it to continue the same identity graph. Default: temporary.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Generate synthetic touchpoints across the five sources, with ground truth.
+    Gen {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long)]
+        truth: PathBuf,
+    },
+    /// Score an enriched.jsonl against a truth file: pairwise and B-cubed precision/recall.
+    Eval {
+        #[arg(long)]
+        truth: PathBuf,
+        #[arg(long)]
+        enriched: PathBuf,
+        /// profiles.jsonl whose tombstones say which customers merged later (default: the one
+        /// next to --enriched, if present).
+        #[arg(long)]
+        profiles: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a profile by customer id (following merges) or by one of its identifiers.
+    Lookup {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long, conflicts_with_all = ["kind", "value"])]
+        customer: Option<String>,
+        #[arg(long, requires = "value")]
+        kind: Option<String>,
+        #[arg(long, requires = "kind")]
+        value: Option<String>,
+    },
+    /// Explain why the members of a profile are linked, from the stored evidence.
+    Explain {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        customer: String,
+    },
+    /// Measure throughput, memory and accuracy on generated data with RocksDB on disk.
+    Bench {
+        /// Event counts to run, comma separated; ratios are against the first.
+        #[arg(long, value_delimiter = ',', default_values_t = [100_000usize, 1_000_000])]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Directory for generated data and state (default: a temporary one).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// A local demo with no external services: generate, resolve, evaluate, print a profile.
+    Demo {
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Keep the generated data, outputs and state here instead of a temporary directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+}
+
+fn init_logging(config: &AppConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = AppConfig::load(cli.config.as_deref())?;
+    init_logging(&config);
+    match cli.command {
+        Command::Resolve {
+            input,
+            output_dir,
+            state,
+        } => commands::resolve(&config, &input, &output_dir, state.as_deref()),
+        Command::Gen {
+            events,
+            seed,
+            output,
+            truth,
+        } => commands::gen(events, seed, &output, &truth),
+        Command::Eval {
+            truth,
+            enriched,
+            profiles,
+            json,
+        } => commands::eval(&truth, &enriched, profiles.as_deref(), json),
+        Command::Lookup {
+            state,
+            customer,
+            kind,
+            value,
+        } => commands::lookup(&config, &state, customer.as_deref(), kind.zip(value)),
+        Command::Explain { state, customer } => commands::explain(&config, &state, &customer),
+        Command::Bench {
+            sizes,
+            seed,
+            work_dir,
+        } => commands::bench(&config, &sizes, seed, work_dir.as_deref()),
+        Command::Demo { events, seed, keep } => {
+            commands::demo(&config, events, seed, keep.as_deref())
+        }
+    }
+}

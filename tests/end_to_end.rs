@@ -1,0 +1,298 @@
+//! End-to-end: the built `idgraph` binary on generated data and on hand-made bad input, with a
+//! real RocksDB state directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn idgraph(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_idgraph"))
+        .args(args)
+        .env("IDGRAPH__RESOLVE__PROGRESS_INTERVAL_SECS", "0")
+        .output()
+        .expect("the idgraph binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let output = idgraph(args);
+    assert!(
+        output.status.success(),
+        "idgraph {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn generate(dir: &Path, events: usize, seed: u64) -> (PathBuf, PathBuf) {
+    let input = dir.join("events.jsonl");
+    let truth = dir.join("truth.jsonl");
+    ok(&[
+        "gen",
+        "--events",
+        &events.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--output",
+        p(&input),
+        "--truth",
+        p(&truth),
+    ]);
+    (input, truth)
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn generated_data_resolves_with_high_precision_and_recall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, truth) = generate(dir.path(), 30_000, 11);
+    let out = dir.path().join("out");
+    ok(&["resolve", "--input", p(&input), "--output-dir", p(&out)]);
+    for file in [
+        "enriched.jsonl",
+        "profiles.jsonl",
+        "identity-changes.jsonl",
+        "dead-letter.jsonl",
+        "quality.json",
+    ] {
+        assert!(out.join(file).exists(), "{file} is written");
+    }
+    let report: Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--truth",
+        p(&truth),
+        "--enriched",
+        p(&out.join("enriched.jsonl")),
+        "--json",
+    ]))
+    .unwrap();
+    let precision = report["pairwise_precision"].as_f64().unwrap();
+    let recall = report["pairwise_recall"].as_f64().unwrap();
+    assert!(
+        precision >= 0.999,
+        "pairwise precision {precision}: {report}"
+    );
+    assert!(recall >= 0.98, "pairwise recall {recall}: {report}");
+    assert_eq!(
+        report["missing_from_resolution"], 0,
+        "every valid event has an enriched line"
+    );
+    let quality: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quality.json")).unwrap()).unwrap();
+    assert!(quality["match_rate"]["web"].as_f64().unwrap() > 0.5);
+    assert!(
+        quality["blocked_identifiers"].as_object().unwrap().len() > 1,
+        "junk values are counted: {quality}"
+    );
+}
+
+#[test]
+fn two_runs_on_the_same_input_write_byte_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = generate(dir.path(), 5_000, 3);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    ok(&["resolve", "--input", p(&input), "--output-dir", p(&a)]);
+    ok(&["resolve", "--input", p(&input), "--output-dir", p(&b)]);
+    for file in [
+        "enriched.jsonl",
+        "profiles.jsonl",
+        "identity-changes.jsonl",
+        "dead-letter.jsonl",
+        "quality.json",
+    ] {
+        let left = std::fs::read(a.join(file)).unwrap();
+        let right = std::fs::read(b.join(file)).unwrap();
+        assert!(
+            !left.is_empty() || file == "dead-letter.jsonl",
+            "{file} is empty"
+        );
+        assert!(left == right, "{file} differs between two runs");
+    }
+}
+
+#[test]
+fn a_second_file_continues_the_same_graph_and_matches_a_single_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = generate(dir.path(), 6_000, 5);
+    let text = std::fs::read(&input).unwrap();
+    let lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let (part1, part2) = (
+        dir.path().join("part1.jsonl"),
+        dir.path().join("part2.jsonl"),
+    );
+    std::fs::write(&part1, first.concat()).unwrap();
+    std::fs::write(&part2, second.concat()).unwrap();
+    let state = dir.path().join("state");
+    ok(&[
+        "resolve",
+        "--input",
+        p(&part1),
+        "--output-dir",
+        p(&dir.path().join("o1")),
+        "--state",
+        p(&state),
+    ]);
+    ok(&[
+        "resolve",
+        "--input",
+        p(&part2),
+        "--output-dir",
+        p(&dir.path().join("o2")),
+        "--state",
+        p(&state),
+    ]);
+    ok(&[
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&dir.path().join("whole")),
+    ]);
+    let whole: HashMap<String, String> = read_lines(&dir.path().join("whole/enriched.jsonl"))
+        .into_iter()
+        .map(|e| {
+            (
+                e["event_id"].as_str().unwrap().to_owned(),
+                e["customer_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut checked = 0;
+    for part in ["o1", "o2"] {
+        for event in read_lines(&dir.path().join(part).join("enriched.jsonl")) {
+            let id = event["event_id"].as_str().unwrap();
+            assert_eq!(
+                event["customer_id"].as_str().unwrap(),
+                whole[id],
+                "event {id}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, whole.len());
+    // The state answers lookups afterwards, following merges.
+    let some_customer = whole.values().next().unwrap();
+    let profile: Value = serde_json::from_str(&ok(&[
+        "lookup",
+        "--state",
+        p(&state),
+        "--customer",
+        some_customer,
+    ]))
+    .unwrap();
+    assert!(profile["customer_id"].is_string());
+    let explanation: Value = serde_json::from_str(&ok(&[
+        "explain",
+        "--state",
+        p(&state),
+        "--customer",
+        some_customer,
+    ]))
+    .unwrap();
+    assert!(!explanation["evidence"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn malformed_lines_are_dead_lettered_with_reason_and_line_and_the_rest_is_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = |id: &str| {
+        format!(
+            r#"{{"event_id":"{id}","event_type":"page_view","timestamp":"2026-03-01T12:00:00Z","identifiers":{{"email":"a@x.com"}}}}"#
+        )
+    };
+    let mut input: Vec<u8> = Vec::new();
+    let huge = format!(
+        r#"{{"event_id":"big","event_type":"x","timestamp":"2026-03-01T12:00:00Z","properties":{{"blob":"{}"}}}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    for line in [
+        good("g1").into_bytes(),
+        b"{\"event_id\": \"broken\",".to_vec(),
+        b"\xff\xfe not utf-8".to_vec(),
+        br#"{"event_type":"x","timestamp":"2026-03-01T12:00:00Z"}"#.to_vec(),
+        br#"{"event_id":"w","event_type":"x","timestamp":"2026-03-01T12:00:00Z","identifiers":"a@x.com"}"#.to_vec(),
+        br#"{"event_id":7,"event_type":"x","timestamp":1700000000}"#.to_vec(),
+        Vec::new(),
+        huge.into_bytes(),
+        good("g2").into_bytes(),
+    ] {
+        input.extend(line);
+        input.push(b'\n');
+    }
+    let path = dir.path().join("bad.jsonl");
+    std::fs::write(&path, input).unwrap();
+    let out = dir.path().join("out");
+    ok(&["resolve", "--input", p(&path), "--output-dir", p(&out)]);
+    let enriched = read_lines(&out.join("enriched.jsonl"));
+    assert_eq!(enriched.len(), 2);
+    assert_eq!(enriched[0]["customer_id"], enriched[1]["customer_id"]);
+    let letters = read_lines(&out.join("dead-letter.jsonl"));
+    let got: Vec<(u64, &str)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l["input"]["line"].as_u64().unwrap(),
+                l["failure_kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, "invalid_json"),
+            (3, "invalid_utf8"),
+            (4, "missing_field"),
+            (5, "wrong_type"),
+            (6, "wrong_type"),
+            (7, "empty_payload"),
+            (8, "too_large"),
+        ]
+    );
+    for letter in &letters {
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+        assert!(letter["processor_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("idgraph "));
+        assert!(letter["idempotency_key"].is_string());
+    }
+    let huge_letter = &letters[6];
+    assert_eq!(huge_letter["truncated"], true);
+    assert!(huge_letter["payload_size"].as_u64().unwrap() > 2 * 1024 * 1024);
+    assert!(huge_letter["payload"].as_str().unwrap().len() <= 16 * 1024);
+}
+
+#[test]
+fn an_unknown_config_key_stops_the_run_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[engine.fuzzy]\ntreshold = 12\n").unwrap();
+    let output = idgraph(&[
+        "--config",
+        p(&config),
+        "gen",
+        "--events",
+        "1",
+        "--output",
+        "x",
+        "--truth",
+        "y",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("engine.fuzzy.treshold"), "{stderr}");
+}

@@ -1,0 +1,232 @@
+//! Engine invariants under generated input: replay changes nothing, the order of independent
+//! events does not matter, and links are transitive (the clusters are exactly the connected
+//! components of shared identifiers when no protection rule fires).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use idgraph_engine::read::profile_by_id;
+use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore, Table};
+use idgraph_model::{InputCoordinates, ResolutionAction};
+use proptest::prelude::*;
+use serde_json::json;
+
+/// A config where only shared identifiers link: no fuzzy matching, no weak kinds, limits
+/// far above what the generated events can reach.
+fn plain_linking_config() -> EngineConfig {
+    let mut config = EngineConfig::defaults();
+    config.fuzzy.enabled = false;
+    config.identifiers.weak_kinds.clear();
+    for limit in config.identifiers.max_per_profile.values_mut() {
+        *limit = 1000;
+    }
+    config.identifiers.default_max_per_profile = 1000;
+    config.protection.max_profile_identifiers = 10_000;
+    config.protection.generic_threshold = 1000;
+    config
+}
+
+/// One generated event: its id and indices into a small pool of emails and phones.
+#[derive(Debug, Clone)]
+struct GenEvent {
+    id: usize,
+    emails: Vec<u8>,
+    phones: Vec<u8>,
+}
+
+fn payload(event: &GenEvent) -> Vec<u8> {
+    let emails: Vec<String> = event
+        .emails
+        .iter()
+        .map(|e| format!("user{e}@example.com"))
+        .collect();
+    let phones: Vec<String> = event
+        .phones
+        .iter()
+        .map(|p| format!("+1 415 639 {:04}", 100 + *p as u32))
+        .collect();
+    serde_json::to_vec(&json!({
+        "event_id": format!("e{}", event.id),
+        "source": "web",
+        "event_type": "page_view",
+        "timestamp": format!("2026-03-01T12:00:{:02}Z", event.id % 60),
+        "identifiers": {"email": emails, "phone": phones},
+    }))
+    .unwrap()
+}
+
+fn events_strategy(max_events: usize) -> impl Strategy<Value = Vec<GenEvent>> {
+    prop::collection::vec(
+        (
+            prop::collection::vec(0u8..12, 0..3),
+            prop::collection::vec(0u8..12, 0..3),
+        ),
+        1..max_events,
+    )
+    .prop_map(|raw| {
+        raw.into_iter()
+            .enumerate()
+            .map(|(id, (emails, phones))| GenEvent { id, emails, phones })
+            .collect()
+    })
+}
+
+/// Runs `events` in batches of `batch_size` and returns event id → customer id, and the store.
+fn resolve(
+    engine: &Engine,
+    events: &[GenEvent],
+    batch_size: usize,
+) -> (BTreeMap<usize, String>, MemoryStore) {
+    let mut store = MemoryStore::new();
+    let mut assigned = BTreeMap::new();
+    for (batch_index, chunk) in events.chunks(batch_size).enumerate() {
+        let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
+        let coordinates: Vec<InputCoordinates> = (0..chunk.len())
+            .map(|i| InputCoordinates::File {
+                file: "prop".into(),
+                line: (batch_index * batch_size + i + 1) as u64,
+            })
+            .collect();
+        let messages: Vec<InputMessage<'_>> = payloads
+            .iter()
+            .zip(&coordinates)
+            .map(|(payload, coordinates)| InputMessage {
+                coordinates,
+                payload,
+                default_source: "web",
+            })
+            .collect();
+        let outcome = engine.process_batch(&store, &messages).unwrap();
+        store.write(&outcome.writes).unwrap();
+        for (event, enriched) in chunk.iter().zip(outcome.enriched) {
+            assigned.insert(event.id, enriched.customer_id);
+        }
+    }
+    (assigned, store)
+}
+
+/// The final clusters: each event's customer id followed through merges.
+fn clusters(assigned: &BTreeMap<usize, String>, store: &MemoryStore) -> BTreeSet<BTreeSet<usize>> {
+    let mut by_customer: HashMap<String, BTreeSet<usize>> = HashMap::new();
+    for (event, customer) in assigned {
+        let live = profile_by_id(store, customer)
+            .unwrap()
+            .unwrap()
+            .profile
+            .customer_id;
+        by_customer.entry(live).or_default().insert(*event);
+    }
+    by_customer.into_values().collect()
+}
+
+/// Connected components of events that share a value, computed independently of the engine.
+fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
+    let mut parent: Vec<usize> = (0..events.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            i = parent[i];
+        }
+        i
+    }
+    let mut owner: HashMap<(char, u8), usize> = HashMap::new();
+    for (index, event) in events.iter().enumerate() {
+        let keys = event
+            .emails
+            .iter()
+            .map(|e| ('e', *e))
+            .chain(event.phones.iter().map(|p| ('p', *p)));
+        for key in keys {
+            match owner.get(&key) {
+                Some(&other) => {
+                    let (a, b) = (root(&mut parent, index), root(&mut parent, other));
+                    parent[a] = b;
+                }
+                None => {
+                    owner.insert(key, index);
+                }
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+    for index in 0..events.len() {
+        let r = root(&mut parent, index);
+        groups.entry(r).or_default().insert(events[index].id);
+    }
+    groups.into_values().collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn links_are_transitive_and_clusters_are_the_connected_components(events in events_strategy(40), batch in 1usize..8) {
+        let engine = Engine::new(plain_linking_config(), "test").unwrap();
+        let (assigned, store) = resolve(&engine, &events, batch);
+        prop_assert_eq!(clusters(&assigned, &store), expected_components(&events));
+    }
+
+    #[test]
+    fn shuffling_the_events_gives_the_same_clusters(events in events_strategy(30), seed in any::<u64>()) {
+        let engine = Engine::new(plain_linking_config(), "test").unwrap();
+        let (assigned, store) = resolve(&engine, &events, 5);
+        let mut shuffled = events.clone();
+        // A deterministic Fisher–Yates from the seed.
+        let mut state = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+            shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let (shuffled_assigned, shuffled_store) = resolve(&engine, &shuffled, 5);
+        prop_assert_eq!(clusters(&assigned, &store), clusters(&shuffled_assigned, &shuffled_store));
+    }
+
+    #[test]
+    fn events_about_different_people_commute_byte_for_byte(split in 1usize..10, seed in any::<u64>()) {
+        // Two customers with disjoint identifiers; interleave their events in two orders.
+        let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
+        let a: Vec<GenEvent> = (0..split).map(|i| GenEvent { id: i, emails: vec![1], phones: vec![(i % 2) as u8] }).collect();
+        let b: Vec<GenEvent> = (0..5).map(|i| GenEvent { id: 100 + i, emails: vec![7], phones: vec![9] }).collect();
+        let mut first = a.clone();
+        first.extend(b.clone());
+        let mut second = Vec::new();
+        let (mut ia, mut ib) = (0, 0);
+        let mut state = seed | 1;
+        while ia < a.len() || ib < b.len() {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+            if ib >= b.len() || (ia < a.len() && state % 2 == 0) { second.push(a[ia].clone()); ia += 1; } else { second.push(b[ib].clone()); ib += 1; }
+        }
+        let (assigned_1, store_1) = resolve(&engine, &first, 3);
+        let (assigned_2, store_2) = resolve(&engine, &second, 3);
+        prop_assert_eq!(&assigned_1, &assigned_2);
+        for customer in assigned_1.values() {
+            let p1 = serde_json::to_string(&profile_by_id(&store_1, customer).unwrap().unwrap().profile).unwrap();
+            let p2 = serde_json::to_string(&profile_by_id(&store_2, customer).unwrap().unwrap().profile).unwrap();
+            prop_assert_eq!(p1, p2);
+        }
+    }
+
+    #[test]
+    fn replaying_a_batch_changes_no_state_and_keeps_every_customer(events in events_strategy(30)) {
+        let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
+        let (assigned, mut store) = resolve(&engine, &events, 7);
+        let before = store.clone();
+        let payloads: Vec<Vec<u8>> = events.iter().map(payload).collect();
+        let coordinates: Vec<InputCoordinates> = (0..events.len())
+            .map(|i| InputCoordinates::File { file: "prop".into(), line: i as u64 + 1 })
+            .collect();
+        let messages: Vec<InputMessage<'_>> = payloads.iter().zip(&coordinates)
+            .map(|(payload, coordinates)| InputMessage { coordinates, payload, default_source: "web" })
+            .collect();
+        let outcome = engine.process_batch(&store, &messages).unwrap();
+        prop_assert!(outcome.enriched.iter().all(|e| e.resolution.action == ResolutionAction::Duplicate));
+        prop_assert!(outcome.changes.is_empty() && outcome.profiles.is_empty());
+        store.write(&outcome.writes).unwrap();
+        for table in Table::ALL.into_iter().filter(|t| *t != Table::Positions) {
+            prop_assert_eq!(store.table_len(table), before.table_len(table));
+        }
+        prop_assert_eq!(&store, &before);
+        for (event, enriched) in events.iter().zip(&outcome.enriched) {
+            let live_before = profile_by_id(&before, &assigned[&event.id]).unwrap().unwrap().profile.customer_id;
+            prop_assert_eq!(&enriched.customer_id, &live_before);
+        }
+    }
+}
