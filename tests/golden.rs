@@ -624,3 +624,30 @@ fn explain_names_the_events_and_rules_that_built_a_profile() {
         Some(customer)
     );
 }
+
+#[test]
+fn a_shared_phone_with_another_name_behind_it_is_refused_once_as_conflicting_traits() {
+    let mut h = Harness::new();
+    let call_centre = "+1 212 639 0100";
+    h.run(&[event(
+        "ann",
+        1,
+        json!({"email": "ann@x.com", "phone": call_centre}),
+        person("Ann", "Lee", "1980-02-29", "12 High St", "62701"),
+    )]);
+    h.run(&[event(
+        "bob",
+        2,
+        json!({"email": "bob@y.com", "phone": call_centre}),
+        person("Bob", "Stone", "1971-09-14", "9 Low Rd", "62704"),
+    )]);
+    assert_ne!(h.customer("ann"), h.customer("bob"));
+    let refused = &h.enriched("bob").resolution.refused;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].rule, RefusalRule::ConflictingTraits);
+    assert_eq!(
+        refused[0].other_customer_id.as_deref(),
+        Some(h.customer("ann").as_str())
+    );
+    assert_eq!(h.changes_of_type("merge_refused").len(), 1);
+}

@@ -147,9 +147,9 @@ fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
         }
     }
     let mut groups: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
-    for index in 0..events.len() {
+    for (index, event) in events.iter().enumerate() {
         let r = root(&mut parent, index);
-        groups.entry(r).or_default().insert(events[index].id);
+        groups.entry(r).or_default().insert(event.id);
     }
     groups.into_values().collect()
 }

@@ -322,7 +322,13 @@ impl Engine {
         )?;
 
         for group in &groups {
-            if group.customer_id == primary
+            // A profile already refused for this event (conflicting traits) is not asked again.
+            let already_refused = ctx
+                .refused
+                .iter()
+                .any(|r| r.other_customer_id.as_deref() == Some(group.customer_id.as_str()));
+            if already_refused
+                || group.customer_id == primary
                 || batch.resolve_id(&group.customer_id)?.as_deref() == Some(primary.as_str())
             {
                 continue;
@@ -854,6 +860,7 @@ impl Engine {
 
     /// Adds the event's new identifiers to `primary`, strongest first, refusing any that would
     /// break a per-kind limit or the profile size limit.
+    #[allow(clippy::too_many_arguments)]
     fn attach_new_identifiers<S: StateStore>(
         &self,
         batch: &mut Batch<'_, S>,

@@ -101,6 +101,9 @@ impl WriteSet {
     }
 }
 
+/// Key-value pairs returned by a prefix scan, in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// How a caller should react to a storage error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -143,11 +146,7 @@ pub trait StateStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Every entry whose key starts with `prefix`, in key order.
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError>;
 
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError>;
 }
@@ -179,11 +178,7 @@ impl StateStore for MemoryStore {
         Ok(self.tables.get(&table).and_then(|t| t.get(key)).cloned())
     }
 
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         let Some(entries) = self.tables.get(&table) else {
             return Ok(Vec::new());
         };

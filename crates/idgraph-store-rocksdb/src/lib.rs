@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use idgraph_engine::store::{SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
+use idgraph_engine::store::{Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
 use idgraph_engine::{StateStore, StoreError, Table, WriteOp, WriteSet};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
@@ -197,11 +197,7 @@ impl StateStore for RocksStore {
         self.db.get_cf(self.handle(table), key).map_err(convert)
     }
 
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(
             self.handle(table),

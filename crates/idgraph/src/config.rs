@@ -254,3 +254,16 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_production_override_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/production.toml");
+        let config = AppConfig::load_with_env(Some(&path), Vec::new()).unwrap();
+        assert!(config.storage.sync_writes);
+        assert_eq!(config.resolve.batch_size, 10_000);
+    }
+}
