@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use idgraph_engine::read::profile_by_id;
-use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore, Table};
+use idgraph_engine::{
+    Engine, EngineConfig, InputMessage, MemoryStore, StateCache, StateStore, Table,
+};
 use idgraph_model::{InputCoordinates, ResolutionAction};
 use proptest::prelude::*;
 use serde_json::json;
@@ -154,8 +156,66 @@ fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
     groups.into_values().collect()
 }
 
+/// Every output record of a run, as JSON lines, with the state cache of the given size.
+fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize) -> Vec<String> {
+    let mut store = MemoryStore::new();
+    let mut cache = StateCache::new(cache_entries);
+    let mut lines = Vec::new();
+    for (batch_index, chunk) in events.chunks(4).enumerate() {
+        let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
+        let coordinates: Vec<InputCoordinates> = (0..chunk.len())
+            .map(|i| InputCoordinates::File {
+                file: "prop".into(),
+                line: (batch_index * 4 + i + 1) as u64,
+            })
+            .collect();
+        let messages: Vec<InputMessage<'_>> = payloads
+            .iter()
+            .zip(&coordinates)
+            .map(|(payload, coordinates)| InputMessage {
+                coordinates,
+                payload,
+                default_source: "web",
+            })
+            .collect();
+        let mut outcome = engine
+            .process_batch_cached(&store, &mut cache, &messages)
+            .unwrap();
+        store.write(&outcome.writes).unwrap();
+        cache.absorb(std::mem::take(&mut outcome.cache_delta));
+        lines.extend(
+            outcome
+                .enriched
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap()),
+        );
+        lines.extend(
+            outcome
+                .profiles
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap()),
+        );
+        lines.extend(
+            outcome
+                .changes
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap()),
+        );
+    }
+    lines
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn the_state_cache_never_changes_an_output(events in events_strategy(40), small in 1usize..12) {
+        let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
+        let without = outputs_with_cache(&engine, &events, 0);
+        prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, 1_000_000));
+        // A cache too small for the graph starts over often; results stay the same.
+        prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, small));
+    }
 
     #[test]
     fn links_are_transitive_and_clusters_are_the_connected_components(events in events_strategy(40), batch in 1usize..8) {

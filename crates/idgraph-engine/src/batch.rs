@@ -4,9 +4,12 @@
 //! earlier ones changed; nothing reaches the store until the caller writes the batch's
 //! [`WriteSet`]. Dirty keys are kept in ordered sets so the write set is deterministic.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::rc::Rc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
+use crate::cache::{CacheDelta, Cached, StateCache};
 use crate::state::{
     decode, encode, encode_live, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord,
     ProfileState, RootInfo,
@@ -17,17 +20,10 @@ use crate::store::{StateStore, StoreError, Table, WriteSet};
 /// every absorbed id to the survivor, so real chains have length one.
 const MAX_REDIRECT_HOPS: usize = 64;
 
-/// A customer entry as the overlay keeps it.
-#[derive(Clone)]
-enum Cached {
-    Live(Rc<ProfileState>),
-    Redirect(String),
-}
-
 impl Cached {
     fn from_entry(entry: CustomerEntry) -> Self {
         match entry {
-            CustomerEntry::Live(state) => Cached::Live(Rc::new(*state)),
+            CustomerEntry::Live(state) => Cached::Live(Arc::new(*state)),
             CustomerEntry::Redirect { to } => Cached::Redirect(to),
         }
     }
@@ -35,13 +31,16 @@ impl Cached {
 
 pub(crate) struct Batch<'s, S: StateStore> {
     store: &'s S,
-    nodes: HashMap<String, Option<NodeRecord>>,
+    /// Records are taken out of the cache (not copied) so the batch owns them outright; what
+    /// the batch holds goes back through [`CacheDelta`] once it is committed.
+    cache: &'s mut StateCache,
+    nodes: FxHashMap<String, Option<NodeRecord>>,
     dirty_nodes: BTreeSet<String>,
-    /// Profiles are shared with callers through `Rc`, so reading one costs no copy; a write
-    /// copies only when a caller still holds the old version.
-    customers: HashMap<String, Option<Cached>>,
+    /// Profiles are shared with callers and the cache through `Arc`, so reading one costs no
+    /// copy; a write copies only when someone still holds the old version.
+    customers: FxHashMap<String, Option<Cached>>,
     dirty_customers: BTreeSet<String>,
-    blocks: HashMap<String, BlockRecord>,
+    blocks: FxHashMap<String, Arc<BlockRecord>>,
     dirty_blocks: BTreeSet<String>,
     events: BTreeMap<String, String>,
     evidence: Vec<(Vec<u8>, Evidence)>,
@@ -49,14 +48,15 @@ pub(crate) struct Batch<'s, S: StateStore> {
 }
 
 impl<'s, S: StateStore> Batch<'s, S> {
-    pub(crate) fn new(store: &'s S) -> Self {
+    pub(crate) fn new(store: &'s S, cache: &'s mut StateCache) -> Self {
         Batch {
             store,
-            nodes: HashMap::new(),
+            cache,
+            nodes: FxHashMap::default(),
             dirty_nodes: BTreeSet::new(),
-            customers: HashMap::new(),
+            customers: FxHashMap::default(),
             dirty_customers: BTreeSet::new(),
-            blocks: HashMap::new(),
+            blocks: FxHashMap::default(),
             dirty_blocks: BTreeSet::new(),
             events: BTreeMap::new(),
             evidence: Vec::new(),
@@ -68,9 +68,12 @@ impl<'s, S: StateStore> Batch<'s, S> {
         if let Some(node) = self.nodes.get(key) {
             return Ok(node.clone());
         }
-        let node = match self.store.get(Table::Nodes, key.as_bytes())? {
-            Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
-            None => None,
+        let node = match self.cache.nodes.remove(key) {
+            Some(cached) => cached,
+            None => match self.store.get(Table::Nodes, key.as_bytes())? {
+                Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
+                None => None,
+            },
         };
         self.nodes.insert(key.to_owned(), node.clone());
         Ok(node)
@@ -117,13 +120,16 @@ impl<'s, S: StateStore> Batch<'s, S> {
     /// Loads a customer entry into the overlay if it is not there yet.
     fn load(&mut self, id: &str) -> Result<Option<&Cached>, StoreError> {
         if !self.customers.contains_key(id) {
-            let entry = match self.store.get(Table::Customers, id.as_bytes())? {
-                Some(bytes) => Some(Cached::from_entry(decode(
-                    Table::Customers,
-                    id.as_bytes(),
-                    &bytes,
-                )?)),
-                None => None,
+            let entry = match self.cache.customers.remove(id) {
+                Some(cached) => cached,
+                None => match self.store.get(Table::Customers, id.as_bytes())? {
+                    Some(bytes) => Some(Cached::from_entry(decode(
+                        Table::Customers,
+                        id.as_bytes(),
+                        &bytes,
+                    )?)),
+                    None => None,
+                },
             };
             self.customers.insert(id.to_owned(), entry);
         }
@@ -152,15 +158,15 @@ impl<'s, S: StateStore> Batch<'s, S> {
         self.load(id)?;
         self.dirty_customers.insert(id.to_owned());
         match self.customers.get_mut(id) {
-            Some(Some(Cached::Live(state))) => Ok(Rc::make_mut(state)),
+            Some(Some(Cached::Live(state))) => Ok(Arc::make_mut(state)),
             _ => Err(not_live(id)),
         }
     }
 
     /// A shared handle on a live profile; cheap, and unaffected by later writes.
-    pub(crate) fn profile(&mut self, id: &str) -> Result<Rc<ProfileState>, StoreError> {
+    pub(crate) fn profile(&mut self, id: &str) -> Result<Arc<ProfileState>, StoreError> {
         match self.load(id)? {
-            Some(Cached::Live(state)) => Ok(Rc::clone(state)),
+            Some(Cached::Live(state)) => Ok(Arc::clone(state)),
             _ => Err(not_live(id)),
         }
     }
@@ -169,7 +175,7 @@ impl<'s, S: StateStore> Batch<'s, S> {
         let id = state.profile.customer_id.clone();
         self.dirty_customers.insert(id.clone());
         self.customers
-            .insert(id, Some(Cached::Live(Rc::new(state))));
+            .insert(id, Some(Cached::Live(Arc::new(state))));
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
@@ -178,20 +184,23 @@ impl<'s, S: StateStore> Batch<'s, S> {
             .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
 
-    pub(crate) fn block(&mut self, key: &str) -> Result<BlockRecord, StoreError> {
+    pub(crate) fn block(&mut self, key: &str) -> Result<Arc<BlockRecord>, StoreError> {
         if let Some(block) = self.blocks.get(key) {
-            return Ok(block.clone());
+            return Ok(Arc::clone(block));
         }
-        let block = match self.store.get(Table::Blocks, key.as_bytes())? {
-            Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
-            None => BlockRecord::default(),
+        let block = match self.cache.blocks.remove(key) {
+            Some(cached) => cached,
+            None => Arc::new(match self.store.get(Table::Blocks, key.as_bytes())? {
+                Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
+                None => BlockRecord::default(),
+            }),
         };
-        self.blocks.insert(key.to_owned(), block.clone());
+        self.blocks.insert(key.to_owned(), Arc::clone(&block));
         Ok(block)
     }
 
     pub(crate) fn put_block(&mut self, key: &str, block: BlockRecord) {
-        self.blocks.insert(key.to_owned(), block);
+        self.blocks.insert(key.to_owned(), Arc::new(block));
         self.dirty_blocks.insert(key.to_owned());
     }
 
@@ -229,8 +238,19 @@ impl<'s, S: StateStore> Batch<'s, S> {
         *entry = (*entry).max(next);
     }
 
-    /// Everything the batch changed, as one ordered write set.
-    pub(crate) fn into_write_set(self) -> WriteSet {
+    /// Everything the batch changed, as one ordered write set, and every record it holds for
+    /// the cache.
+    pub(crate) fn finish(self) -> (WriteSet, CacheDelta) {
+        let writes = self.write_set();
+        let delta = CacheDelta {
+            nodes: self.nodes.into_iter().collect(),
+            customers: self.customers.into_iter().collect(),
+            blocks: self.blocks.into_iter().collect(),
+        };
+        (writes, delta)
+    }
+
+    fn write_set(&self) -> WriteSet {
         let mut writes = WriteSet::default();
         for key in &self.dirty_nodes {
             if let Some(Some(node)) = self.nodes.get(key) {
@@ -250,7 +270,7 @@ impl<'s, S: StateStore> Batch<'s, S> {
             }
         }
         for key in &self.dirty_blocks {
-            writes.put(Table::Blocks, key.as_bytes(), encode(&self.blocks[key]));
+            writes.put(Table::Blocks, key.as_bytes(), encode(&*self.blocks[key]));
         }
         for (key, customer) in &self.events {
             writes.put(Table::Events, key.as_bytes(), customer.as_bytes());

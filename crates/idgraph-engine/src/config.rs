@@ -19,6 +19,15 @@ pub struct EngineConfig {
     pub protection: ProtectionConfig,
     pub fuzzy: FuzzyConfig,
     pub dead_letter: DeadLetterConfig,
+    pub cache: CacheConfig,
+}
+
+/// The decoded-state cache kept between batches ([`crate::StateCache`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most records (identifier nodes, profiles, blocking keys) kept decoded; 0 turns it off.
+    pub max_entries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! The resolution engine: input messages in, state mutations and output records out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
+use std::sync::Arc;
 
 use chrono::SecondsFormat;
 use idgraph_model::{
@@ -12,6 +12,7 @@ use idgraph_model::{
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::batch::Batch;
+use crate::cache::{CacheDelta, StateCache};
 use crate::config::{ConfigProblem, EngineConfig};
 use crate::matching::{blocking_keys, score, score_known, MatchScore, MATCH_FIELDS};
 use crate::profile::{add_identifier, apply_event, blocking_traits, merge_into, new_profile};
@@ -37,6 +38,8 @@ pub struct BatchOutcome {
     pub changes: Vec<IdentityChange>,
     pub dead_letters: Vec<DeadLetter>,
     pub stats: BatchStats,
+    /// Decoded records for the [`StateCache`], valid once `writes` is committed.
+    pub cache_delta: CacheDelta,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +155,19 @@ impl Engine {
         store: &S,
         messages: &[InputMessage<'_>],
     ) -> Result<BatchOutcome, EngineError> {
-        let mut batch = Batch::new(store);
+        self.process_batch_cached(store, &mut StateCache::new(0), messages)
+    }
+
+    /// [`Engine::process_batch`] that takes decoded records from `cache` before reading the
+    /// store. The outcome's `cache_delta` goes back into the cache once `writes` is committed;
+    /// if the commit fails, dropping it just leaves the cache with fewer records.
+    pub fn process_batch_cached<S: StateStore>(
+        &self,
+        store: &S,
+        cache: &mut StateCache,
+        messages: &[InputMessage<'_>],
+    ) -> Result<BatchOutcome, EngineError> {
+        let mut batch = Batch::new(store, cache);
         let mut outcome = BatchOutcome::default();
         // Profiles touched by the batch, in first-touch order, with the last input to touch them.
         let mut touched: Vec<String> = Vec::new();
@@ -231,7 +246,7 @@ impl Engine {
                 meta: meta(&last_touch[&id], &format!("profile:{id}"), 0),
             });
         }
-        outcome.writes = batch.into_write_set();
+        (outcome.writes, outcome.cache_delta) = batch.finish();
         Ok(outcome)
     }
 
@@ -755,8 +770,8 @@ impl Engine {
         &self,
         batch: &mut Batch<'_, S>,
         ctx: &mut EventContext<'_>,
-        primary: Rc<ProfileState>,
-        other: Rc<ProfileState>,
+        primary: Arc<ProfileState>,
+        other: Arc<ProfileState>,
         via: Option<Identifier>,
         other_link: Option<Identifier>,
         rule: LinkRule,
@@ -768,8 +783,8 @@ impl Engine {
         } else {
             (other, primary)
         };
-        let mut survivor = Rc::unwrap_or_clone(survivor);
-        let absorbed = Rc::unwrap_or_clone(absorbed);
+        let mut survivor = Arc::unwrap_or_clone(survivor);
+        let absorbed = Arc::unwrap_or_clone(absorbed);
         let survivor_id = survivor.profile.customer_id.clone();
         let absorbed_id = absorbed.profile.customer_id.clone();
         survivor.root = match (survivor.root.take(), absorbed.root.clone()) {
@@ -989,8 +1004,8 @@ impl Engine {
             if block.oversize {
                 continue;
             }
-            for id in block.customers {
-                let Some(live) = batch.resolve_id(&id)? else {
+            for id in &block.customers {
+                let Some(live) = batch.resolve_id(id)? else {
                     continue;
                 };
                 if Some(live.as_str()) == exclude || candidates.contains(&live) {
@@ -1039,7 +1054,7 @@ impl Engine {
                 continue;
             };
             state.blocking_keys.insert(position, key.clone());
-            let mut block = batch.block(&key)?;
+            let mut block = Arc::unwrap_or_clone(batch.block(&key)?);
             if block.oversize {
                 continue;
             }

@@ -10,6 +10,7 @@
 //! `idgraph-store-rocksdb`.
 
 mod batch;
+pub mod cache;
 pub mod config;
 pub mod conformance;
 mod engine;
@@ -20,6 +21,7 @@ pub mod state;
 pub mod stats;
 pub mod store;
 
+pub use cache::{CacheDelta, StateCache};
 pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
 pub use engine::{customer_id_for, BatchOutcome, Engine, EngineError, InputMessage};
 pub use idgraph_model::Normalizer;

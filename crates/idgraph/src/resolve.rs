@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use idgraph_engine::{BatchStats, Engine, InputMessage, QualityReport, StateStore};
+use idgraph_engine::{BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore};
 use idgraph_model::InputCoordinates;
 use idgraph_store_rocksdb::RocksStore;
 use serde::Serialize;
@@ -114,6 +114,7 @@ pub fn resolve_file(
     let started = Instant::now();
     let mut last_progress = started;
     let mut stats = BatchStats::default();
+    let mut cache = StateCache::new(config.engine.cache.max_entries);
     let mut line_number = 0u64;
     let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(batch_size);
     let mut coordinates: Vec<InputCoordinates> = Vec::with_capacity(batch_size);
@@ -153,10 +154,11 @@ pub fn resolve_file(
                 default_source: &config.resolve.default_source,
             })
             .collect();
-        let outcome = engine.process_batch(&*store, &messages)?;
+        let mut outcome = engine.process_batch_cached(&*store, &mut cache, &messages)?;
         store
             .write(&outcome.writes)
             .context("cannot commit a batch to the state store")?;
+        cache.absorb(std::mem::take(&mut outcome.cache_delta));
         outputs.write_batch(&outcome)?;
         stats.absorb(outcome.stats);
         if let Some(every) = progress {
