@@ -17,6 +17,7 @@ pub struct AppConfig {
     pub engine: EngineConfig,
     pub storage: StorageConfig,
     pub resolve: ResolveConfig,
+    pub kafka: idgraph_kafka::KafkaConfig,
     pub log: LogConfig,
 }
 
@@ -45,7 +46,11 @@ pub enum LogFormat {
 }
 
 /// Tables whose keys are names chosen by the user (identifier kinds), not settings.
-const OPEN_TABLES: [&str; 1] = ["engine.identifiers.max_per_profile"];
+const OPEN_TABLES: [&str; 3] = [
+    "engine.identifiers.max_per_profile",
+    "kafka.sources",
+    "kafka.client",
+];
 
 /// The prefix of environment variables that override single keys.
 const ENV_PREFIX: &str = "IDGRAPH__";
@@ -95,6 +100,9 @@ impl AppConfig {
         }
         if self.resolve.batch_size == 0 {
             bail!("resolve.batch_size must be at least 1");
+        }
+        if let Err(problem) = self.kafka.validate() {
+            bail!("{problem}");
         }
         if self.resolve.default_source.trim().is_empty() {
             bail!("resolve.default_source must name a source such as \"web\"");

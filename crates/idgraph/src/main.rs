@@ -6,6 +6,7 @@
 mod commands;
 mod config;
 mod resolve;
+mod streaming;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,9 @@ struct Cli {
     /// A TOML file with settings that differ from config/default.toml.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Kafka bootstrap servers; overrides kafka.bootstrap_servers.
+    #[arg(long, global = true)]
+    bootstrap_servers: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +104,39 @@ enum Command {
         #[arg(long)]
         work_dir: Option<PathBuf>,
     },
+    /// Run the development Kafka broker (librdkafka's mock cluster) until SIGINT/SIGTERM.
+    Broker {
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+        /// Partitions of every source and output topic.
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
+        /// Also write the bootstrap list to this file.
+        #[arg(long)]
+        bootstrap_file: Option<PathBuf>,
+    },
+    /// The streaming worker: consume the source topics, produce the outputs.
+    Run {
+        #[arg(long)]
+        state: PathBuf,
+        /// Exit after this many seconds without a new message.
+        #[arg(long)]
+        exit_when_idle: Option<u64>,
+    },
+    /// Send each line of a JSON Lines file to the topic of its "source" (or --topic).
+    Produce {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Write every record of a topic (key, headers, value) as JSON Lines.
+    Dump {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// A local demo with no external services: generate, resolve, evaluate, print a profile.
     Demo {
         #[arg(long, default_value_t = 200_000)]
@@ -126,7 +163,10 @@ fn init_logging(config: &AppConfig) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let config = AppConfig::load(cli.config.as_deref())?;
+    let mut config = AppConfig::load(cli.config.as_deref())?;
+    if let Some(servers) = cli.bootstrap_servers {
+        config.kafka.bootstrap_servers = servers;
+    }
     init_logging(&config);
     match cli.command {
         Command::Resolve {
@@ -158,6 +198,17 @@ fn main() -> Result<()> {
             seed,
             work_dir,
         } => commands::bench(&config, &sizes, seed, work_dir.as_deref()),
+        Command::Broker {
+            brokers,
+            partitions,
+            bootstrap_file,
+        } => streaming::broker(&config, brokers, partitions, bootstrap_file.as_deref()),
+        Command::Run {
+            state,
+            exit_when_idle,
+        } => streaming::run(&config, &state, exit_when_idle),
+        Command::Produce { input, topic } => streaming::produce(&config, &input, topic.as_deref()),
+        Command::Dump { topic, output } => streaming::dump(&config, &topic, &output),
         Command::Demo { events, seed, keep } => {
             commands::demo(&config, events, seed, keep.as_deref())
         }

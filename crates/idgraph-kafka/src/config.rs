@@ -1,0 +1,82 @@
+//! The `[kafka]` table of the config file.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Consumer group of the workers.
+    pub group_id: String,
+    /// Most messages per batch (one engine batch, one RocksDB write, one producer flush).
+    pub batch_size: usize,
+    /// Longest wait to fill a batch before processing what has arrived.
+    pub batch_timeout_ms: u64,
+    /// Consumer group session timeout.
+    pub session_timeout_ms: u64,
+    /// Seconds between data-quality snapshots on the quality topic.
+    pub quality_interval_secs: u64,
+    /// Longest wait for the broker to acknowledge a batch's outputs before retrying them.
+    pub delivery_timeout_ms: u64,
+    /// Source name → topic it is consumed from.
+    pub sources: BTreeMap<String, String>,
+    pub outputs: OutputTopics,
+    /// Extra librdkafka properties for every client (security, tuning), e.g.
+    /// `"security.protocol" = "SSL"`.
+    pub client: BTreeMap<String, String>,
+}
+
+/// Output topic names (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputTopics {
+    pub enriched: String,
+    pub profiles: String,
+    pub identity_changes: String,
+    pub quality: String,
+    pub dead_letter: String,
+}
+
+impl OutputTopics {
+    pub fn all(&self) -> [&str; 5] {
+        [
+            &self.enriched,
+            &self.profiles,
+            &self.identity_changes,
+            &self.quality,
+            &self.dead_letter,
+        ]
+    }
+}
+
+impl KafkaConfig {
+    /// The source a topic carries, if it is one of the configured source topics.
+    pub fn source_of(&self, topic: &str) -> Option<&str> {
+        self.sources
+            .iter()
+            .find(|(_, t)| t.as_str() == topic)
+            .map(|(source, _)| source.as_str())
+    }
+
+    /// Checks what types alone cannot; the message names the key to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.sources.is_empty() {
+            return Err("kafka.sources must name at least one source topic".into());
+        }
+        if self.batch_size == 0 {
+            return Err("kafka.batch_size must be at least 1".into());
+        }
+        let mut topics: Vec<&str> = self.sources.values().map(String::as_str).collect();
+        topics.extend(self.outputs.all());
+        let mut sorted = topics.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != topics.len() {
+            return Err("kafka.sources and kafka.outputs must all be different topics".into());
+        }
+        Ok(())
+    }
+}

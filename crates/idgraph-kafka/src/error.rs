@@ -1,0 +1,39 @@
+//! Errors of the Kafka worker, classed the way an operator acts on them.
+
+use idgraph_engine::{EngineError, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaWorkerError {
+    /// The broker refused or failed an operation; retrying later may work.
+    #[error("kafka operation {operation} failed: {source}")]
+    Kafka {
+        operation: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The state store or the engine failed; the worker must stop.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration cannot work.
+    #[error("invalid kafka configuration: {0}")]
+    Config(String),
+    /// The stored batch journal names a message the broker no longer has.
+    #[error("cannot replay the journaled batch: {0}")]
+    Journal(String),
+}
+
+impl KafkaWorkerError {
+    pub(crate) fn kafka(
+        operation: &'static str,
+    ) -> impl FnOnce(rdkafka::error::KafkaError) -> Self {
+        move |source| KafkaWorkerError::Kafka { operation, source }
+    }
+
+    /// Whether waiting and retrying can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, KafkaWorkerError::Kafka { .. })
+            || matches!(self, KafkaWorkerError::Store(e) if e.class() == idgraph_engine::ErrorClass::Transient)
+    }
+}

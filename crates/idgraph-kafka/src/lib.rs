@@ -1,0 +1,21 @@
+//! The Kafka edge of idgraph, and the only crate that links rdkafka: the streaming worker
+//! (`idgraph run`) that consumes touchpoint topics, resolves them with the engine and produces
+//! the five outputs of SPEC §4; the development broker (librdkafka's mock cluster, which
+//! speaks the real Kafka protocol over TCP); and small tools that load a JSON Lines file into
+//! the source topics and read a topic back.
+//!
+//! It holds no resolution logic (that is `idgraph-engine`) and does not open RocksDB itself:
+//! the worker is generic over the engine's `StateStore` and the binary hands it the RocksDB
+//! store. Crash safety comes from a batch journal kept in that store: see [`worker`].
+
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod sink;
+pub mod tools;
+pub mod worker;
+
+pub use broker::DevBroker;
+pub use config::KafkaConfig;
+pub use error::KafkaWorkerError;
+pub use worker::{Worker, WorkerSummary};

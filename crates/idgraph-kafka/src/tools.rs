@@ -1,0 +1,172 @@
+//! Small tools around the worker: load a JSON Lines file into the source topics, and read a
+//! topic back into JSON Lines. They let tests, the demo and operators drive the worker with
+//! nothing but the `idgraph` binary (kcat works too; see README).
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::KafkaConfig;
+use crate::error::KafkaWorkerError;
+use crate::sink::client_config;
+
+/// Sends each line of `input` to the topic of the source it names (`"source"` field; lines
+/// that cannot be read go to the first configured source's topic, where the worker
+/// dead-letters them). With `topic`, every line goes there instead. Returns lines sent.
+pub fn produce_lines(
+    config: &KafkaConfig,
+    input: impl BufRead,
+    topic: Option<&str>,
+) -> Result<u64, KafkaWorkerError> {
+    let producer: ThreadedProducer<DefaultProducerContext> = client_config(config)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(KafkaWorkerError::kafka("create producer"))?;
+    let fallback = config.sources.values().next().cloned().unwrap_or_default();
+    let mut sent = 0u64;
+    for line in input.split(b'\n') {
+        let line = line.map_err(|e| KafkaWorkerError::Config(format!("cannot read input: {e}")))?;
+        let destination = match topic {
+            Some(topic) => topic.to_owned(),
+            None => source_field(&line)
+                .and_then(|source| config.sources.get(&source).cloned())
+                .unwrap_or_else(|| fallback.clone()),
+        };
+        let mut record: BaseRecord<'_, (), [u8]> = BaseRecord::to(&destination).payload(&line[..]);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((error, _)) => {
+                    return Err(KafkaWorkerError::Kafka {
+                        operation: "produce input",
+                        source: error,
+                    })
+                }
+            }
+        }
+        sent += 1;
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(KafkaWorkerError::kafka("flush input"))?;
+    Ok(sent)
+}
+
+fn source_field(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Source {
+        source: Option<String>,
+    }
+    serde_json::from_slice::<Source>(line).ok()?.source
+}
+
+/// One record of a dumped topic.
+#[derive(Debug, Serialize)]
+pub struct DumpedRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: HashMap<String, String>,
+    /// The value exactly as stored, as UTF-8 text.
+    pub value: Option<String>,
+}
+
+/// Writes every record of `topic`, from the beginning to the current end of each partition,
+/// as JSON Lines. Returns the number of records.
+pub fn dump_topic(
+    config: &KafkaConfig,
+    topic: &str,
+    mut out: impl Write,
+) -> Result<u64, KafkaWorkerError> {
+    let consumer: BaseConsumer = client_config(config)
+        .set("group.id", "idgraph-dump")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(KafkaWorkerError::kafka("create dump consumer"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(KafkaWorkerError::kafka("fetch metadata"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for partition in &partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(10))
+            .map_err(KafkaWorkerError::kafka("fetch watermarks"))?;
+        if high > 0 {
+            ends.insert(*partition, high);
+            tpl.add_partition_offset(topic, *partition, Offset::Beginning)
+                .map_err(KafkaWorkerError::kafka("plan dump"))?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(KafkaWorkerError::kafka("assign dump partitions"))?;
+    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
+    let mut count = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while done.values().any(|d| !d) && Instant::now() < deadline {
+        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = result.map_err(KafkaWorkerError::kafka("read topic"))?;
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|header| {
+                        (
+                            header.key.to_owned(),
+                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = DumpedRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            value: message
+                .payload()
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+        };
+        serde_json::to_writer(&mut out, &record)
+            .map_err(|e| KafkaWorkerError::Config(format!("cannot write dump: {e}")))?;
+        out.write_all(b"\n")
+            .map_err(|e| KafkaWorkerError::Config(format!("cannot write dump: {e}")))?;
+        count += 1;
+        if message.offset() + 1 >= ends[&message.partition()] {
+            done.insert(message.partition(), true);
+        }
+    }
+    Ok(count)
+}
