@@ -651,3 +651,32 @@ fn a_shared_phone_with_another_name_behind_it_is_refused_once_as_conflicting_tra
     );
     assert_eq!(h.changes_of_type("merge_refused").len(), 1);
 }
+
+#[test]
+fn a_merge_into_the_older_profile_emits_the_survivors_new_profile() {
+    let mut h = Harness::new();
+    // The older profile holds only an email; the younger one the user id that outranks it.
+    h.run(&[event("old", 1, json!({"email": "a@x.com"}), json!({}))]);
+    h.run(&[event("young", 2, json!({"user_id": "u-1"}), json!({}))]);
+    let (older, younger) = (h.customer("old"), h.customer("young"));
+    let before = h.profiles.len();
+    h.run(&[event(
+        "login",
+        3,
+        json!({"user_id": "u-1", "email": "a@x.com"}),
+        json!({}),
+    )]);
+    assert_eq!(h.customer("login"), older, "the older profile survives");
+    let emitted: Vec<&ProfileRecord> = h.profiles[before..].iter().collect();
+    let survivor = emitted
+        .iter()
+        .find(|r| r.customer_id == older && r.profile.is_some())
+        .expect("the survivor's changed profile is emitted");
+    assert_eq!(
+        survivor.profile.as_ref().unwrap().absorbed_ids,
+        vec![younger.clone()]
+    );
+    assert!(emitted
+        .iter()
+        .any(|r| r.customer_id == younger && r.merged_into.as_deref() == Some(older.as_str())));
+}

@@ -430,6 +430,11 @@ impl Engine {
             });
         }
         outcome.enriched.push(enriched);
+        // A merge may leave the event on the other profile's id (the older one survives): the
+        // survivor changed too and needs its profile record.
+        if !touched.contains(&primary) {
+            touched.push(primary);
+        }
         Ok(ResolveResult { touched, absorbed })
     }
 

@@ -5,7 +5,9 @@
 //! librdkafka programs) work against it. Its limits are librdkafka's: nothing is persisted,
 //! the admin API's CreateTopics is not supported (topics are created here, or auto-created
 //! with 4 partitions on first use), transactional offset commits are not stored, and
-//! `read_committed` consumers still see aborted records.
+//! `read_committed` consumers still see aborted records. Each partition keeps only its last
+//! 5 MB or 100,000 messages (older ones are dropped), so give the output topics enough
+//! partitions for what a test or demo reads back.
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -19,23 +21,22 @@ pub struct DevBroker {
 }
 
 impl DevBroker {
-    /// Starts `brokers` mock brokers and creates every source and output topic with
-    /// `partitions` partitions.
+    /// Starts `brokers` mock brokers and creates the source topics with `source_partitions`
+    /// partitions and the output topics with `output_partitions`.
     pub fn start(
         config: &KafkaConfig,
         brokers: i32,
-        partitions: i32,
+        source_partitions: i32,
+        output_partitions: i32,
     ) -> Result<Self, KafkaWorkerError> {
         let cluster =
             MockCluster::new(brokers).map_err(KafkaWorkerError::kafka("start mock cluster"))?;
         let broker = DevBroker { cluster };
-        for topic in config
-            .sources
-            .values()
-            .map(String::as_str)
-            .chain(config.outputs.all())
-        {
-            broker.create_topic(topic, partitions)?;
+        for topic in config.sources.values() {
+            broker.create_topic(topic, source_partitions)?;
+        }
+        for topic in config.outputs.all() {
+            broker.create_topic(topic, output_partitions)?;
         }
         Ok(broker)
     }

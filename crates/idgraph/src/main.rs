@@ -108,9 +108,13 @@ enum Command {
     Broker {
         #[arg(long, default_value_t = 1)]
         brokers: i32,
-        /// Partitions of every source and output topic.
+        /// Partitions of every source topic.
         #[arg(long, default_value_t = 1)]
         partitions: i32,
+        /// Partitions of every output topic. The mock broker keeps only the last 5 MB of each
+        /// partition, so more partitions keep more output readable.
+        #[arg(long, default_value_t = 16)]
+        output_partitions: i32,
         /// Also write the bootstrap list to this file.
         #[arg(long)]
         bootstrap_file: Option<PathBuf>,
@@ -201,8 +205,15 @@ fn main() -> Result<()> {
         Command::Broker {
             brokers,
             partitions,
+            output_partitions,
             bootstrap_file,
-        } => streaming::broker(&config, brokers, partitions, bootstrap_file.as_deref()),
+        } => streaming::broker(
+            &config,
+            brokers,
+            partitions,
+            output_partitions,
+            bootstrap_file.as_deref(),
+        ),
         Command::Run {
             state,
             exit_when_idle,

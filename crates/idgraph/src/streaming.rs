@@ -43,10 +43,11 @@ pub fn broker(
     config: &AppConfig,
     brokers: i32,
     partitions: i32,
+    output_partitions: i32,
     bootstrap_file: Option<&Path>,
 ) -> Result<()> {
     let stop = stop_on_signal()?;
-    let broker = DevBroker::start(&config.kafka, brokers, partitions)?;
+    let broker = DevBroker::start(&config.kafka, brokers, partitions, output_partitions)?;
     let bootstrap = broker.bootstrap_servers();
     if let Some(path) = bootstrap_file {
         // Written atomically so a reader never sees half a line.
@@ -57,7 +58,7 @@ pub fn broker(
     }
     println!("bootstrap servers: {bootstrap}");
     println!(
-        "topics: {} (with {partitions} partition(s) each)",
+        "topics: {} ({partitions} partition(s) per source topic, {output_partitions} per output topic)",
         topic_list(config)
     );
     std::io::stdout().flush()?;

@@ -1,0 +1,507 @@
+//! The streaming worker against a real Kafka-protocol broker: the `idgraph broker` process
+//! (librdkafka's mock cluster on loopback), driven only through the `idgraph` binary.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_idgraph");
+
+/// Settings that keep the tests quick: a short group session (a restarted worker waits for
+/// the killed one's session to expire) and small batches, so kills land inside batches.
+fn test_env(command: &mut Command) -> &mut Command {
+    command
+        .env("IDGRAPH__KAFKA__SESSION_TIMEOUT_MS", "6000")
+        .env("IDGRAPH__KAFKA__BATCH_SIZE", "500")
+        .env("IDGRAPH__KAFKA__QUALITY_INTERVAL_SECS", "2")
+        .env("IDGRAPH__RESOLVE__PROGRESS_INTERVAL_SECS", "0")
+        .env("IDGRAPH__LOG__FILTER", "warn")
+}
+
+/// A broker process that is killed when the test ends.
+struct Broker {
+    child: Child,
+    bootstrap: String,
+}
+
+impl Broker {
+    fn start(dir: &Path) -> Broker {
+        let file = dir.join("bootstrap");
+        let child = test_env(&mut Command::new(BIN))
+            .args([
+                "broker",
+                "--partitions",
+                "1",
+                "--output-partitions",
+                "16",
+                "--bootstrap-file",
+                file.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the broker starts");
+        let started = Instant::now();
+        while !file.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the broker wrote no bootstrap file"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let bootstrap = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+        Broker { child, bootstrap }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        test_env(&mut command)
+            .arg("--bootstrap-servers")
+            .arg(&self.bootstrap)
+            .args(args);
+        command
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        check(self.command(args).output().unwrap(), args)
+    }
+
+    fn dump(&self, topic: &str, dir: &Path) -> Vec<Value> {
+        let path = dir.join(format!("{topic}.dump.jsonl"));
+        self.ok(&["dump", "--topic", topic, "--output", path.to_str().unwrap()]);
+        read_lines(&path)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn check(output: Output, args: &[&str]) -> String {
+    assert!(
+        output.status.success(),
+        "idgraph {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Generates events and resolves them in file mode, the reference for the streaming run.
+fn generate_and_resolve(dir: &Path, events: usize, seed: u64) -> (PathBuf, PathBuf) {
+    let input = dir.join("events.jsonl");
+    let truth = dir.join("truth.jsonl");
+    let reference = dir.join("file-mode");
+    let gen = [
+        "gen",
+        "--events",
+        &events.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--output",
+        p(&input),
+        "--truth",
+        p(&truth),
+    ];
+    check(
+        test_env(&mut Command::new(BIN)).args(gen).output().unwrap(),
+        &gen,
+    );
+    let resolve = [
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&reference),
+    ];
+    check(
+        test_env(&mut Command::new(BIN))
+            .args(resolve)
+            .output()
+            .unwrap(),
+        &resolve,
+    );
+    (input, reference)
+}
+
+/// The value of a dumped record, parsed.
+fn value(record: &Value) -> Value {
+    serde_json::from_str(record["value"].as_str().unwrap()).unwrap()
+}
+
+/// event id → customer id from enriched records (first copy of each event).
+fn customers_by_event(records: impl Iterator<Item = Value>) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for record in records {
+        let event = record["event_id"].as_str().unwrap().to_owned();
+        out.entry(event)
+            .or_insert_with(|| record["customer_id"].as_str().unwrap().to_owned());
+    }
+    out
+}
+
+/// customer id → its last profile record (None for a tombstone), like a compacted topic.
+fn final_profiles(records: impl Iterator<Item = Value>) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for record in records {
+        let id = record["customer_id"].as_str().unwrap().to_owned();
+        out.insert(id, record.get("profile").cloned().unwrap_or(Value::Null));
+    }
+    out
+}
+
+#[test]
+fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 4_000, 21);
+    let broker = Broker::start(dir.path());
+    // One topic with one partition keeps the input order, so ids must match file mode exactly.
+    broker.ok(&[
+        "produce",
+        "--input",
+        p(&input),
+        "--topic",
+        "touchpoints.web",
+    ]);
+    let summary = broker.ok(&[
+        "run",
+        "--state",
+        p(&dir.path().join("state")),
+        "--exit-when-idle",
+        "3",
+    ]);
+    assert!(summary.contains("replayed batches 0"), "{summary}");
+
+    let enriched = broker.dump("idgraph.enriched", dir.path());
+    let streamed = customers_by_event(enriched.iter().map(value));
+    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    assert_eq!(
+        streamed.len(),
+        expected.len(),
+        "every event has an enriched record"
+    );
+    assert_eq!(streamed, expected, "same customers, same ids");
+    for record in &enriched {
+        let headers = &record["headers"];
+        assert!(headers["idgraph.idempotency_key"].as_str().unwrap().len() == 32);
+        assert!(headers["idgraph.input"]
+            .as_str()
+            .unwrap()
+            .starts_with("touchpoints.web/0@"));
+        assert_eq!(
+            record["key"],
+            value(record)["customer_id"],
+            "enriched events are keyed by customer"
+        );
+    }
+
+    let profiles = final_profiles(
+        broker
+            .dump("idgraph.profiles", dir.path())
+            .iter()
+            .map(value),
+    );
+    let expected = final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter());
+    assert_eq!(profiles, expected, "the final profiles are the same");
+
+    let letters = broker.dump("idgraph.dead-letter", dir.path());
+    let expected_letters = read_lines(&reference.join("dead-letter.jsonl"));
+    assert_eq!(letters.len(), expected_letters.len());
+    assert!(letters
+        .iter()
+        .all(|l| l["key"].as_str().unwrap().starts_with("touchpoints.web/0@")));
+    let changes = broker.dump("idgraph.identity-changes", dir.path());
+    assert_eq!(
+        changes.len(),
+        read_lines(&reference.join("identity-changes.jsonl")).len()
+    );
+    let quality = broker.dump("idgraph.quality", dir.path());
+    assert!(
+        quality.iter().any(|q| q["key"] == "web"),
+        "a quality snapshot per source"
+    );
+}
+
+#[test]
+fn events_from_every_source_topic_resolve_with_high_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let truth = dir.path().join("truth.jsonl");
+    let gen = [
+        "gen",
+        "--events",
+        "6000",
+        "--seed",
+        "8",
+        "--output",
+        p(&input),
+        "--truth",
+        p(&truth),
+    ];
+    check(
+        test_env(&mut Command::new(BIN)).args(gen).output().unwrap(),
+        &gen,
+    );
+    let broker = Broker::start(dir.path());
+    broker.ok(&["produce", "--input", p(&input)]);
+    broker.ok(&[
+        "run",
+        "--state",
+        p(&dir.path().join("state")),
+        "--exit-when-idle",
+        "3",
+    ]);
+    let enriched_path = dir.path().join("enriched.jsonl");
+    let profiles_path = dir.path().join("profiles.jsonl");
+    for (topic, path) in [
+        ("idgraph.enriched", &enriched_path),
+        ("idgraph.profiles", &profiles_path),
+    ] {
+        let values: Vec<String> = broker
+            .dump(topic, dir.path())
+            .iter()
+            .map(|r| r["value"].as_str().unwrap().to_owned())
+            .collect();
+        std::fs::write(path, values.join("\n") + "\n").unwrap();
+    }
+    let eval = [
+        "eval",
+        "--truth",
+        p(&truth),
+        "--enriched",
+        p(&enriched_path),
+        "--profiles",
+        p(&profiles_path),
+        "--json",
+    ];
+    let report: Value = serde_json::from_str(&check(
+        test_env(&mut Command::new(BIN))
+            .args(eval)
+            .output()
+            .unwrap(),
+        &eval,
+    ))
+    .unwrap();
+    assert_eq!(report["missing_from_resolution"], 0, "{report}");
+    assert!(
+        report["pairwise_precision"].as_f64().unwrap() >= 0.999,
+        "{report}"
+    );
+    assert!(
+        report["pairwise_recall"].as_f64().unwrap() >= 0.97,
+        "{report}"
+    );
+    let sources: HashSet<String> = read_lines(&enriched_path)
+        .iter()
+        .map(|e| e["source"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sources.len(), 5, "{sources:?}");
+}
+
+#[test]
+fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 8_000, 33);
+    let broker = Broker::start(dir.path());
+    broker.ok(&[
+        "produce",
+        "--input",
+        p(&input),
+        "--topic",
+        "touchpoints.web",
+    ]);
+    let state = dir.path().join("state");
+    // Deterministic "random" kill points between 0.3 and 2 seconds after each start.
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut killed_while_working = 0;
+    for _ in 0..10 {
+        let mut worker = broker
+            .command(&["run", "--state", p(&state)])
+            .env("IDGRAPH__LOG__FILTER", "idgraph_kafka=info")
+            .env("IDGRAPH__LOG__FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill only once the worker has its partitions (a restart first waits for the killed
+        // member's session to expire), at a random point of its work after that.
+        let stderr = worker.stderr.take().unwrap();
+        let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("partitions assigned") {
+                    let _ = assigned_tx.send(());
+                }
+            }
+        });
+        let assigned = assigned_rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(100 + seed % 1500));
+        killed_while_working += usize::from(assigned && worker.try_wait().unwrap().is_none());
+        worker.kill().unwrap(); // SIGKILL
+        worker.wait().unwrap();
+    }
+    assert_eq!(
+        killed_while_working, 10,
+        "every kill hit a worker that was consuming"
+    );
+    let summary = broker.ok(&["run", "--state", p(&state), "--exit-when-idle", "3"]);
+
+    let enriched = broker.dump("idgraph.enriched", dir.path());
+    let profiles = broker.dump("idgraph.profiles", dir.path());
+    let changes = broker.dump("idgraph.identity-changes", dir.path());
+    // Every copy of a record (same idempotency key) is byte-identical to the first.
+    let mut duplicates = 0;
+    for records in [&enriched, &profiles, &changes] {
+        let mut first: HashMap<String, (&Value, &Value)> = HashMap::new();
+        for record in records {
+            let key = record["headers"]["idgraph.idempotency_key"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            match first.get(&key) {
+                Some((value, record_key)) => {
+                    duplicates += 1;
+                    assert_eq!(
+                        *value, &record["value"],
+                        "a re-emitted record differs from its first copy"
+                    );
+                    assert_eq!(*record_key, &record["key"]);
+                }
+                None => {
+                    first.insert(key, (&record["value"], &record["key"]));
+                }
+            }
+        }
+    }
+    eprintln!("{duplicates} re-emitted records after 10 kills; final run: {summary}");
+    // Nothing is lost, and the result is the uncrashed (file-mode) result.
+    let streamed = customers_by_event(enriched.iter().map(value));
+    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    assert_eq!(
+        streamed, expected,
+        "every event has its enriched record with the uncrashed customer"
+    );
+    let streamed_profiles = final_profiles(profiles.iter().map(value));
+    let expected_profiles =
+        final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter());
+    assert_eq!(
+        streamed_profiles, expected_profiles,
+        "final profiles equal an uncrashed run's"
+    );
+}
+
+#[test]
+fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("big.toml");
+    // Allow large messages through the clients. The mock broker keeps only the last 5 MB of a
+    // partition, so the oversized message is 3 MB (the worker's limit is 1 MB) rather than
+    // 10 MB; against a real broker the same path handles any size the broker accepts.
+    std::fs::write(&config, "[kafka.client]\n\"message.max.bytes\" = \"12000000\"\n\"fetch.max.bytes\" = \"60000000\"\n\"max.partition.fetch.bytes\" = \"15000000\"\n").unwrap();
+    let good = |id: &str| {
+        format!(
+            r#"{{"event_id":"{id}","event_type":"page_view","timestamp":"2026-03-01T12:00:00Z","identifiers":{{"email":"a@x.com"}}}}"#
+        )
+    };
+    let huge = format!(
+        r#"{{"event_id":"big","event_type":"x","timestamp":"2026-03-01T12:00:00Z","properties":{{"blob":"{}"}}}}"#,
+        "x".repeat(3 * 1024 * 1024)
+    );
+    let lines: Vec<Vec<u8>> = vec![
+        good("g1").into_bytes(),
+        b"{\"event_id\": \"broken\",".to_vec(),
+        b"\xff\xfe not utf-8".to_vec(),
+        Vec::new(),
+        br#"{"event_id":"w","event_type":"x","timestamp":"2026-03-01T12:00:00Z","identifiers":"a@x.com"}"#.to_vec(),
+        huge.into_bytes(),
+        good("g2").into_bytes(),
+    ];
+    let input = dir.path().join("bad.jsonl");
+    let mut bytes = Vec::new();
+    for line in &lines {
+        bytes.extend(line);
+        bytes.push(b'\n');
+    }
+    std::fs::write(&input, bytes).unwrap();
+    let broker = Broker::start(dir.path());
+    let with_config = |args: &[&str]| {
+        let mut full = vec!["--config", p(&config)];
+        full.extend_from_slice(args);
+        check(broker.command(&full).output().unwrap(), &full)
+    };
+    with_config(&[
+        "produce",
+        "--input",
+        p(&input),
+        "--topic",
+        "touchpoints.mobile",
+    ]);
+    with_config(&[
+        "run",
+        "--state",
+        p(&dir.path().join("state")),
+        "--exit-when-idle",
+        "3",
+    ]);
+    let enriched = broker.dump("idgraph.enriched", dir.path());
+    assert_eq!(enriched.len(), 2, "both good events went through");
+    assert_eq!(
+        value(&enriched[0])["source"],
+        "mobile",
+        "the topic names the source"
+    );
+    // Dead letters are keyed by input coordinates, so they spread over partitions: order them
+    // by input offset.
+    let mut letters: Vec<Value> = broker
+        .dump("idgraph.dead-letter", dir.path())
+        .iter()
+        .map(value)
+        .collect();
+    letters.sort_by_key(|l| l["input"]["offset"].as_i64());
+    let kinds: Vec<&str> = letters
+        .iter()
+        .map(|l| l["failure_kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "invalid_json",
+            "invalid_utf8",
+            "empty_payload",
+            "wrong_type",
+            "too_large"
+        ]
+    );
+    for letter in &letters {
+        assert_eq!(letter["input"]["topic"], "touchpoints.mobile");
+        assert!(letter["input"]["offset"].is_i64());
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+    }
+    assert!(letters[4]["payload_size"].as_u64().unwrap() > 3 * 1024 * 1024);
+    assert_eq!(letters[4]["truncated"], true);
+}
