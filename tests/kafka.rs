@@ -27,6 +27,18 @@ struct Broker {
     bootstrap: String,
 }
 
+/// Sends a fault-injection command ("down 1", "up 1") to the broker process.
+fn broker_command(broker: &mut Broker, command: &str) {
+    use std::io::Write;
+    let stdin = broker
+        .child
+        .stdin
+        .as_mut()
+        .expect("the broker's stdin is piped");
+    writeln!(stdin, "{command}").unwrap();
+    stdin.flush().unwrap();
+}
+
 impl Broker {
     fn start(dir: &Path) -> Broker {
         let file = dir.join("bootstrap");
@@ -40,6 +52,7 @@ impl Broker {
                 "--bootstrap-file",
                 file.to_str().unwrap(),
             ])
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .expect("the broker starts");
@@ -504,4 +517,82 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
     }
     assert!(letters[4]["payload_size"].as_u64().unwrap() > 3 * 1024 * 1024);
     assert_eq!(letters[4]["truncated"], true);
+}
+
+#[test]
+fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 3_000, 44);
+    let mut broker = Broker::start(dir.path());
+    broker.ok(&[
+        "produce",
+        "--input",
+        p(&input),
+        "--topic",
+        "touchpoints.web",
+    ]);
+    let mut worker = broker
+        .command(&[
+            "run",
+            "--state",
+            p(&dir.path().join("state")),
+            "--exit-when-idle",
+            "8",
+        ])
+        .env("IDGRAPH__KAFKA__BATCH_SIZE", "100")
+        .env("IDGRAPH__LOG__FILTER", "idgraph_kafka=info")
+        .env("IDGRAPH__LOG__FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = worker.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str, within: Duration| -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Ok(line) =
+            line_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            let found = line.contains(needle);
+            seen.push(line);
+            if found {
+                return seen;
+            }
+        }
+        panic!("no {needle:?} within {within:?}; saw {seen:?}");
+    };
+    wait_for("partitions assigned", Duration::from_secs(30));
+    // Take the only broker down in the middle of the run, then bring it back.
+    broker_command(&mut broker, "down 1");
+    std::thread::sleep(Duration::from_secs(5));
+    broker_command(&mut broker, "up 1");
+    let output = worker.wait_with_output().unwrap();
+    assert!(output.status.success(), "the worker survived the outage");
+    let remaining: Vec<String> = line_rx.try_iter().collect();
+    let complained = remaining
+        .iter()
+        .any(|l| l.contains("WARN") || l.contains("\"level\":\"WARN\""));
+    assert!(complained, "the worker reported the outage: {remaining:?}");
+
+    let streamed = customers_by_event(
+        broker
+            .dump("idgraph.enriched", dir.path())
+            .iter()
+            .map(value),
+    );
+    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    assert_eq!(
+        streamed, expected,
+        "nothing was lost and the result is unchanged"
+    );
 }

@@ -131,7 +131,8 @@ pub struct WorkerSummary {
 /// How a run ends.
 #[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
-    /// Stop once no message has arrived for this long (for tests, demos, backfills).
+    /// Stop once no message has arrived for this long and every assigned partition is read
+    /// to its end (for tests, demos, backfills).
     pub exit_when_idle: Option<Duration>,
 }
 
@@ -224,7 +225,11 @@ impl<'e, S: StateStore> Worker<'e, S> {
                     .exit_when_idle
                     .is_some_and(|idle| last_message.elapsed() >= idle)
                 {
-                    break;
+                    // Quiet is not enough: during an outage nothing arrives either.
+                    if self.caught_up() {
+                        break;
+                    }
+                    last_message = Instant::now();
                 }
             } else {
                 last_message = Instant::now();
@@ -276,6 +281,34 @@ impl<'e, S: StateStore> Worker<'e, S> {
             });
         }
         batch
+    }
+
+    /// Whether every assigned partition has been processed up to its high watermark (false
+    /// when the broker cannot say).
+    fn caught_up(&self) -> bool {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return false;
+        };
+        // An outage can cost the worker its group membership; with no partitions it has not
+        // caught up with anything.
+        if assignment.count() == 0 {
+            return false;
+        }
+        let positions = self.positions.lock().expect("positions lock").clone();
+        assignment.elements().iter().all(|element| {
+            let next = positions
+                .get(&(element.topic().to_owned(), element.partition()))
+                .copied()
+                .unwrap_or(0);
+            match self.consumer.fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                Duration::from_secs(2),
+            ) {
+                Ok((low, high)) => next >= high || high == low,
+                Err(_) => false,
+            }
+        })
     }
 
     /// A message below the stored position was processed before (a re-delivery after a seek

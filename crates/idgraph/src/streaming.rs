@@ -61,12 +61,47 @@ pub fn broker(
         "topics: {} ({partitions} partition(s) per source topic, {output_partitions} per output topic)",
         topic_list(config)
     );
+    println!("fault injection: write \"down N\" or \"up N\" (broker id N, from 1) to stdin");
     std::io::stdout().flush()?;
+    let commands = fault_commands();
     while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
+        while let Ok((id, up)) = commands.try_recv() {
+            match broker.set_broker_up(id, up) {
+                Ok(()) => eprintln!("broker {id} is {}", if up { "up" } else { "down" }),
+                Err(error) => eprintln!("cannot change broker {id}: {error}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("broker stopping");
     Ok(())
+}
+
+/// Reads `down N` / `up N` lines from stdin. The mock cluster is driven from the thread that
+/// owns it, so the reader only forwards what it reads.
+fn fault_commands() -> std::sync::mpsc::Receiver<(i32, bool)> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            let mut words = line.split_whitespace();
+            let command = match (
+                words.next(),
+                words.next().and_then(|n| n.parse::<i32>().ok()),
+            ) {
+                (Some("down"), Some(id)) => (id, false),
+                (Some("up"), Some(id)) => (id, true),
+                _ => {
+                    eprintln!("unknown command {line:?}; use \"down N\" or \"up N\"");
+                    continue;
+                }
+            };
+            if sender.send(command).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
 }
 
 fn topic_list(config: &AppConfig) -> String {
