@@ -28,6 +28,9 @@ pub fn produce_lines(
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
+        // Lines have no key; without stickiness they spread evenly over the partitions
+        // instead of filling a few.
+        .set("sticky.partitioning.linger.ms", "0")
         .create()
         .map_err(KafkaWorkerError::kafka("create producer"))?;
     let fallback = config.sources.values().next().cloned().unwrap_or_default();
@@ -89,10 +92,12 @@ pub struct DumpedRecord {
 }
 
 /// Writes every record of `topic`, from the beginning to the current end of each partition,
-/// as JSON Lines. Returns the number of records.
+/// as JSON Lines: a [`DumpedRecord`] per line, or with `values_only` just the record values
+/// (which are JSON themselves for every idgraph output). Returns the number of records.
 pub fn dump_topic(
     config: &KafkaConfig,
     topic: &str,
+    values_only: bool,
     mut out: impl Write,
 ) -> Result<u64, KafkaWorkerError> {
     let consumer: BaseConsumer = client_config(config)
@@ -159,8 +164,12 @@ pub fn dump_topic(
                 .payload()
                 .map(|v| String::from_utf8_lossy(v).into_owned()),
         };
-        serde_json::to_writer(&mut out, &record)
-            .map_err(|e| KafkaWorkerError::Config(format!("cannot write dump: {e}")))?;
+        let written = if values_only {
+            out.write_all(record.value.as_deref().unwrap_or("null").as_bytes())
+        } else {
+            serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other)
+        };
+        written.map_err(|e| KafkaWorkerError::Config(format!("cannot write dump: {e}")))?;
         out.write_all(b"\n")
             .map_err(|e| KafkaWorkerError::Config(format!("cannot write dump: {e}")))?;
         count += 1;
@@ -169,4 +178,94 @@ pub fn dump_topic(
         }
     }
     Ok(count)
+}
+
+/// What the passthrough baseline did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassthroughSummary {
+    pub messages: u64,
+    /// From the first message polled to the last batch acknowledged.
+    pub active_secs: f64,
+}
+
+/// The baseline of the worker benchmark: consume `from` with a fresh group and produce every
+/// message unchanged to `to`, flushing per batch of `batch_size` as the worker does. It stops
+/// once `expected` messages have gone through.
+pub fn passthrough(
+    config: &KafkaConfig,
+    from: &str,
+    to: &str,
+    batch_size: usize,
+    expected: u64,
+) -> Result<PassthroughSummary, KafkaWorkerError> {
+    let consumer: BaseConsumer = client_config(config)
+        .set("group.id", "idgraph-bench-passthrough")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(KafkaWorkerError::kafka("create passthrough consumer"))?;
+    consumer
+        .subscribe(&[from])
+        .map_err(KafkaWorkerError::kafka("subscribe passthrough"))?;
+    let producer: ThreadedProducer<DefaultProducerContext> = client_config(config)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(KafkaWorkerError::kafka("create passthrough producer"))?;
+    let mut summary = PassthroughSummary::default();
+    let mut first: Option<Instant> = None;
+    let mut in_batch = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while summary.messages < expected && Instant::now() < deadline {
+        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = match result {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "passthrough consumer error");
+                continue;
+            }
+        };
+        first.get_or_insert_with(Instant::now);
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(to).payload(message.payload().unwrap_or_default());
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((error, _)) => {
+                    return Err(KafkaWorkerError::Kafka {
+                        operation: "passthrough produce",
+                        source: error,
+                    })
+                }
+            }
+        }
+        summary.messages += 1;
+        in_batch += 1;
+        if summary.messages % 5000 == 0 {
+            tracing::debug!(messages = summary.messages, "passthrough progress");
+        }
+        if in_batch == batch_size || summary.messages == expected {
+            producer
+                .flush(Duration::from_secs(60))
+                .map_err(KafkaWorkerError::kafka("passthrough flush"))?;
+            in_batch = 0;
+        }
+    }
+    summary.active_secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    Ok(summary)
 }

@@ -124,6 +124,14 @@ pub struct WorkerSummary {
     pub replayed_batches: u64,
     pub delivery_retries: u64,
     pub elapsed_secs: f64,
+    /// From the first message polled to the last batch committed: the time spent working.
+    pub active_secs: f64,
+    /// Per message, milliseconds from being polled to its batch being committed.
+    #[serde(skip)]
+    pub poll_to_commit_ms: Vec<f32>,
+    /// Per message, milliseconds from the broker's append time to its batch's commit.
+    #[serde(skip)]
+    pub append_to_commit_ms: Vec<f32>,
     #[serde(skip)]
     pub stats: BatchStats,
 }
@@ -149,6 +157,7 @@ pub struct Worker<'e, S: StateStore> {
     ready: Arc<AtomicBool>,
     summary: WorkerSummary,
     quality_sequence: u64,
+    last_commit: Option<Instant>,
 }
 
 impl<'e, S: StateStore> Worker<'e, S> {
@@ -191,6 +200,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             ready: Arc::new(AtomicBool::new(false)),
             summary: WorkerSummary::default(),
             quality_sequence: 0,
+            last_commit: None,
         })
     }
 
@@ -215,9 +225,10 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.ready.store(true, Ordering::SeqCst);
         let mut last_message = Instant::now();
         let mut last_quality = Instant::now();
+        let mut first_poll: Option<Instant> = None;
         let quality_every = Duration::from_secs(self.config.quality_interval_secs.max(1));
         while !stop.load(Ordering::SeqCst) {
-            let batch = self.poll_batch(stop);
+            let (batch, polled_at) = self.poll_batch(stop);
             if batch.is_empty() {
                 if !self.assigned.load(Ordering::SeqCst) {
                     last_message = Instant::now();
@@ -233,7 +244,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 }
             } else {
                 last_message = Instant::now();
+                first_poll.get_or_insert(polled_at[0]);
                 self.process(batch, stop)?;
+                self.record_latencies(&polled_at);
             }
             if last_quality.elapsed() >= quality_every {
                 last_quality = Instant::now();
@@ -243,13 +256,18 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.publish_quality();
         self.ready.store(false, Ordering::SeqCst);
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
+        if let (Some(first), Some(last)) = (first_poll, self.last_commit) {
+            self.summary.active_secs = (last - first).as_secs_f64();
+        }
         Ok(self.summary.clone())
     }
 
-    /// Collects up to `batch_size` messages, waiting at most `batch_timeout_ms` for them.
-    fn poll_batch(&mut self, stop: &AtomicBool) -> Vec<OwnedMessage> {
+    /// Collects up to `batch_size` messages, waiting at most `batch_timeout_ms` for them; the
+    /// second list has the time each was polled.
+    fn poll_batch(&mut self, stop: &AtomicBool) -> (Vec<OwnedMessage>, Vec<Instant>) {
         let deadline = Instant::now() + Duration::from_millis(self.config.batch_timeout_ms);
         let mut batch: Vec<OwnedMessage> = Vec::new();
+        let mut polled_at: Vec<Instant> = Vec::new();
         while batch.len() < self.config.batch_size && !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             if now >= deadline {
@@ -261,6 +279,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
                     let message = message.detach();
                     if !self.already_processed(&message) {
                         batch.push(message);
+                        polled_at.push(Instant::now());
                     }
                 }
                 Some(Err(error)) => {
@@ -274,13 +293,28 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let revoked: Vec<(String, i32)> =
             std::mem::take(&mut *self.revoked.lock().expect("revoked lock"));
         if !revoked.is_empty() {
-            batch.retain(|m| {
-                !revoked
-                    .iter()
-                    .any(|(t, p)| t == m.topic() && *p == m.partition())
-            });
+            let kept: Vec<(OwnedMessage, Instant)> = batch
+                .into_iter()
+                .zip(polled_at)
+                .filter(|(m, _)| {
+                    !revoked
+                        .iter()
+                        .any(|(t, p)| t == m.topic() && *p == m.partition())
+                })
+                .collect();
+            return kept.into_iter().unzip();
         }
-        batch
+        (batch, polled_at)
+    }
+
+    /// Notes, per message of the batch just committed, the time since it was polled.
+    fn record_latencies(&mut self, polled_at: &[Instant]) {
+        let committed = self.last_commit.unwrap_or_else(Instant::now);
+        self.summary.poll_to_commit_ms.extend(
+            polled_at
+                .iter()
+                .map(|t| (committed - *t).as_secs_f32() * 1000.0),
+        );
     }
 
     /// Whether every assigned partition has been processed up to its high watermark (false
@@ -384,6 +418,17 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.advance_positions(batch);
         self.summary.batches += 1;
         self.summary.messages += batch.len() as u64;
+        self.last_commit = Some(Instant::now());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        for message in batch {
+            if let Some(appended) = message.timestamp().to_millis() {
+                self.summary
+                    .append_to_commit_ms
+                    .push((now_ms - appended) as f32);
+            }
+        }
         self.summary
             .stats
             .absorb(std::mem::take(&mut outcome.stats));

@@ -49,7 +49,7 @@ pub fn resolve(
     Ok(())
 }
 
-fn run_gen(config: &GenConfig, output: &Path, truth: &Path) -> Result<GenSummary> {
+pub(crate) fn run_gen(config: &GenConfig, output: &Path, truth: &Path) -> Result<GenSummary> {
     let create = |path: &Path| -> Result<BufWriter<File>> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -134,7 +134,7 @@ fn final_id<'a>(redirects: &'a HashMap<String, String>, mut id: &'a str) -> &'a 
 
 /// Scores the final clustering: an enriched line carries the customer at the time of the
 /// event, so later merges (tombstones in `profiles`) are followed first.
-fn run_eval(truth: &Path, enriched: &Path, profiles: Option<&Path>) -> Result<Accuracy> {
+pub(crate) fn run_eval(truth: &Path, enriched: &Path, profiles: Option<&Path>) -> Result<Accuracy> {
     let truth: HashMap<String, String> = read_jsonl::<TruthRecord>(truth)?
         .into_iter()
         .map(|t| (t.event_id, t.customer))
@@ -158,7 +158,7 @@ fn sibling_profiles(enriched: &Path) -> Option<PathBuf> {
     candidate.exists().then_some(candidate)
 }
 
-fn print_accuracy(accuracy: &Accuracy) {
+pub(crate) fn print_accuracy(accuracy: &Accuracy) {
     println!(
         "pairwise  precision {:.5}  recall {:.5}  f1 {:.5}",
         accuracy.pairwise_precision, accuracy.pairwise_recall, accuracy.pairwise_f1
@@ -345,16 +345,13 @@ pub fn bench(
     Ok(())
 }
 
-pub fn demo(config: &AppConfig, events: usize, seed: u64, keep: Option<&Path>) -> Result<()> {
-    let temp = tempfile::Builder::new().prefix("idgraph-demo-").tempdir()?;
-    let root: PathBuf = keep
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| temp.path().to_path_buf());
-    let input = root.join("events.jsonl");
-    let truth = root.join("truth.jsonl");
-    let output_dir = root.join("out");
-    let state = root.join("state");
-    let _ = std::fs::remove_dir_all(&state);
+/// Generates the demo's touchpoints and says what is in them.
+pub(crate) fn generate_for_demo(
+    events: usize,
+    seed: u64,
+    input: &Path,
+    truth: &Path,
+) -> Result<()> {
     println!(
         "== generating {events} touchpoints (seed {seed}) into {}",
         input.display()
@@ -365,8 +362,8 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, keep: Option<&Path>) -
             seed,
             ..GenConfig::default()
         },
-        &input,
-        &truth,
+        input,
+        truth,
     )?;
     println!(
         "   {} customers, {} malformed lines, {} Segment Spec messages, {} junk values, {} shared-device and {} call-centre events",
@@ -377,6 +374,30 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, keep: Option<&Path>) -
         generated.shared_device_events,
         generated.call_centre_events
     );
+    Ok(())
+}
+
+/// The demo: streaming through the development broker by default, or file mode.
+pub fn demo(
+    config: &AppConfig,
+    events: usize,
+    seed: u64,
+    keep: Option<&Path>,
+    file_mode: bool,
+) -> Result<()> {
+    let temp = tempfile::Builder::new().prefix("idgraph-demo-").tempdir()?;
+    let root: PathBuf = keep
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    if !file_mode {
+        return crate::streaming::demo(config, events, seed, &root);
+    }
+    let input = root.join("events.jsonl");
+    let truth = root.join("truth.jsonl");
+    let output_dir = root.join("out");
+    let state = root.join("state");
+    let _ = std::fs::remove_dir_all(&state);
+    generate_for_demo(events, seed, &input, &truth)?;
     println!("== resolving with RocksDB state in {}", state.display());
     let summary = run_resolve(config, &input, &output_dir, Some(&state))?;
     summary.print();

@@ -141,15 +141,29 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// A local demo with no external services: generate, resolve, evaluate, print a profile.
+    /// Benchmark the worker against raw consume->produce passthrough on an in-process broker.
+    BenchKafka {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Partitions of the input topic (the mock broker keeps 5 MB per partition).
+        #[arg(long, default_value_t = 16)]
+        partitions: i32,
+    },
+    /// A local demo with no external services: generated touchpoints through the development
+    /// broker and the worker, scored against the generator's truth.
     Demo {
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 50_000)]
         events: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
         /// Keep the generated data, outputs and state here instead of a temporary directory.
         #[arg(long)]
         keep: Option<PathBuf>,
+        /// Resolve the file directly instead of going through Kafka.
+        #[arg(long)]
+        file_mode: bool,
     },
 }
 
@@ -220,8 +234,16 @@ fn main() -> Result<()> {
         } => streaming::run(&config, &state, exit_when_idle),
         Command::Produce { input, topic } => streaming::produce(&config, &input, topic.as_deref()),
         Command::Dump { topic, output } => streaming::dump(&config, &topic, &output),
-        Command::Demo { events, seed, keep } => {
-            commands::demo(&config, events, seed, keep.as_deref())
-        }
+        Command::BenchKafka {
+            events,
+            seed,
+            partitions,
+        } => streaming::bench_kafka(&config, events, seed, partitions),
+        Command::Demo {
+            events,
+            seed,
+            keep,
+            file_mode,
+        } => commands::demo(&config, events, seed, keep.as_deref(), file_mode),
     }
 }

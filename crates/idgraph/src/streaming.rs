@@ -164,8 +164,179 @@ pub fn dump(config: &AppConfig, topic: &str, output: &Path) -> Result<()> {
     let file =
         File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
     let mut writer = BufWriter::new(file);
-    let count = tools::dump_topic(&config.kafka, topic, &mut writer)?;
+    let count = tools::dump_topic(&config.kafka, topic, false, &mut writer)?;
     writer.flush()?;
     println!("wrote {count} records of {topic} to {}", output.display());
+    Ok(())
+}
+
+/// The value at quantile `q` (0..=1) of `samples`.
+fn quantile(samples: &mut [f32], q: f64) -> f32 {
+    if samples.is_empty() {
+        return f32::NAN;
+    }
+    samples.sort_by(f32::total_cmp);
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Measures, in one run on one in-process broker: raw consume→produce passthrough of the
+/// generated messages, then the worker on the same messages; prints both rates and their
+/// ratio, and the worker's latencies.
+pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32) -> Result<()> {
+    use idgraph_synth::GenConfig;
+    let temp = tempfile::Builder::new()
+        .prefix("idgraph-bench-kafka-")
+        .tempdir()?;
+    let input = temp.path().join("events.jsonl");
+    crate::commands::run_gen(
+        &GenConfig {
+            events,
+            seed,
+            ..GenConfig::default()
+        },
+        &input,
+        &temp.path().join("truth.jsonl"),
+    )?;
+    let broker = DevBroker::start(&config.kafka, 1, partitions, 4)?;
+    let mut kafka = config.kafka.clone();
+    kafka.bootstrap_servers = broker.bootstrap_servers();
+    let topic = kafka
+        .sources
+        .values()
+        .next()
+        .cloned()
+        .context("no source topic configured")?;
+    let file = File::open(&input)?;
+    let sent = tools::produce_lines(&kafka, BufReader::new(file), Some(&topic))?;
+    eprintln!("produced {sent} messages; running the passthrough baseline");
+    let baseline_topic = "bench.passthrough";
+    broker.create_topic(baseline_topic, partitions)?;
+    let passthrough = tools::passthrough(&kafka, &topic, baseline_topic, kafka.batch_size, sent)?;
+
+    eprintln!(
+        "passthrough moved {} messages in {:.2} s; running the worker",
+        passthrough.messages, passthrough.active_secs
+    );
+    let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
+    let (store, _) = open_state(config, Some(&temp.path().join("state")))?;
+    let mut worker = Worker::new(
+        &engine,
+        store,
+        kafka.clone(),
+        config.engine.cache.max_entries,
+    )?;
+    let stop = AtomicBool::new(false);
+    let mut summary = worker.run(
+        &stop,
+        RunOptions {
+            exit_when_idle: Some(Duration::from_secs(2)),
+        },
+    )?;
+
+    let passthrough_rate = passthrough.messages as f64 / passthrough.active_secs.max(1e-9);
+    let worker_rate = summary.messages as f64 / summary.active_secs.max(1e-9);
+    println!(
+        "messages {sent} in {partitions} partition(s) of {topic}, batch size {}",
+        kafka.batch_size
+    );
+    println!(
+        "passthrough (consume -> produce)  {:>10.0} messages/s",
+        passthrough_rate
+    );
+    println!(
+        "worker (resolve, produce, commit) {:>10.0} messages/s",
+        worker_rate
+    );
+    println!(
+        "worker / passthrough              {:>10.3}",
+        worker_rate / passthrough_rate
+    );
+    println!(
+        "worker latency, poll -> commit      p50 {:.0} ms  p99 {:.0} ms",
+        quantile(&mut summary.poll_to_commit_ms, 0.5),
+        quantile(&mut summary.poll_to_commit_ms, 0.99)
+    );
+    println!(
+        "worker latency, append -> commit    p50 {:.0} ms  p99 {:.0} ms  (includes waiting in the backlog)",
+        quantile(&mut summary.append_to_commit_ms, 0.5),
+        quantile(&mut summary.append_to_commit_ms, 0.99)
+    );
+    Ok(())
+}
+
+/// The streaming demo: an in-process broker, generated touchpoints on the five source topics,
+/// the worker until it has caught up, and accuracy read back from the output topics.
+pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result<()> {
+    let input = root.join("events.jsonl");
+    let truth = root.join("truth.jsonl");
+    let out = root.join("out");
+    let state = root.join("state");
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&out)?;
+    crate::commands::generate_for_demo(events, seed, &input, &truth)?;
+    // The mock broker keeps 5 MB per partition; these counts keep the demo's data readable.
+    let broker = DevBroker::start(&config.kafka, 1, 8, 32)?;
+    let mut kafka = config.kafka.clone();
+    kafka.bootstrap_servers = broker.bootstrap_servers();
+    println!(
+        "== development broker at {} (librdkafka mock cluster)",
+        kafka.bootstrap_servers
+    );
+    let sent = tools::produce_lines(&kafka, BufReader::new(File::open(&input)?), None)?;
+    println!("   produced {sent} messages to the five source topics by their \"source\"");
+    println!(
+        "== running the worker until it has caught up (state in {})",
+        state.display()
+    );
+    let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
+    let (store, _) = open_state(config, Some(&state))?;
+    let mut worker = Worker::new(
+        &engine,
+        store,
+        kafka.clone(),
+        config.engine.cache.max_entries,
+    )?;
+    let stop = stop_on_signal()?;
+    let mut summary = worker.run(
+        &stop,
+        RunOptions {
+            exit_when_idle: Some(Duration::from_secs(3)),
+        },
+    )?;
+    let stats = &summary.stats;
+    println!(
+        "   events {}  dead letters {}  profiles created {}  merges {}  merges refused {}  fuzzy links {}",
+        stats.total_events(),
+        stats.total_dead_letters(),
+        stats.profiles_created,
+        stats.merges,
+        stats.merges_refused.values().sum::<u64>(),
+        stats.fuzzy_links
+    );
+    for (rule, count) in &stats.merges_refused {
+        println!("   merges refused by {rule}: {count}");
+    }
+    println!(
+        "   {:.0} messages/s while working; latency poll -> commit p50 {:.0} ms, p99 {:.0} ms",
+        summary.messages as f64 / summary.active_secs.max(1e-9),
+        quantile(&mut summary.poll_to_commit_ms, 0.5),
+        quantile(&mut summary.poll_to_commit_ms, 0.99)
+    );
+    println!("== reading idgraph.enriched and idgraph.profiles back");
+    for (topic, file) in [
+        (&kafka.outputs.enriched, "enriched.jsonl"),
+        (&kafka.outputs.profiles, "profiles.jsonl"),
+    ] {
+        let mut writer = BufWriter::new(File::create(out.join(file))?);
+        tools::dump_topic(&kafka, topic, true, &mut writer)?;
+        writer.flush()?;
+    }
+    println!("== accuracy against the generator's truth");
+    crate::commands::print_accuracy(&crate::commands::run_eval(
+        &truth,
+        &out.join("enriched.jsonl"),
+        Some(&out.join("profiles.jsonl")),
+    )?);
+    println!("== outputs in {}", out.display());
     Ok(())
 }
