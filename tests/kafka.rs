@@ -19,12 +19,26 @@ fn test_env(command: &mut Command) -> &mut Command {
         .env("IDGRAPH__KAFKA__QUALITY_INTERVAL_SECS", "2")
         .env("IDGRAPH__RESOLVE__PROGRESS_INTERVAL_SECS", "0")
         .env("IDGRAPH__LOG__FILTER", "warn")
+        .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
 }
 
 /// A broker process that is killed when the test ends.
 struct Broker {
     child: Child,
     bootstrap: String,
+}
+
+/// A plain HTTP/1.1 GET; returns the whole response.
+fn get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes());
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
 }
 
 /// Sends a fault-injection command ("down 1", "up 1") to the broker process.
@@ -540,7 +554,7 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
             "8",
         ])
         .env("IDGRAPH__KAFKA__BATCH_SIZE", "100")
-        .env("IDGRAPH__LOG__FILTER", "idgraph_kafka=info")
+        .env("IDGRAPH__LOG__FILTER", "idgraph=info,idgraph_kafka=info")
         .env("IDGRAPH__LOG__FORMAT", "json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -571,11 +585,40 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         }
         panic!("no {needle:?} within {within:?}; saw {seen:?}");
     };
-    wait_for("partitions assigned", Duration::from_secs(30));
+    let started = wait_for("partitions assigned", Duration::from_secs(30));
+    let http = started
+        .iter()
+        .find(|l| l.contains("http listening"))
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|l| l["fields"]["address"].as_str().map(str::to_owned))
+        .expect("the worker logs its http address");
+    assert!(get(&http, "/healthz").starts_with("HTTP/1.1 200"));
     // Take the only broker down in the middle of the run, then bring it back.
     broker_command(&mut broker, "down 1");
-    std::thread::sleep(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut unready = false;
+    while Instant::now() < deadline {
+        unready |= get(&http, "/readyz").starts_with("HTTP/1.1 503");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(unready, "/readyz turned unready while the broker was down");
     broker_command(&mut broker, "up 1");
+    let mut ready_again = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready_again && Instant::now() < deadline {
+        ready_again = get(&http, "/readyz").starts_with("HTTP/1.1 200");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ready_again, "/readyz recovered after the outage");
+    let metrics = get(&http, "/metrics");
+    for name in [
+        "idgraph_events_processed_total",
+        "idgraph_resolution_actions_total",
+        "idgraph_ready 1",
+        "idgraph_batch_phase_seconds",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
     let output = worker.wait_with_output().unwrap();
     assert!(output.status.success(), "the worker survived the outage");
     let remaining: Vec<String> = line_rx.try_iter().collect();

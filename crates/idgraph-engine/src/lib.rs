@@ -26,4 +26,6 @@ pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
 pub use engine::{customer_id_for, BatchOutcome, Engine, EngineError, InputMessage};
 pub use idgraph_model::Normalizer;
 pub use stats::{BatchStats, QualityReport};
-pub use store::{ErrorClass, MemoryStore, StateStore, StoreError, Table, WriteOp, WriteSet};
+pub use store::{
+    ErrorClass, MemoryStore, StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet,
+};

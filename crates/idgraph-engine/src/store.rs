@@ -138,6 +138,15 @@ impl StoreError {
     }
 }
 
+/// Storage figures an operator watches; a store without them reports zeros.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreFigures {
+    pub sst_bytes: u64,
+    pub block_cache_hit: u64,
+    pub block_cache_miss: u64,
+    pub write_stalled: bool,
+}
+
 /// Durable key-value state, split into [`Table`]s.
 ///
 /// Implementations must make [`StateStore::write`] atomic: after a crash either every
@@ -149,6 +158,11 @@ pub trait StateStore {
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError>;
 
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError>;
+
+    /// Size, cache and stall figures for metrics.
+    fn figures(&self) -> StoreFigures {
+        StoreFigures::default()
+    }
 }
 
 /// A [`StateStore`] in memory, for tests and for runs that need no durability.

@@ -11,6 +11,7 @@
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod sink;
 pub mod tools;
 pub mod worker;
@@ -18,4 +19,5 @@ pub mod worker;
 pub use broker::DevBroker;
 pub use config::KafkaConfig;
 pub use error::KafkaWorkerError;
+pub use metrics::Metrics;
 pub use worker::{Worker, WorkerSummary};

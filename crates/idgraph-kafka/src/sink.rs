@@ -79,7 +79,14 @@ impl OutputSink {
     /// Sends every record of the batch and waits until all are acknowledged. On an error the
     /// caller sends the whole batch again: consumers drop the copies by idempotency key, and
     /// the copies are byte-identical.
-    pub fn send_outcome(&self, outcome: &BatchOutcome) -> Result<(), KafkaWorkerError> {
+    ///
+    /// `on_stall` is called while acknowledgements are overdue (the broker is slow or away),
+    /// so the caller can report itself unready before the delivery timeout.
+    pub fn send_outcome(
+        &self,
+        outcome: &BatchOutcome,
+        on_stall: &dyn Fn(),
+    ) -> Result<(), KafkaWorkerError> {
         self.producer.context().failures.store(0, Ordering::SeqCst);
         for record in &outcome.enriched {
             self.send(
@@ -109,7 +116,7 @@ impl OutputSink {
             let key = record.meta.input.display();
             self.send(&self.topics.dead_letter, &key, &record.meta, record)?;
         }
-        self.wait_for_delivery()
+        self.wait_for_delivery(on_stall)
     }
 
     /// Sends one free-standing record (a quality snapshot) and waits for it.
@@ -122,13 +129,25 @@ impl OutputSink {
     ) -> Result<(), KafkaWorkerError> {
         self.producer.context().failures.store(0, Ordering::SeqCst);
         self.send(topic, key, meta, record)?;
-        self.wait_for_delivery()
+        self.wait_for_delivery(&|| {})
     }
 
-    fn wait_for_delivery(&self) -> Result<(), KafkaWorkerError> {
-        self.producer
-            .flush(self.delivery_timeout)
-            .map_err(KafkaWorkerError::kafka("flush outputs"))?;
+    fn wait_for_delivery(&self, on_stall: &dyn Fn()) -> Result<(), KafkaWorkerError> {
+        // Waiting in slices lets a stall be reported long before the timeout.
+        const SLICE: Duration = Duration::from_millis(500);
+        let started = Instant::now();
+        loop {
+            match self.producer.flush(SLICE) {
+                Ok(()) => break,
+                Err(_) if started.elapsed() < self.delivery_timeout => on_stall(),
+                Err(error) => {
+                    return Err(KafkaWorkerError::Kafka {
+                        operation: "flush outputs",
+                        source: error,
+                    })
+                }
+            }
+        }
         let failures = self.producer.context().failures.load(Ordering::SeqCst);
         if failures > 0 {
             let last = self

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
+use crate::metrics::Metrics;
 use crate::sink::{client_config, OutputSink};
 
 /// The key of the batch journal in [`Table::Meta`].
@@ -158,6 +159,7 @@ pub struct Worker<'e, S: StateStore> {
     summary: WorkerSummary,
     quality_sequence: u64,
     last_commit: Option<Instant>,
+    metrics: Metrics,
 }
 
 impl<'e, S: StateStore> Worker<'e, S> {
@@ -167,6 +169,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         store: S,
         config: KafkaConfig,
         cache_entries: usize,
+        metrics: Metrics,
     ) -> Result<Self, KafkaWorkerError> {
         config.validate().map_err(KafkaWorkerError::Config)?;
         let positions: Positions = Arc::new(Mutex::new(load_positions(&store)?));
@@ -201,6 +204,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             summary: WorkerSummary::default(),
             quality_sequence: 0,
             last_commit: None,
+            metrics,
         })
     }
 
@@ -222,7 +226,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.consumer
             .subscribe(&topics)
             .map_err(KafkaWorkerError::kafka("subscribe"))?;
-        self.ready.store(true, Ordering::SeqCst);
+        self.set_ready(true);
         let mut last_message = Instant::now();
         let mut last_quality = Instant::now();
         let mut first_poll: Option<Instant> = None;
@@ -251,10 +255,11 @@ impl<'e, S: StateStore> Worker<'e, S> {
             if last_quality.elapsed() >= quality_every {
                 last_quality = Instant::now();
                 self.publish_quality();
+                self.refresh_gauges();
             }
         }
         self.publish_quality();
-        self.ready.store(false, Ordering::SeqCst);
+        self.set_ready(false);
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
         if let (Some(first), Some(last)) = (first_poll, self.last_commit) {
             self.summary.active_secs = (last - first).as_secs_f64();
@@ -284,7 +289,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 }
                 Some(Err(error)) => {
                     // Broker trouble: report unready, keep polling; librdkafka reconnects.
-                    self.ready.store(false, Ordering::SeqCst);
+                    self.set_ready(false);
                     tracing::warn!(%error, "consumer error");
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -305,6 +310,47 @@ impl<'e, S: StateStore> Worker<'e, S> {
             return kept.into_iter().unzip();
         }
         (batch, polled_at)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
+    }
+
+    /// Refreshes the gauges that need a look at the broker or the store: lag per partition,
+    /// state size, block-cache hit ratio, write stalls.
+    fn refresh_gauges(&self) {
+        let figures = self.store.figures();
+        self.metrics.state_bytes.set(figures.sst_bytes as i64);
+        self.metrics
+            .write_stalled
+            .set(i64::from(figures.write_stalled));
+        let lookups = figures.block_cache_hit + figures.block_cache_miss;
+        if lookups > 0 {
+            self.metrics
+                .block_cache_hit_ratio
+                .set(figures.block_cache_hit as f64 / lookups as f64);
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let positions = self.positions.lock().expect("positions lock").clone();
+        for element in assignment.elements() {
+            let (topic, partition) = (element.topic(), element.partition());
+            if let Ok((_, high)) =
+                self.consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(2))
+            {
+                let next = positions
+                    .get(&(topic.to_owned(), partition))
+                    .copied()
+                    .unwrap_or(0);
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic, &partition.to_string()])
+                    .set((high - next).max(0));
+            }
+        }
     }
 
     /// Notes, per message of the batch just committed, the time since it was polled.
@@ -407,6 +453,18 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let delivered = Instant::now();
         outcome.writes.delete(Table::Meta, JOURNAL_KEY);
         self.store.write(&outcome.writes)?;
+        let phases = [
+            ("resolve", resolved - started),
+            ("deliver", delivered - resolved),
+            ("commit", delivered.elapsed()),
+        ];
+        for (phase, took) in phases {
+            self.metrics
+                .batch_seconds
+                .with_label_values(&[phase])
+                .observe(took.as_secs_f64());
+        }
+        self.metrics.record_batch(&outcome.stats);
         tracing::debug!(
             messages = batch.len(),
             resolve_ms = (resolved - started).as_millis() as u64,
@@ -443,15 +501,22 @@ impl<'e, S: StateStore> Worker<'e, S> {
     ) -> Result<(), KafkaWorkerError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.sink.send_outcome(outcome) {
+            let ready = Arc::clone(&self.ready);
+            let ready_gauge = self.metrics.ready.clone();
+            let on_stall = move || {
+                ready.store(false, Ordering::SeqCst);
+                ready_gauge.set(0);
+            };
+            match self.sink.send_outcome(outcome, &on_stall) {
                 Ok(()) => {
-                    self.ready.store(true, Ordering::SeqCst);
+                    self.set_ready(true);
                     return Ok(());
                 }
                 Err(error) if error.is_transient() && !stop.load(Ordering::SeqCst) => {
                     // Backpressure: nothing is committed until the outputs are durable.
-                    self.ready.store(false, Ordering::SeqCst);
+                    self.set_ready(false);
                     self.summary.delivery_retries += 1;
+                    self.metrics.delivery_retries.inc();
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outputs not delivered; retrying the batch");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -497,6 +562,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let batch = fetch_exact(&self.config, &journal.messages, stop)?;
         self.resolve_produce_commit(&batch, stop)?;
         self.summary.replayed_batches += 1;
+        self.metrics.replayed_batches.inc();
         Ok(())
     }
 

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use idgraph_engine::store::{Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
-use idgraph_engine::{StateStore, StoreError, Table, WriteOp, WriteSet};
+use idgraph_engine::{StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
     ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB,
@@ -24,6 +24,9 @@ pub struct StorageConfig {
     pub bloom_bits_per_key: f64,
     pub sync_writes: bool,
     pub compression: Compression,
+    /// Write-ahead log size (MiB) at which RocksDB flushes memtables; bounds how much log a
+    /// restart after a crash must replay.
+    pub max_wal_mb: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +81,7 @@ impl RocksStore {
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.enable_statistics();
+        db_options.set_max_total_wal_size(config.max_wal_mb.max(1) * 1024 * 1024);
         let descriptors = Table::ALL
             .iter()
             .map(|table| {
@@ -225,5 +229,15 @@ impl StateStore for RocksStore {
         self.db
             .write_opt(write_batch, &self.write_options)
             .map_err(convert)
+    }
+
+    fn figures(&self) -> StoreFigures {
+        let stats = self.stats();
+        StoreFigures {
+            sst_bytes: stats.sst_files_bytes,
+            block_cache_hit: stats.block_cache_hit,
+            block_cache_miss: stats.block_cache_miss,
+            write_stalled: stats.write_stalled,
+        }
     }
 }

@@ -11,6 +11,7 @@ fn config() -> StorageConfig {
         bloom_bits_per_key: 10.0,
         sync_writes: false,
         compression: Compression::Lz4,
+        max_wal_mb: 64,
     }
 }
 

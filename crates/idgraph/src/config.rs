@@ -18,7 +18,15 @@ pub struct AppConfig {
     pub storage: StorageConfig,
     pub resolve: ResolveConfig,
     pub kafka: idgraph_kafka::KafkaConfig,
+    pub http: HttpConfig,
     pub log: LogConfig,
+}
+
+/// `[http]`: the worker's operations endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
 }
 
 /// `[resolve]`: file mode.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use idgraph_kafka::worker::RunOptions;
-use idgraph_kafka::{tools, DevBroker, Worker};
+use idgraph_kafka::{tools, DevBroker, Metrics, Worker};
 
 use crate::config::AppConfig;
 use crate::resolve::{open_state, PROCESSOR_VERSION};
@@ -115,12 +115,16 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
     let stop = stop_on_signal()?;
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(state))?;
+    let metrics = Metrics::new();
     let mut worker = Worker::new(
         &engine,
         store,
         config.kafka.clone(),
         config.engine.cache.max_entries,
+        metrics.clone(),
     )?;
+    let address = crate::http::serve(&config.http.listen, metrics, worker.readiness())?;
+    tracing::info!(%address, "http listening for /metrics, /healthz and /readyz");
     tracing::info!(bootstrap = %config.kafka.bootstrap_servers, state = %state.display(), "worker starting");
     let summary = worker.run(
         &stop,
@@ -224,6 +228,7 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
         store,
         kafka.clone(),
         config.engine.cache.max_entries,
+        Metrics::new(),
     )?;
     let stop = AtomicBool::new(false);
     let mut summary = worker.run(
@@ -290,12 +295,16 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
     );
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(&state))?;
+    let metrics = Metrics::new();
     let mut worker = Worker::new(
         &engine,
         store,
         kafka.clone(),
         config.engine.cache.max_entries,
+        metrics.clone(),
     )?;
+    let address = crate::http::serve(&config.http.listen, metrics, worker.readiness())?;
+    println!("   metrics at http://{address}/metrics while the worker runs");
     let stop = stop_on_signal()?;
     let mut summary = worker.run(
         &stop,

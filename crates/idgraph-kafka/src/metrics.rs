@@ -1,0 +1,280 @@
+//! Every Prometheus metric of the worker, declared once, with its help text. Labels are
+//! sources, failure kinds, actions, rules and topics: never customer data.
+
+use idgraph_engine::BatchStats;
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The worker's metrics and the registry `/metrics` serves.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    events: IntCounterVec,
+    dead_letters: IntCounterVec,
+    actions: IntCounterVec,
+    merges: IntCounter,
+    merges_refused: IntCounterVec,
+    identifiers_made_generic: IntCounter,
+    generic_identifier_hits: IntCounter,
+    invalid_identifiers: IntCounterVec,
+    no_identifier_events: IntCounterVec,
+    fuzzy_links: IntCounter,
+    profile_identifiers: Histogram,
+    largest_profile: IntGauge,
+    fuzzy_score: Histogram,
+    candidates_per_event: Histogram,
+    pub batch_seconds: HistogramVec,
+    pub poll_to_commit_seconds: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub delivery_retries: IntCounter,
+    pub replayed_batches: IntCounter,
+    pub ready: IntGauge,
+    pub state_bytes: IntGauge,
+    pub block_cache_hit_ratio: prometheus::Gauge,
+    pub write_stalled: IntGauge,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let batch_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "idgraph_batch_phase_seconds",
+                "Time per batch spent resolving, delivering outputs and committing state",
+            )
+            .buckets(exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
+            &["phase"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(batch_seconds.clone()))
+            .expect("metric registered once");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "idgraph_consumer_lag_messages",
+                "Messages between the committed position and the end of each input partition",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(consumer_lag.clone()))
+            .expect("metric registered once");
+        let block_cache_hit_ratio = prometheus::Gauge::new(
+            "idgraph_rocksdb_block_cache_hit_ratio",
+            "RocksDB block cache hits / (hits + misses)",
+        )
+        .expect("valid metric");
+        r.register(Box::new(block_cache_hit_ratio.clone()))
+            .expect("metric registered once");
+        Metrics {
+            events: counter_vec(
+                &r,
+                "idgraph_events_processed_total",
+                "Valid events resolved, by source",
+                &["source"],
+            ),
+            dead_letters: counter_vec(
+                &r,
+                "idgraph_events_dead_lettered_total",
+                "Messages sent to the dead-letter output, by failure kind",
+                &["failure_kind"],
+            ),
+            actions: counter_vec(
+                &r,
+                "idgraph_resolution_actions_total",
+                "Resolution actions (new, matched, merged, duplicate)",
+                &["action"],
+            ),
+            merges: counter(&r, "idgraph_merges_total", "Profiles absorbed by merges"),
+            merges_refused: counter_vec(
+                &r,
+                "idgraph_merges_refused_total",
+                "Merges refused by an over-merge protection rule",
+                &["rule"],
+            ),
+            identifiers_made_generic: counter(
+                &r,
+                "idgraph_generic_identifiers_total",
+                "Identifier values that became generic and stopped linking",
+            ),
+            generic_identifier_hits: counter(
+                &r,
+                "idgraph_generic_identifier_hits_total",
+                "Identifier occurrences ignored because the value is generic",
+            ),
+            invalid_identifiers: counter_vec(
+                &r,
+                "idgraph_invalid_identifiers_total",
+                "Identifier values dropped as invalid or blocked, by kind",
+                &["kind", "reason"],
+            ),
+            no_identifier_events: counter_vec(
+                &r,
+                "idgraph_events_without_identifier_total",
+                "Events with no usable identifier, by source",
+                &["source"],
+            ),
+            fuzzy_links: counter(
+                &r,
+                "idgraph_fuzzy_links_total",
+                "Events or profiles linked by fuzzy matching",
+            ),
+            profile_identifiers: histogram(
+                &r,
+                "idgraph_profile_identifiers",
+                "Identifiers per profile written",
+                exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
+            ),
+            largest_profile: gauge(
+                &r,
+                "idgraph_largest_profile_identifiers",
+                "Most identifiers in one profile written since start",
+            ),
+            fuzzy_score: histogram(
+                &r,
+                "idgraph_fuzzy_score",
+                "Best fuzzy score of events that had candidates",
+                (-10..=30).step_by(2).map(f64::from).collect(),
+            ),
+            candidates_per_event: histogram(
+                &r,
+                "idgraph_fuzzy_candidates_per_event",
+                "Candidate profiles scored per event",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            ),
+            batch_seconds,
+            poll_to_commit_seconds: histogram(
+                &r,
+                "idgraph_poll_to_commit_seconds",
+                "Time from a message being polled to its batch being committed",
+                exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            consumer_lag,
+            delivery_retries: counter(
+                &r,
+                "idgraph_output_delivery_retries_total",
+                "Batches whose outputs had to be sent again",
+            ),
+            replayed_batches: counter(
+                &r,
+                "idgraph_replayed_batches_total",
+                "Journaled batches replayed after an unclean stop",
+            ),
+            ready: gauge(
+                &r,
+                "idgraph_ready",
+                "1 while the worker consumes and its outputs are acknowledged",
+            ),
+            state_bytes: gauge(
+                &r,
+                "idgraph_rocksdb_sst_bytes",
+                "Size of the state's SST files",
+            ),
+            block_cache_hit_ratio,
+            write_stalled: gauge(
+                &r,
+                "idgraph_rocksdb_write_stalled",
+                "1 while RocksDB delays or stops writes",
+            ),
+            registry: r,
+        }
+    }
+
+    /// Adds a committed batch's counters.
+    pub fn record_batch(&self, stats: &BatchStats) {
+        for (source, n) in &stats.events {
+            self.events.with_label_values(&[source]).inc_by(*n);
+        }
+        for (kind, n) in &stats.dead_letters {
+            self.dead_letters.with_label_values(&[kind]).inc_by(*n);
+        }
+        for (action, n) in &stats.actions {
+            self.actions.with_label_values(&[action]).inc_by(*n);
+        }
+        for (rule, n) in &stats.merges_refused {
+            self.merges_refused.with_label_values(&[rule]).inc_by(*n);
+        }
+        for (kind, n) in &stats.invalid_identifiers {
+            self.invalid_identifiers
+                .with_label_values(&[kind, "invalid"])
+                .inc_by(*n);
+        }
+        for (kind, n) in &stats.blocked_identifiers {
+            self.invalid_identifiers
+                .with_label_values(&[kind, "blocked"])
+                .inc_by(*n);
+        }
+        for (source, n) in &stats.no_identifier_by_source {
+            self.no_identifier_events
+                .with_label_values(&[source])
+                .inc_by(*n);
+        }
+        self.merges.inc_by(stats.merges);
+        self.identifiers_made_generic
+            .inc_by(stats.identifiers_made_generic);
+        self.generic_identifier_hits
+            .inc_by(stats.generic_identifier_hits);
+        self.fuzzy_links.inc_by(stats.fuzzy_links);
+        for size in &stats.profile_sizes {
+            self.profile_identifiers.observe(f64::from(*size));
+            if i64::from(*size) > self.largest_profile.get() {
+                self.largest_profile.set(i64::from(*size));
+            }
+        }
+        for score in &stats.fuzzy_scores {
+            self.fuzzy_score.observe(*score);
+        }
+        for candidates in &stats.candidates_per_event {
+            self.candidates_per_event.observe(f64::from(*candidates));
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut out)
+            .expect("metrics encode");
+        out
+    }
+}
