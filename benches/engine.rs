@@ -85,15 +85,7 @@ fn engine_batches(c: &mut Criterion) {
             line: i as u64 + 1,
         })
         .collect();
-    let messages: Vec<InputMessage<'_>> = lines
-        .iter()
-        .zip(&coordinates)
-        .map(|(payload, coordinates)| InputMessage {
-            coordinates,
-            payload,
-            default_source: "web",
-        })
-        .collect();
+    let messages = InputMessage::batch(&lines, &coordinates, "web");
     // Warm a store with the first 18,000 events, then measure a 2,000-event batch against it.
     let (warm, measured) = messages.split_at(18_000);
     let mut store = MemoryStore::new();

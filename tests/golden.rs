@@ -51,15 +51,7 @@ impl Harness {
                 }
             })
             .collect();
-        let messages: Vec<InputMessage<'_>> = payloads
-            .iter()
-            .zip(&coordinates)
-            .map(|(payload, coordinates)| InputMessage {
-                coordinates,
-                payload,
-                default_source: "web",
-            })
-            .collect();
+        let messages = InputMessage::batch(payloads, &coordinates, "web");
         let outcome = self.engine.process_batch(&self.store, &messages).unwrap();
         self.store.write(&outcome.writes).unwrap();
         self.enriched.extend(outcome.enriched);
@@ -679,4 +671,35 @@ fn a_merge_into_the_older_profile_emits_the_survivors_new_profile() {
     assert!(emitted
         .iter()
         .any(|r| r.customer_id == younger && r.merged_into.as_deref() == Some(older.as_str())));
+}
+
+#[test]
+fn a_source_with_a_field_mapping_is_read_in_its_own_format() {
+    let mut h = Harness::with(|c| {
+        c.mappings.insert(
+            "web".into(),
+            idgraph_model::FieldMapping {
+                event_id: "/id".into(),
+                event_type: "/kind".into(),
+                timestamp: "/at".into(),
+                identifiers: [("/contact/mail".to_owned(), "email".to_owned())].into(),
+                traits: [("/person/given".to_owned(), "first_name".to_owned())].into(),
+                properties: None,
+            },
+        );
+    });
+    let native = |id: &str, mail: &str| json!({"id": id, "kind": "signup", "at": "2026-03-01T12:00:00Z", "contact": {"mail": mail}, "person": {"given": "Ann"}});
+    h.run(&[
+        native("n1", "Ann@X.com"),
+        native("n2", "ann@x.com"),
+        json!({"kind": "signup", "at": "2026-03-01T12:00:00Z"}),
+    ]);
+    assert_eq!(
+        h.customer("n1"),
+        h.customer("n2"),
+        "the mapped email links them"
+    );
+    assert_eq!(h.enriched("n1").traits["first_name"], "ann");
+    assert_eq!(h.dead_letters.len(), 1);
+    assert_eq!(h.dead_letters[0].field.as_deref(), Some("/id"));
 }

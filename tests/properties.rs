@@ -88,15 +88,7 @@ fn resolve(
                 line: (batch_index * batch_size + i + 1) as u64,
             })
             .collect();
-        let messages: Vec<InputMessage<'_>> = payloads
-            .iter()
-            .zip(&coordinates)
-            .map(|(payload, coordinates)| InputMessage {
-                coordinates,
-                payload,
-                default_source: "web",
-            })
-            .collect();
+        let messages = InputMessage::batch(&payloads, &coordinates, "web");
         let outcome = engine.process_batch(&store, &messages).unwrap();
         store.write(&outcome.writes).unwrap();
         for (event, enriched) in chunk.iter().zip(outcome.enriched) {
@@ -169,15 +161,7 @@ fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize
                 line: (batch_index * 4 + i + 1) as u64,
             })
             .collect();
-        let messages: Vec<InputMessage<'_>> = payloads
-            .iter()
-            .zip(&coordinates)
-            .map(|(payload, coordinates)| InputMessage {
-                coordinates,
-                payload,
-                default_source: "web",
-            })
-            .collect();
+        let messages = InputMessage::batch(&payloads, &coordinates, "web");
         let mut outcome = engine
             .process_batch_cached(&store, &mut cache, &messages)
             .unwrap();
@@ -273,9 +257,7 @@ proptest! {
         let coordinates: Vec<InputCoordinates> = (0..events.len())
             .map(|i| InputCoordinates::File { file: "prop".into(), line: i as u64 + 1 })
             .collect();
-        let messages: Vec<InputMessage<'_>> = payloads.iter().zip(&coordinates)
-            .map(|(payload, coordinates)| InputMessage { coordinates, payload, default_source: "web" })
-            .collect();
+        let messages = InputMessage::batch(&payloads, &coordinates, "web");
         let outcome = engine.process_batch(&store, &messages).unwrap();
         prop_assert!(outcome.enriched.iter().all(|e| e.resolution.action == ResolutionAction::Duplicate));
         prop_assert!(outcome.changes.is_empty() && outcome.profiles.is_empty());

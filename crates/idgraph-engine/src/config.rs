@@ -20,6 +20,9 @@ pub struct EngineConfig {
     pub fuzzy: FuzzyConfig,
     pub dead_letter: DeadLetterConfig,
     pub cache: CacheConfig,
+    /// Source name → how to read that source's own format (instead of the canonical
+    /// envelope or Segment Spec).
+    pub mappings: BTreeMap<String, idgraph_model::FieldMapping>,
 }
 
 /// The decoded-state cache kept between batches ([`crate::StateCache`]).
@@ -175,6 +178,17 @@ impl EngineConfig {
                 return problem(
                     &format!("fuzzy.fields.{field}.close_similarity"),
                     format!("must be between 0 and 1, got {}", weights.close_similarity),
+                );
+            }
+        }
+        for (source, mapping) in &self.mappings {
+            if let Some(bad) = mapping
+                .pointers()
+                .find(|p| !p.is_empty() && !p.starts_with('/'))
+            {
+                return problem(
+                    &format!("mappings.{source}"),
+                    format!("{bad:?} is not a json pointer; pointers start with \"/\", e.g. \"/contact/email\""),
                 );
             }
         }

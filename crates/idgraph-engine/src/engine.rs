@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use chrono::SecondsFormat;
 use idgraph_model::{
-    parse_event, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier, IdentityChange,
-    InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError, ProfileRecord, RecordMeta,
-    RefusalRule, RefusedMerge, Resolution, ResolutionAction, SCHEMA_VERSION,
+    parse_event, parse_mapped, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier,
+    IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError,
+    ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution, ResolutionAction,
+    SCHEMA_VERSION,
 };
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -27,6 +28,25 @@ pub struct InputMessage<'a> {
     pub payload: &'a [u8],
     /// The source of messages that do not name one (e.g. the topic's source).
     pub default_source: &'a str,
+}
+
+impl<'a> InputMessage<'a> {
+    /// Pairs each payload with its coordinates, all with one default source.
+    pub fn batch(
+        payloads: &'a [Vec<u8>],
+        coordinates: &'a [InputCoordinates],
+        default_source: &'a str,
+    ) -> Vec<InputMessage<'a>> {
+        payloads
+            .iter()
+            .zip(coordinates)
+            .map(|(payload, coordinates)| InputMessage {
+                coordinates,
+                payload,
+                default_source,
+            })
+            .collect()
+    }
 }
 
 /// Everything a batch produced. The caller writes `writes` atomically, then emits the records.
@@ -187,6 +207,8 @@ impl Engine {
                         self.config.dead_letter.max_message_bytes
                     ),
                 ))
+            } else if let Some(mapping) = self.config.mappings.get(message.default_source) {
+                parse_mapped(message.payload, mapping, message.default_source)
             } else {
                 parse_event(message.payload, message.default_source)
             };

@@ -190,27 +190,42 @@ impl OutputSink {
                 key: HEADER_SCHEMA_VERSION,
                 value: Some(idgraph_model::SCHEMA_VERSION.to_string().as_bytes()),
             });
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .key(key)
             .payload(&payload)
             .headers(headers);
-        let started = Instant::now();
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                // A full local queue is backpressure, not failure: wait for deliveries.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
-                    if started.elapsed() < self.delivery_timeout =>
-                {
-                    record = returned;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((error, _)) => {
-                    return Err(KafkaWorkerError::Kafka {
-                        operation: "produce",
-                        source: error,
-                    })
-                }
+        send_with_backpressure(&self.producer, record, self.delivery_timeout, "produce")
+    }
+}
+
+/// Enqueues `record`, waiting while the producer's local queue is full (backpressure, not
+/// failure) for at most `patience`.
+pub(crate) fn send_with_backpressure<C, K, P>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, P>,
+    patience: Duration,
+    operation: &'static str,
+) -> Result<(), KafkaWorkerError>
+where
+    C: ProducerContext<DeliveryOpaque = ()> + 'static,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    let started = Instant::now();
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                if started.elapsed() < patience =>
+            {
+                record = returned;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((error, _)) => {
+                return Err(KafkaWorkerError::Kafka {
+                    operation,
+                    source: error,
+                })
             }
         }
     }

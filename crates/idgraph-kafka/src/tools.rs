@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
-use crate::sink::client_config;
+use crate::sink::{client_config, send_with_backpressure};
 
 /// Sends each line of `input` to the topic of the source it names (`"source"` field; lines
 /// that cannot be read go to the first configured source's topic, where the worker
@@ -43,27 +43,8 @@ pub fn produce_lines(
                 .and_then(|source| config.sources.get(&source).cloned())
                 .unwrap_or_else(|| fallback.clone()),
         };
-        let mut record: BaseRecord<'_, (), [u8]> = BaseRecord::to(&destination).payload(&line[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((error, _)) => {
-                    return Err(KafkaWorkerError::Kafka {
-                        operation: "produce input",
-                        source: error,
-                    })
-                }
-            }
-        }
+        let record: BaseRecord<'_, (), [u8]> = BaseRecord::to(&destination).payload(&line[..]);
+        send_with_backpressure(&producer, record, Duration::from_secs(60), "produce input")?;
         sent += 1;
     }
     producer
@@ -234,26 +215,12 @@ pub fn passthrough(
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((error, _)) => {
-                    return Err(KafkaWorkerError::Kafka {
-                        operation: "passthrough produce",
-                        source: error,
-                    })
-                }
-            }
-        }
+        send_with_backpressure(
+            &producer,
+            record,
+            Duration::from_secs(60),
+            "passthrough produce",
+        )?;
         summary.messages += 1;
         in_batch += 1;
         if summary.messages % 5000 == 0 {

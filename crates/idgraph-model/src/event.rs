@@ -51,6 +51,23 @@ const SEGMENT_IDENTIFIER_TRAITS: [&str; 2] = ["email", "phone"];
 /// messages normally do not). Both the canonical envelope and Segment Spec messages are
 /// accepted; a message with a Segment `type` and no `event_id` is read as Segment Spec.
 pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, ParseError> {
+    let object = decode_object(payload)?;
+    let is_segment = !object.contains_key("event_id")
+        && object
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| SEGMENT_TYPES.contains(&t));
+    let event = if is_segment {
+        parse_segment(&object, default_source)?
+    } else {
+        parse_canonical(&object, default_source)?
+    };
+    validate_timestamp(&event.timestamp)?;
+    Ok(event)
+}
+
+/// Bytes → a JSON object, or the reason they are not one.
+fn decode_object(payload: &[u8]) -> Result<Map<String, Value>, ParseError> {
     let text = std::str::from_utf8(payload).map_err(|e| {
         ParseError::new(
             FailureKind::InvalidUtf8,
@@ -69,24 +86,108 @@ pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, Par
             format!("payload is not valid json: {e}"),
         )
     })?;
-    let Value::Object(object) = value else {
-        return Err(ParseError::new(
+    match value {
+        Value::Object(object) => Ok(object),
+        other => Err(ParseError::new(
             FailureKind::WrongType,
-            format!("payload must be a json object, found {}", json_type(&value)),
-        ));
+            format!("payload must be a json object, found {}", json_type(&other)),
+        )),
+    }
+}
+
+/// How to read a source's own JSON format without code: JSON pointers (RFC 6901, e.g.
+/// `/contact/email`) to the envelope's fields. The `[engine.mappings.<source>]` config table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMapping {
+    pub event_id: String,
+    pub event_type: String,
+    pub timestamp: String,
+    /// JSON pointer → identifier kind; a pointer may lead to a string, number or array.
+    #[serde(default)]
+    pub identifiers: BTreeMap<String, String>,
+    /// JSON pointer → trait name.
+    #[serde(default)]
+    pub traits: BTreeMap<String, String>,
+    /// JSON pointer to an object passed through as the event's properties.
+    #[serde(default)]
+    pub properties: Option<String>,
+}
+
+impl FieldMapping {
+    /// Every pointer of the mapping, for validation.
+    pub fn pointers(&self) -> impl Iterator<Item = &str> {
+        [&self.event_id, &self.event_type, &self.timestamp]
+            .into_iter()
+            .chain(self.identifiers.keys())
+            .chain(self.traits.keys())
+            .chain(self.properties.iter())
+            .map(String::as_str)
+    }
+}
+
+/// Parses a message of a source that declared a [`FieldMapping`].
+pub fn parse_mapped(
+    payload: &[u8],
+    mapping: &FieldMapping,
+    source: &str,
+) -> Result<RawEvent, ParseError> {
+    let object = Value::Object(decode_object(payload)?);
+    let required = |pointer: &str| -> Result<String, ParseError> {
+        let missing = || {
+            ParseError::new(
+                FailureKind::MissingField,
+                format!("required field at json pointer {pointer:?} is missing or empty"),
+            )
+            .with_field(pointer)
+        };
+        match object.pointer(pointer) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            None | Some(Value::Null) | Some(Value::String(_)) => Err(missing()),
+            Some(other) => Err(ParseError::new(
+                FailureKind::WrongType,
+                format!(
+                    "field at json pointer {pointer:?} must be a string, found {}",
+                    json_type(other)
+                ),
+            )
+            .with_field(pointer)),
+        }
     };
-    let is_segment = !object.contains_key("event_id")
-        && object
-            .get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|t| SEGMENT_TYPES.contains(&t));
-    let event = if is_segment {
-        parse_segment(&object, default_source)?
-    } else {
-        parse_canonical(&object, default_source)?
-    };
-    validate_timestamp(&event.timestamp)?;
-    Ok(event)
+    let event_id = required(&mapping.event_id)?;
+    let event_type = required(&mapping.event_type)?;
+    let timestamp = required(&mapping.timestamp)?;
+    let mut identifiers = Vec::new();
+    for (pointer, kind) in &mapping.identifiers {
+        if let Some(value) = object.pointer(pointer) {
+            collect_identifier_values(kind, value, &mut identifiers)
+                .map_err(|e| e.with_field(pointer))?;
+        }
+    }
+    let mut traits = BTreeMap::new();
+    for (pointer, name) in &mapping.traits {
+        if let Some(text) = object.pointer(pointer).and_then(scalar_text) {
+            traits.insert(name.clone(), text);
+        }
+    }
+    let properties = mapping
+        .properties
+        .as_deref()
+        .and_then(|pointer| object.pointer(pointer))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    validate_timestamp(&timestamp)?;
+    Ok(RawEvent {
+        event_id,
+        source: source.to_owned(),
+        event_type,
+        timestamp,
+        identifiers,
+        traits,
+        properties,
+    })
 }
 
 fn parse_canonical(
@@ -343,6 +444,59 @@ fn json_type(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn crm_mapping() -> FieldMapping {
+        FieldMapping {
+            event_id: "/id".into(),
+            event_type: "/kind".into(),
+            timestamp: "/at".into(),
+            identifiers: [
+                ("/contact/mail".to_owned(), "email".to_owned()),
+                ("/crm_ref".to_owned(), "crm_id".to_owned()),
+            ]
+            .into(),
+            traits: [("/person/given".to_owned(), "first_name".to_owned())].into(),
+            properties: Some("/extra".into()),
+        }
+    }
+
+    #[test]
+    fn a_field_mapping_reads_a_native_format() {
+        let line = br#"{"id":"c-1","kind":"signup","at":"2026-03-01T12:00:00Z","crm_ref":77,
+            "contact":{"mail":["Ann@X.com","ann@y.com"]},"person":{"given":"Ann"},"extra":{"plan":"gold"}}"#;
+        let event = parse_mapped(line, &crm_mapping(), "crm").unwrap();
+        assert_eq!(
+            (
+                event.event_id.as_str(),
+                event.source.as_str(),
+                event.event_type.as_str()
+            ),
+            ("c-1", "crm", "signup")
+        );
+        assert_eq!(
+            event.identifiers,
+            vec![
+                ("email".to_owned(), "Ann@X.com".to_owned()),
+                ("email".to_owned(), "ann@y.com".to_owned()),
+                ("crm_id".to_owned(), "77".to_owned()),
+            ]
+        );
+        assert_eq!(event.traits["first_name"], "Ann");
+        assert_eq!(event.properties["plan"], "gold");
+    }
+
+    #[test]
+    fn a_mapped_message_without_its_id_names_the_pointer() {
+        let error = parse_mapped(
+            br#"{"kind":"x","at":"2026-03-01T12:00:00Z"}"#,
+            &crm_mapping(),
+            "crm",
+        )
+        .unwrap_err();
+        assert_eq!(error.kind, FailureKind::MissingField);
+        assert_eq!(error.field.as_deref(), Some("/id"));
+        assert!(error.reason.contains("\"/id\""), "{}", error.reason);
+    }
 
     #[test]
     fn canonical_envelope_keeps_every_identifier_value_and_custom_kinds() {

@@ -11,7 +11,7 @@ pub mod normalize;
 pub mod records;
 
 pub use error::{FailureKind, ParseError};
-pub use event::{parse_event, RawEvent};
+pub use event::{parse_event, parse_mapped, FieldMapping, RawEvent};
 pub use normalize::{
     Identifier, IssueKind, NormalizeConfig, NormalizedEvent, Normalizer, QualityIssue,
 };

@@ -53,9 +53,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Tables whose keys are names chosen by the user (identifier kinds), not settings.
-const OPEN_TABLES: [&str; 3] = [
+/// Tables whose keys are names chosen by the user (identifier kinds, sources, librdkafka
+/// properties), not settings.
+const OPEN_TABLES: [&str; 4] = [
     "engine.identifiers.max_per_profile",
+    "engine.mappings",
     "kafka.sources",
     "kafka.client",
 ];
@@ -266,6 +268,33 @@ mod tests {
         );
         assert!(
             error.contains("generic_threshold") && error.contains("at least 2"),
+            "{error}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod mapping_tests {
+    use super::*;
+
+    #[test]
+    fn a_source_mapping_loads_and_a_bad_pointer_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "[engine.mappings.crm]\nevent_id = \"/id\"\nevent_type = \"/kind\"\ntimestamp = \"/at\"\nidentifiers = { \"/contact/mail\" = \"email\" }\n").unwrap();
+        let config = AppConfig::load_with_env(Some(&good), Vec::new()).unwrap();
+        assert_eq!(
+            config.engine.mappings["crm"].identifiers["/contact/mail"],
+            "email"
+        );
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[engine.mappings.crm]\nevent_id = \"id\"\nevent_type = \"/kind\"\ntimestamp = \"/at\"\n").unwrap();
+        let error = format!(
+            "{:#}",
+            AppConfig::load_with_env(Some(&bad), Vec::new()).unwrap_err()
+        );
+        assert!(
+            error.contains("engine.mappings.crm") && error.contains("\"id\""),
             "{error}"
         );
     }

@@ -145,15 +145,7 @@ pub fn resolve_file(
         if payloads.is_empty() {
             break;
         }
-        let messages: Vec<InputMessage<'_>> = payloads
-            .iter()
-            .zip(&coordinates)
-            .map(|(payload, coordinates)| InputMessage {
-                coordinates,
-                payload,
-                default_source: &config.resolve.default_source,
-            })
-            .collect();
+        let messages = InputMessage::batch(&payloads, &coordinates, &config.resolve.default_source);
         let mut outcome = engine.process_batch_cached(&*store, &mut cache, &messages)?;
         store
             .write(&outcome.writes)
