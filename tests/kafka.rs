@@ -639,3 +639,45 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         "nothing was lost and the result is unchanged"
     );
 }
+
+#[test]
+fn failed_produce_requests_are_retried_without_loss_or_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 3_000, 55);
+    let mut broker = Broker::start(dir.path());
+    broker.ok(&[
+        "produce",
+        "--input",
+        p(&input),
+        "--topic",
+        "touchpoints.web",
+    ]);
+    // Every request of the worker's producer fails for a while; librdkafka must retry them
+    // and the worker must neither lose nor duplicate-differently anything.
+    broker_command(&mut broker, "produce-errors 50");
+    broker.ok(&[
+        "run",
+        "--state",
+        p(&dir.path().join("state")),
+        "--exit-when-idle",
+        "3",
+    ]);
+    let streamed = customers_by_event(
+        broker
+            .dump("idgraph.enriched", dir.path())
+            .iter()
+            .map(value),
+    );
+    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    assert_eq!(streamed, expected);
+    let profiles = final_profiles(
+        broker
+            .dump("idgraph.profiles", dir.path())
+            .iter()
+            .map(value),
+    );
+    assert_eq!(
+        profiles,
+        final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter())
+    );
+}

@@ -52,6 +52,15 @@ impl DevBroker {
         self.cluster.bootstrap_servers()
     }
 
+    /// Fault injection: the next `count` produce requests (of any client) fail with a
+    /// retriable error, so producers must retry.
+    pub fn fail_produce_requests(&self, count: usize) {
+        let errors =
+            vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; count];
+        self.cluster
+            .request_errors(rdkafka::types::RDKafkaApiKey::Produce, &errors);
+    }
+
     /// Fault injection: takes broker `id` (1-based) down or brings it back.
     pub fn set_broker_up(&self, id: i32, up: bool) -> Result<(), KafkaWorkerError> {
         let result = if up {

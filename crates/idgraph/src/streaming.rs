@@ -61,14 +61,22 @@ pub fn broker(
         "topics: {} ({partitions} partition(s) per source topic, {output_partitions} per output topic)",
         topic_list(config)
     );
-    println!("fault injection: write \"down N\" or \"up N\" (broker id N, from 1) to stdin");
+    println!(
+        "fault injection on stdin: \"down N\" / \"up N\" (broker id N, from 1), \"produce-errors N\" (fail the next N produce requests)"
+    );
     std::io::stdout().flush()?;
     let commands = fault_commands();
     while !stop.load(Ordering::SeqCst) {
-        while let Ok((id, up)) = commands.try_recv() {
-            match broker.set_broker_up(id, up) {
-                Ok(()) => eprintln!("broker {id} is {}", if up { "up" } else { "down" }),
-                Err(error) => eprintln!("cannot change broker {id}: {error}"),
+        while let Ok(fault) = commands.try_recv() {
+            match fault {
+                Fault::Broker(id, up) => match broker.set_broker_up(id, up) {
+                    Ok(()) => eprintln!("broker {id} is {}", if up { "up" } else { "down" }),
+                    Err(error) => eprintln!("cannot change broker {id}: {error}"),
+                },
+                Fault::ProduceErrors(count) => {
+                    broker.fail_produce_requests(count);
+                    eprintln!("the next {count} produce requests will fail");
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -77,9 +85,17 @@ pub fn broker(
     Ok(())
 }
 
-/// Reads `down N` / `up N` lines from stdin. The mock cluster is driven from the thread that
-/// owns it, so the reader only forwards what it reads.
-fn fault_commands() -> std::sync::mpsc::Receiver<(i32, bool)> {
+/// A fault to inject into the mock cluster.
+enum Fault {
+    /// Broker id, and whether it should be up.
+    Broker(i32, bool),
+    /// Fail this many produce requests.
+    ProduceErrors(usize),
+}
+
+/// Reads `down N`, `up N` and `produce-errors N` lines from stdin. The mock cluster is driven
+/// from the thread that owns it, so the reader only forwards what it reads.
+fn fault_commands() -> std::sync::mpsc::Receiver<Fault> {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -89,10 +105,13 @@ fn fault_commands() -> std::sync::mpsc::Receiver<(i32, bool)> {
                 words.next(),
                 words.next().and_then(|n| n.parse::<i32>().ok()),
             ) {
-                (Some("down"), Some(id)) => (id, false),
-                (Some("up"), Some(id)) => (id, true),
+                (Some("down"), Some(id)) => Fault::Broker(id, false),
+                (Some("up"), Some(id)) => Fault::Broker(id, true),
+                (Some("produce-errors"), Some(count)) if count > 0 => {
+                    Fault::ProduceErrors(count as usize)
+                }
                 _ => {
-                    eprintln!("unknown command {line:?}; use \"down N\" or \"up N\"");
+                    eprintln!("unknown command {line:?}; use \"down N\", \"up N\" or \"produce-errors N\"");
                     continue;
                 }
             };
