@@ -158,14 +158,8 @@ impl EngineConfig {
                 "must be at least 1 when fuzzy matching is enabled".into(),
             );
         }
-        for required in [
-            "first_name",
-            "last_name",
-            "date_of_birth",
-            "street",
-            "city",
-            "postcode",
-        ] {
+        // Scoring compares exactly these fields, so each needs weights.
+        for required in crate::matching::MATCH_FIELDS {
             if !self.fuzzy.fields.contains_key(required) {
                 return problem(
                     "fuzzy.fields",
