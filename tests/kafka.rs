@@ -95,6 +95,12 @@ impl Broker {
         check(self.command(args).output().unwrap(), args)
     }
 
+    /// Loads a file into `touchpoints.web`; its single partition keeps the input order, so
+    /// the worker must reproduce file mode exactly.
+    fn produce_in_order(&self, input: &Path) {
+        self.ok(&["produce", "--input", p(input), "--topic", "touchpoints.web"]);
+    }
+
     fn dump(&self, topic: &str, dir: &Path) -> Vec<Value> {
         let path = dir.join(format!("{topic}.dump.jsonl"));
         self.ok(&["dump", "--topic", topic, "--output", path.to_str().unwrap()]);
@@ -185,6 +191,16 @@ fn customers_by_event(records: impl Iterator<Item = Value>) -> HashMap<String, S
     out
 }
 
+/// event id → customer id of the file-mode run in `reference`.
+fn file_mode_customers(reference: &Path) -> HashMap<String, String> {
+    customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter())
+}
+
+/// The final profiles of the file-mode run in `reference`.
+fn file_mode_profiles(reference: &Path) -> BTreeMap<String, Value> {
+    final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter())
+}
+
 /// customer id → its last profile record (None for a tombstone), like a compacted topic.
 fn final_profiles(records: impl Iterator<Item = Value>) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
@@ -201,13 +217,7 @@ fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
     let (input, reference) = generate_and_resolve(dir.path(), 4_000, 21);
     let broker = Broker::start(dir.path());
     // One topic with one partition keeps the input order, so ids must match file mode exactly.
-    broker.ok(&[
-        "produce",
-        "--input",
-        p(&input),
-        "--topic",
-        "touchpoints.web",
-    ]);
+    broker.produce_in_order(&input);
     let summary = broker.ok(&[
         "run",
         "--state",
@@ -219,7 +229,7 @@ fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
 
     let enriched = broker.dump("idgraph.enriched", dir.path());
     let streamed = customers_by_event(enriched.iter().map(value));
-    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    let expected = file_mode_customers(&reference);
     assert_eq!(
         streamed.len(),
         expected.len(),
@@ -246,7 +256,7 @@ fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
             .iter()
             .map(value),
     );
-    let expected = final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter());
+    let expected = file_mode_profiles(&reference);
     assert_eq!(profiles, expected, "the final profiles are the same");
 
     let letters = broker.dump("idgraph.dead-letter", dir.path());
@@ -348,13 +358,7 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
     let dir = tempfile::tempdir().unwrap();
     let (input, reference) = generate_and_resolve(dir.path(), 8_000, 33);
     let broker = Broker::start(dir.path());
-    broker.ok(&[
-        "produce",
-        "--input",
-        p(&input),
-        "--topic",
-        "touchpoints.web",
-    ]);
+    broker.produce_in_order(&input);
     let state = dir.path().join("state");
     // Deterministic "random" kill points between 0.3 and 2 seconds after each start.
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -428,14 +432,13 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
     eprintln!("{duplicates} re-emitted records after 10 kills; final run: {summary}");
     // Nothing is lost, and the result is the uncrashed (file-mode) result.
     let streamed = customers_by_event(enriched.iter().map(value));
-    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    let expected = file_mode_customers(&reference);
     assert_eq!(
         streamed, expected,
         "every event has its enriched record with the uncrashed customer"
     );
     let streamed_profiles = final_profiles(profiles.iter().map(value));
-    let expected_profiles =
-        final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter());
+    let expected_profiles = file_mode_profiles(&reference);
     assert_eq!(
         streamed_profiles, expected_profiles,
         "final profiles equal an uncrashed run's"
@@ -538,13 +541,7 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (input, reference) = generate_and_resolve(dir.path(), 3_000, 44);
     let mut broker = Broker::start(dir.path());
-    broker.ok(&[
-        "produce",
-        "--input",
-        p(&input),
-        "--topic",
-        "touchpoints.web",
-    ]);
+    broker.produce_in_order(&input);
     let mut worker = broker
         .command(&[
             "run",
@@ -633,7 +630,7 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
             .iter()
             .map(value),
     );
-    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    let expected = file_mode_customers(&reference);
     assert_eq!(
         streamed, expected,
         "nothing was lost and the result is unchanged"
@@ -645,13 +642,7 @@ fn failed_produce_requests_are_retried_without_loss_or_change() {
     let dir = tempfile::tempdir().unwrap();
     let (input, reference) = generate_and_resolve(dir.path(), 3_000, 55);
     let mut broker = Broker::start(dir.path());
-    broker.ok(&[
-        "produce",
-        "--input",
-        p(&input),
-        "--topic",
-        "touchpoints.web",
-    ]);
+    broker.produce_in_order(&input);
     // Every request of the worker's producer fails for a while; librdkafka must retry them
     // and the worker must neither lose nor duplicate-differently anything.
     broker_command(&mut broker, "produce-errors 50");
@@ -668,7 +659,7 @@ fn failed_produce_requests_are_retried_without_loss_or_change() {
             .iter()
             .map(value),
     );
-    let expected = customers_by_event(read_lines(&reference.join("enriched.jsonl")).into_iter());
+    let expected = file_mode_customers(&reference);
     assert_eq!(streamed, expected);
     let profiles = final_profiles(
         broker
@@ -676,8 +667,5 @@ fn failed_produce_requests_are_retried_without_loss_or_change() {
             .iter()
             .map(value),
     );
-    assert_eq!(
-        profiles,
-        final_profiles(read_lines(&reference.join("profiles.jsonl")).into_iter())
-    );
+    assert_eq!(profiles, file_mode_profiles(&reference));
 }
