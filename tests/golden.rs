@@ -86,6 +86,8 @@ impl Harness {
             .unwrap()
             .expect("profile exists")
             .profile
+            .as_ref()
+            .clone()
     }
 
     fn changes_of_type(&self, type_name: &str) -> Vec<&IdentityChange> {

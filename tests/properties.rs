@@ -106,7 +106,8 @@ fn clusters(assigned: &BTreeMap<usize, String>, store: &MemoryStore) -> BTreeSet
             .unwrap()
             .unwrap()
             .profile
-            .customer_id;
+            .customer_id
+            .clone();
         by_customer.entry(live).or_default().insert(*event);
     }
     by_customer.into_values().collect()
@@ -267,7 +268,7 @@ proptest! {
         }
         prop_assert_eq!(&store, &before);
         for (event, enriched) in events.iter().zip(&outcome.enriched) {
-            let live_before = profile_by_id(&before, &assigned[&event.id]).unwrap().unwrap().profile.customer_id;
+            let live_before = profile_by_id(&before, &assigned[&event.id]).unwrap().unwrap().profile.customer_id.clone();
             prop_assert_eq!(&enriched.customer_id, &live_before);
         }
     }

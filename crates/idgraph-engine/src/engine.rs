@@ -263,7 +263,7 @@ impl Engine {
             outcome.profiles.push(ProfileRecord {
                 schema_version: SCHEMA_VERSION,
                 customer_id: id.clone(),
-                profile: Some(state.profile.clone()),
+                profile: Some(Arc::clone(&state.profile)),
                 merged_into: None,
                 meta: meta(&last_touch[&id], &format!("profile:{id}"), 0),
             });

@@ -5,6 +5,7 @@
 //! lets the property tests shuffle independent events and expect the same profiles.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use idgraph_model::normalize::NAME_TRAITS;
 use idgraph_model::{
@@ -28,7 +29,7 @@ const ORDER_EVENT_TYPES: [&str; 5] = [
 /// A new, empty profile created by an event.
 pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
     ProfileState {
-        profile: Profile {
+        profile: Arc::new(Profile {
             customer_id,
             created_at: timestamp.to_owned(),
             version: 0,
@@ -40,7 +41,7 @@ pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
                 ..ComputedTraits::default()
             },
             absorbed_ids: Vec::new(),
-        },
+        }),
         root: None,
         trait_history: BTreeMap::new(),
         blocking_keys: Vec::new(),
@@ -55,7 +56,7 @@ pub fn add_identifier(
     source: &str,
     timestamp: &str,
 ) {
-    let list = &mut state.profile.identifiers;
+    let list = &mut Arc::make_mut(&mut state.profile).identifiers;
     let position = list.partition_point(|i| {
         (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value)
     });
@@ -86,11 +87,12 @@ pub fn apply_event(
     history_len: usize,
 ) {
     let source = &event.raw.source;
+    let profile = Arc::make_mut(&mut state.profile);
     for identifier in &event.identifiers {
-        if let Ok(i) = state.profile.identifiers.binary_search_by(|p| {
+        if let Ok(i) = profile.identifiers.binary_search_by(|p| {
             (p.kind.as_str(), p.value.as_str()).cmp(&(&identifier.kind, &identifier.value))
         }) {
-            let held = &mut state.profile.identifiers[i];
+            let held = &mut profile.identifiers[i];
             if timestamp < held.first_seen.as_str() {
                 held.first_seen = timestamp.to_owned();
                 held.source = source.clone();
@@ -107,10 +109,10 @@ pub fn apply_event(
             source: source.clone(),
             updated_at: timestamp.to_owned(),
         };
-        match state.profile.traits.get(name) {
+        match profile.traits.get(name) {
             Some(current) if !is_newer(&candidate, current) => {}
             _ => {
-                state.profile.traits.insert(name.clone(), candidate);
+                profile.traits.insert(name.clone(), candidate);
             }
         }
         if MATCH_FIELDS.contains(&name.as_str()) {
@@ -121,8 +123,8 @@ pub fn apply_event(
             );
         }
     }
-    update_computed(&mut state.profile.computed, event, timestamp);
-    state.profile.version += 1;
+    update_computed(&mut profile.computed, event, timestamp);
+    profile.version += 1;
 }
 
 /// Profiles show names and addresses as people wrote them, dates of birth as ISO dates.
@@ -217,18 +219,20 @@ pub fn merge_into(survivor: &mut ProfileState, absorbed: ProfileState, history_l
         blocking_keys,
         ..
     } = absorbed;
+    let other = Arc::unwrap_or_clone(other);
+    let profile = Arc::make_mut(&mut survivor.profile);
     for identifier in other.identifiers {
-        let list = &mut survivor.profile.identifiers;
+        let list = &mut profile.identifiers;
         let position = list.partition_point(|i| {
             (i.kind.as_str(), i.value.as_str()) < (&identifier.kind, &identifier.value)
         });
         list.insert(position, identifier);
     }
     for (name, value) in other.traits {
-        match survivor.profile.traits.get(&name) {
+        match profile.traits.get(&name) {
             Some(current) if !is_newer(&value, current) => {}
             _ => {
-                survivor.profile.traits.insert(name, value);
+                profile.traits.insert(name, value);
             }
         }
     }
@@ -243,10 +247,10 @@ pub fn merge_into(survivor: &mut ProfileState, absorbed: ProfileState, history_l
             survivor.blocking_keys.insert(position, key);
         }
     }
-    merge_computed(&mut survivor.profile.computed, other.computed);
-    survivor.profile.absorbed_ids.push(other.customer_id);
-    survivor.profile.absorbed_ids.extend(other.absorbed_ids);
-    survivor.profile.version += 1;
+    merge_computed(&mut profile.computed, other.computed);
+    profile.absorbed_ids.push(other.customer_id);
+    profile.absorbed_ids.extend(other.absorbed_ids);
+    profile.version += 1;
 }
 
 fn merge_computed(into: &mut ComputedTraits, other: ComputedTraits) {

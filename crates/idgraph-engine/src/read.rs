@@ -102,7 +102,7 @@ pub fn explain<S: StateStore>(
     let paths = member_paths(&live_id, &evidence);
     Ok(Some(Explanation {
         customer_id: live_id,
-        absorbed_ids: state.profile.absorbed_ids,
+        absorbed_ids: state.profile.absorbed_ids.clone(),
         evidence,
         paths,
     }))

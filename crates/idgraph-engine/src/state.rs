@@ -1,6 +1,7 @@
 //! Typed records kept in the [`StateStore`](crate::StateStore) tables, and their encoding.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use idgraph_model::{Identifier, LinkRule, Profile};
 use serde::de::DeserializeOwned;
@@ -44,7 +45,9 @@ pub enum CustomerEntry {
 /// A profile plus what the engine needs to keep resolving against it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileState {
-    pub profile: Profile,
+    /// Shared so that output records can carry the profile without copying it; writers go
+    /// through `Arc::make_mut`, which copies only while an output still holds the old version.
+    pub profile: Arc<Profile>,
     /// The root node of the profile's identifier set, if it has identifiers.
     pub root: Option<String>,
     /// Recent normalized values per matching trait, newest last.

@@ -4,6 +4,7 @@
 //! record always gives the same bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -264,7 +265,7 @@ pub struct ProfileRecord {
     pub customer_id: String,
     /// `None` for a tombstone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profile: Option<Profile>,
+    pub profile: Option<Arc<Profile>>,
     /// For a tombstone of an absorbed id: the survivor it now redirects to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,
