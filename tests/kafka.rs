@@ -358,49 +358,86 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
     let dir = tempfile::tempdir().unwrap();
     let (input, reference) = generate_and_resolve(dir.path(), 8_000, 33);
     let broker = Broker::start(dir.path());
-    broker.produce_in_order(&input);
+    // The input arrives in ten parts, one before each start, so every run has work to do.
+    // Bytes, not text: the generator writes some lines that are not UTF-8.
+    let bytes = std::fs::read(&input).unwrap();
+    let lines: Vec<&[u8]> = bytes
+        .strip_suffix(b"\n")
+        .unwrap_or(&bytes)
+        .split(|b| *b == b'\n')
+        .collect();
+    let parts: Vec<&[&[u8]]> = lines.chunks(lines.len().div_ceil(10)).collect();
     let state = dir.path().join("state");
-    // Deterministic "random" kill points between 0.3 and 2 seconds after each start.
+    // Kill points: right after the worker logs its 1st, 2nd or 3rd committed batch, plus up to
+    // 40 ms, chosen by a deterministic generator. A committed batch's outputs are then being
+    // sent, or about to be, so kills land between commit, send and acknowledgement.
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut killed_while_working = 0;
-    for _ in 0..10 {
+    // Starts that found committed outputs of the killed run in the outbox and sent them again.
+    let outbox_recoveries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for (run, part) in parts.iter().enumerate() {
+        let part_file = dir.path().join(format!("part-{run}.jsonl"));
+        let mut content = part.join(&b'\n');
+        content.push(b'\n');
+        std::fs::write(&part_file, content).unwrap();
+        broker.produce_in_order(&part_file);
         let mut worker = broker
             .command(&["run", "--state", p(&state)])
-            .env("IDGRAPH__LOG__FILTER", "idgraph_kafka=info")
+            .env("IDGRAPH__LOG__FILTER", "idgraph_kafka=debug")
             .env("IDGRAPH__LOG__FORMAT", "json")
+            .env("IDGRAPH__KAFKA__BATCH_SIZE", "300")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Kill only once the worker has its partitions (a restart first waits for the killed
-        // member's session to expire), at a random point of its work after that.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let kill_after_commits = 1 + (seed % 3) as usize;
         let stderr = worker.stderr.take().unwrap();
-        let (assigned_tx, assigned_rx) = std::sync::mpsc::channel();
+        let (committed_tx, committed_rx) = std::sync::mpsc::channel();
+        let recoveries = std::sync::Arc::clone(&outbox_recoveries);
         std::thread::spawn(move || {
             use std::io::BufRead;
+            let mut commits = 0;
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
-                if line.contains("partitions assigned") {
-                    let _ = assigned_tx.send(());
+                if line.contains("sending the outputs the last run had not seen acknowledged") {
+                    recoveries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                if line.contains("batch committed") {
+                    commits += 1;
+                    if commits == kill_after_commits {
+                        let _ = committed_tx.send(());
+                    }
                 }
             }
         });
-        let assigned = assigned_rx.recv_timeout(Duration::from_secs(30)).is_ok();
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(100 + seed % 1500));
-        killed_while_working += usize::from(assigned && worker.try_wait().unwrap().is_none());
+        // A restart first waits for the killed member's session to expire.
+        let committed = committed_rx.recv_timeout(Duration::from_secs(60)).is_ok();
+        std::thread::sleep(Duration::from_millis(seed % 40));
+        killed_while_working += usize::from(committed && worker.try_wait().unwrap().is_none());
         worker.kill().unwrap(); // SIGKILL
         worker.wait().unwrap();
     }
     assert_eq!(
         killed_while_working, 10,
-        "every kill hit a worker that was consuming"
+        "every kill hit a worker that had committed a batch and was still running"
+    );
+    let recoveries = outbox_recoveries.load(std::sync::atomic::Ordering::SeqCst);
+    // The newest committed batch stays in the outbox until a later write deletes it, so
+    // every restart after a kill finds something to send again.
+    assert_eq!(
+        recoveries, 9,
+        "each restart after a kill sends the killed run's outbox again"
     );
     let summary = broker.ok(&["run", "--state", p(&state), "--exit-when-idle", "3"]);
+    assert!(
+        !summary.contains("replayed batches 0"),
+        "the last start sends the outbox of the 10th kill again: {summary}"
+    );
 
     let enriched = broker.dump("idgraph.enriched", dir.path());
     let profiles = broker.dump("idgraph.profiles", dir.path());
@@ -429,7 +466,9 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
             }
         }
     }
-    eprintln!("{duplicates} re-emitted records after 10 kills; final run: {summary}");
+    eprintln!(
+        "{duplicates} re-emitted records after 10 kills, {recoveries} starts re-sent the outbox; final run: {summary}"
+    );
     // Nothing is lost, and the result is the uncrashed (file-mode) result.
     let streamed = customers_by_event(enriched.iter().map(value));
     let expected = file_mode_customers(&reference);

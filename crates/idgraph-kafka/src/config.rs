@@ -21,6 +21,9 @@ pub struct KafkaConfig {
     pub quality_interval_secs: u64,
     /// Longest wait for the broker to acknowledge a batch's outputs before retrying them.
     pub delivery_timeout_ms: u64,
+    /// Most committed batches whose outputs may await acknowledgement while the next batch
+    /// is resolved; 1 means one batch is delivered while the next is worked on.
+    pub max_batches_in_flight: usize,
     /// Source name → topic it is consumed from.
     pub sources: BTreeMap<String, String>,
     pub outputs: OutputTopics,
@@ -68,6 +71,11 @@ impl KafkaConfig {
         }
         if self.batch_size == 0 {
             return Err("kafka.batch_size must be at least 1".into());
+        }
+        if self.max_batches_in_flight == 0 {
+            return Err(
+                "kafka.max_batches_in_flight must be at least 1 (the batch being delivered)".into(),
+            );
         }
         let mut topics: Vec<&str> = self.sources.values().map(String::as_str).collect();
         topics.extend(self.outputs.all());

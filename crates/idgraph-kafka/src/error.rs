@@ -19,9 +19,9 @@ pub enum KafkaWorkerError {
     /// The configuration cannot work.
     #[error("invalid kafka configuration: {0}")]
     Config(String),
-    /// The stored batch journal names a message the broker no longer has.
-    #[error("cannot replay the journaled batch: {0}")]
-    Journal(String),
+    /// The stored outbox cannot be read back; the state directory is damaged.
+    #[error("cannot send the stored outbox again: {0}")]
+    Outbox(String),
 }
 
 impl KafkaWorkerError {

@@ -6,7 +6,7 @@
 //!
 //! It holds no resolution logic (that is `idgraph-engine`) and does not open RocksDB itself:
 //! the worker is generic over the engine's `StateStore` and the binary hands it the RocksDB
-//! store. Crash safety comes from a batch journal kept in that store: see [`worker`].
+//! store. Crash safety comes from an outbox kept in that store with the state: see [`worker`].
 
 pub mod broker;
 pub mod config;

@@ -26,7 +26,8 @@ pub struct Metrics {
     fuzzy_score: Histogram,
     candidates_per_event: Histogram,
     pub batch_seconds: HistogramVec,
-    pub poll_to_commit_seconds: Histogram,
+    pub poll_to_output_seconds: Histogram,
+    pub timestamp_to_output_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub delivery_retries: IntCounter,
     pub replayed_batches: IntCounter,
@@ -183,11 +184,17 @@ impl Metrics {
                 vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
             ),
             batch_seconds,
-            poll_to_commit_seconds: histogram(
+            poll_to_output_seconds: histogram(
                 &r,
-                "idgraph_poll_to_commit_seconds",
-                "Time from a message being polled to its batch being committed",
+                "idgraph_poll_to_output_seconds",
+                "Time from a message being polled to the broker acknowledging all its outputs",
                 exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+            ),
+            timestamp_to_output_seconds: histogram(
+                &r,
+                "idgraph_event_to_output_seconds",
+                "End-to-end latency: from a message's Kafka timestamp (its producer's create time, or the broker's append time) to the broker acknowledging all its outputs",
+                exponential_buckets(0.001, 2.0, 20).expect("valid buckets"),
             ),
             consumer_lag,
             delivery_retries: counter(
@@ -198,7 +205,7 @@ impl Metrics {
             replayed_batches: counter(
                 &r,
                 "idgraph_replayed_batches_total",
-                "Journaled batches replayed after an unclean stop",
+                "Outbox entries of an earlier run sent again at start",
             ),
             ready: gauge(
                 &r,

@@ -1,8 +1,9 @@
 //! Producing a batch's records to the output topics (SPEC §4), with their keys and headers,
-//! and waiting until the broker has acknowledged every one.
+//! tracking per batch when the broker has acknowledged every one, and the outbox encoding
+//! that keeps a batch's records byte-identical across a restart.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::BatchOutcome;
@@ -22,22 +23,226 @@ pub const HEADER_INPUT: &str = "idgraph.input";
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idgraph.idempotency_key";
 pub const HEADER_SCHEMA_VERSION: &str = "idgraph.schema_version";
 
-/// Counts deliveries that failed, so a batch is only committed when all of it is durable.
+/// The delivery opaque of records nobody tracks.
+const UNTRACKED: usize = 0;
+
+/// One output record exactly as it goes on the wire. A batch's records are stored in this
+/// form (the outbox) before they are sent, so a re-send after a crash is byte-identical.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireRecord {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+    /// Header `idgraph.input`.
+    pub input: String,
+    /// Header `idgraph.idempotency_key`.
+    pub idempotency_key: String,
+    /// Header `idgraph.schema_version`.
+    pub schema_version: String,
+}
+
+impl WireRecord {
+    pub fn of<T: Serialize>(topic: &str, key: &str, meta: &RecordMeta, record: &T) -> Self {
+        WireRecord {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            payload: serde_json::to_vec(record).expect("output records serialize"),
+            input: meta.input.display(),
+            idempotency_key: meta.idempotency_key.clone(),
+            schema_version: idgraph_model::SCHEMA_VERSION.to_string(),
+        }
+    }
+
+    fn fields(&self) -> [&[u8]; 6] {
+        [
+            self.topic.as_bytes(),
+            self.key.as_bytes(),
+            &self.payload,
+            self.input.as_bytes(),
+            self.idempotency_key.as_bytes(),
+            self.schema_version.as_bytes(),
+        ]
+    }
+}
+
+/// Every record of a batch outcome in wire form, in the order they are sent.
+pub fn wire_records(outcome: &BatchOutcome, topics: &OutputTopics) -> Vec<WireRecord> {
+    let mut records = Vec::with_capacity(
+        outcome.enriched.len()
+            + outcome.profiles.len()
+            + outcome.changes.len()
+            + outcome.dead_letters.len(),
+    );
+    for record in &outcome.enriched {
+        records.push(WireRecord::of(
+            &topics.enriched,
+            &record.customer_id,
+            &record.meta,
+            record,
+        ));
+    }
+    for record in &outcome.profiles {
+        records.push(WireRecord::of(
+            &topics.profiles,
+            &record.customer_id,
+            &record.meta,
+            record,
+        ));
+    }
+    for record in &outcome.changes {
+        records.push(WireRecord::of(
+            &topics.identity_changes,
+            &record.customer_id,
+            &record.meta,
+            record,
+        ));
+    }
+    for record in &outcome.dead_letters {
+        let key = record.meta.input.display();
+        records.push(WireRecord::of(
+            &topics.dead_letter,
+            &key,
+            &record.meta,
+            record,
+        ));
+    }
+    records
+}
+
+/// Encodes wire records for the outbox: per record, six fields, each a little-endian `u32`
+/// length followed by its bytes. Payloads are JSON already; a second JSON layer would only
+/// escape them again.
+pub fn encode_outbox(records: &[WireRecord]) -> Vec<u8> {
+    let size: usize = records
+        .iter()
+        .map(|r| r.fields().iter().map(|f| f.len() + 4).sum::<usize>())
+        .sum();
+    let mut bytes = Vec::with_capacity(size + 4);
+    bytes.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    for record in records {
+        for field in record.fields() {
+            bytes.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(field);
+        }
+    }
+    bytes
+}
+
+/// Decodes what [`encode_outbox`] wrote; the error says where the bytes stop making sense.
+pub fn decode_outbox(bytes: &[u8]) -> Result<Vec<WireRecord>, String> {
+    let mut reader = OutboxReader { bytes, at: 0 };
+    let count = reader.length()?;
+    let mut records = Vec::with_capacity(count.min(1 << 20));
+    for _ in 0..count {
+        records.push(WireRecord {
+            topic: reader.text()?,
+            key: reader.text()?,
+            payload: reader.field()?.to_vec(),
+            input: reader.text()?,
+            idempotency_key: reader.text()?,
+            schema_version: reader.text()?,
+        });
+    }
+    if reader.at != bytes.len() {
+        return Err(format!(
+            "{} bytes left after the last record",
+            bytes.len() - reader.at
+        ));
+    }
+    Ok(records)
+}
+
+struct OutboxReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> OutboxReader<'a> {
+    fn length(&mut self) -> Result<usize, String> {
+        let end = self.at + 4;
+        let raw = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| format!("truncated length at byte {}", self.at))?;
+        self.at = end;
+        Ok(u32::from_le_bytes(raw.try_into().expect("four bytes")) as usize)
+    }
+
+    fn field(&mut self) -> Result<&'a [u8], String> {
+        let length = self.length()?;
+        let end = self.at + length;
+        let field = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| format!("field of {length} bytes at byte {} is truncated", self.at))?;
+        self.at = end;
+        Ok(field)
+    }
+
+    fn text(&mut self) -> Result<String, String> {
+        let at = self.at;
+        String::from_utf8(self.field()?.to_vec())
+            .map_err(|_| format!("field at byte {at} is not UTF-8"))
+    }
+}
+
+/// Where the records of one tracked batch are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Some records await an acknowledgement.
+    InFlight,
+    /// The broker acknowledged every record.
+    Delivered,
+    /// Every record has an answer and at least one was a failure.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct BatchProgress {
+    pending: usize,
+    failed: usize,
+}
+
+impl BatchProgress {
+    fn status(self) -> DeliveryStatus {
+        match (self.pending, self.failed) {
+            (0, 0) => DeliveryStatus::Delivered,
+            (0, _) => DeliveryStatus::Failed,
+            _ => DeliveryStatus::InFlight,
+        }
+    }
+}
+
+/// Counts acknowledgements and failures per tracked batch (the delivery opaque is the batch
+/// number), and wakes whoever waits for one.
 #[derive(Default)]
 pub struct DeliveryTracker {
-    failures: AtomicU64,
+    batches: Mutex<HashMap<usize, BatchProgress>>,
+    changed: Condvar,
     last_error: Mutex<Option<String>>,
 }
 
 impl ClientContext for DeliveryTracker {}
 
 impl ProducerContext for DeliveryTracker {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
         if let Err((error, _)) = result {
-            self.failures.fetch_add(1, Ordering::SeqCst);
             *self.last_error.lock().expect("delivery error lock") = Some(error.to_string());
+        }
+        if batch == UNTRACKED {
+            return;
+        }
+        let mut batches = self.batches.lock().expect("delivery tracker lock");
+        if let Some(progress) = batches.get_mut(&batch) {
+            progress.pending = progress.pending.saturating_sub(1);
+            if result.is_err() {
+                progress.failed += 1;
+            }
+            if progress.pending == 0 {
+                self.changed.notify_all();
+            }
         }
     }
 }
@@ -76,125 +281,137 @@ impl OutputSink {
         })
     }
 
-    /// Sends every record of the batch and waits until all are acknowledged. On an error the
-    /// caller sends the whole batch again: consumers drop the copies by idempotency key, and
-    /// the copies are byte-identical.
-    ///
-    /// `on_stall` is called while acknowledgements are overdue (the broker is slow or away),
-    /// so the caller can report itself unready before the delivery timeout.
-    pub fn send_outcome(
-        &self,
-        outcome: &BatchOutcome,
-        on_stall: &dyn Fn(),
-    ) -> Result<(), KafkaWorkerError> {
-        self.producer.context().failures.store(0, Ordering::SeqCst);
-        for record in &outcome.enriched {
-            self.send(
-                &self.topics.enriched,
-                &record.customer_id,
-                &record.meta,
-                record,
-            )?;
-        }
-        for record in &outcome.profiles {
-            self.send(
-                &self.topics.profiles,
-                &record.customer_id,
-                &record.meta,
-                record,
-            )?;
-        }
-        for record in &outcome.changes {
-            self.send(
-                &self.topics.identity_changes,
-                &record.customer_id,
-                &record.meta,
-                record,
-            )?;
-        }
-        for record in &outcome.dead_letters {
-            let key = record.meta.input.display();
-            self.send(&self.topics.dead_letter, &key, &record.meta, record)?;
-        }
-        self.wait_for_delivery(on_stall)
+    pub fn topics(&self) -> &OutputTopics {
+        &self.topics
     }
 
-    /// Sends one free-standing record (a quality snapshot) and waits for it.
-    pub fn send_one<T: Serialize>(
-        &self,
-        topic: &str,
-        key: &str,
-        meta: &RecordMeta,
-        record: &T,
-    ) -> Result<(), KafkaWorkerError> {
-        self.producer.context().failures.store(0, Ordering::SeqCst);
-        self.send(topic, key, meta, record)?;
-        self.wait_for_delivery(&|| {})
-    }
-
-    fn wait_for_delivery(&self, on_stall: &dyn Fn()) -> Result<(), KafkaWorkerError> {
-        // Waiting in slices lets a stall be reported long before the timeout.
-        const SLICE: Duration = Duration::from_millis(500);
-        let started = Instant::now();
-        loop {
-            match self.producer.flush(SLICE) {
-                Ok(()) => break,
-                Err(_) if started.elapsed() < self.delivery_timeout => on_stall(),
-                Err(error) => {
-                    return Err(KafkaWorkerError::Kafka {
-                        operation: "flush outputs",
-                        source: error,
-                    })
+    /// Hands every record of batch number `batch` (never 0) to the producer and returns
+    /// without waiting for acknowledgements; [`OutputSink::status`] and
+    /// [`OutputSink::wait`] tell how delivery goes. Sending the same batch again restarts
+    /// its count. Records that cannot even be queued count as failed.
+    pub fn enqueue(&self, batch: usize, records: &[WireRecord]) {
+        assert_ne!(batch, UNTRACKED, "batch numbers start at 1");
+        let tracker = self.producer.context();
+        tracker
+            .batches
+            .lock()
+            .expect("delivery tracker lock")
+            .insert(
+                batch,
+                BatchProgress {
+                    pending: records.len(),
+                    failed: 0,
+                },
+            );
+        for (sent, record) in records.iter().enumerate() {
+            if let Err(error) = self.send(record, batch) {
+                tracing::warn!(%error, batch, "cannot queue an output record");
+                let mut batches = tracker.batches.lock().expect("delivery tracker lock");
+                if let Some(progress) = batches.get_mut(&batch) {
+                    let unsent = records.len() - sent;
+                    progress.pending -= unsent;
+                    progress.failed += unsent;
                 }
+                tracker.changed.notify_all();
+                return;
             }
         }
-        let failures = self.producer.context().failures.load(Ordering::SeqCst);
-        if failures > 0 {
-            let last = self
-                .producer
-                .context()
-                .last_error
-                .lock()
-                .expect("delivery error lock")
-                .clone();
-            return Err(KafkaWorkerError::Kafka {
-                operation: "deliver outputs",
-                source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
-            })
-            .inspect_err(
-                |_| tracing::warn!(failures, last_error = ?last, "output delivery failed"),
-            );
-        }
-        Ok(())
     }
 
-    fn send<T: Serialize>(
+    pub fn status(&self, batch: usize) -> DeliveryStatus {
+        let batches = self
+            .producer
+            .context()
+            .batches
+            .lock()
+            .expect("delivery tracker lock");
+        batches
+            .get(&batch)
+            .map_or(DeliveryStatus::Delivered, |progress| progress.status())
+    }
+
+    /// Waits at most `timeout` for `batch` to leave [`DeliveryStatus::InFlight`].
+    pub fn wait(&self, batch: usize, timeout: Duration) -> DeliveryStatus {
+        let tracker = self.producer.context();
+        let deadline = Instant::now() + timeout;
+        let mut batches = tracker.batches.lock().expect("delivery tracker lock");
+        loop {
+            let status = batches
+                .get(&batch)
+                .map_or(DeliveryStatus::Delivered, |progress| progress.status());
+            let now = Instant::now();
+            if status != DeliveryStatus::InFlight || now >= deadline {
+                return status;
+            }
+            batches = tracker
+                .changed
+                .wait_timeout(batches, deadline - now)
+                .expect("delivery tracker lock")
+                .0;
+        }
+    }
+
+    /// Stops tracking `batch`.
+    pub fn forget(&self, batch: usize) {
+        self.producer
+            .context()
+            .batches
+            .lock()
+            .expect("delivery tracker lock")
+            .remove(&batch);
+    }
+
+    /// The last delivery error the producer reported, for logs.
+    pub fn last_error(&self) -> Option<String> {
+        self.producer
+            .context()
+            .last_error
+            .lock()
+            .expect("delivery error lock")
+            .clone()
+    }
+
+    /// Sends one free-standing record (a quality snapshot) and waits for it under batch
+    /// number `batch`.
+    pub fn send_one<T: Serialize>(
         &self,
+        batch: usize,
         topic: &str,
         key: &str,
         meta: &RecordMeta,
         record: &T,
     ) -> Result<(), KafkaWorkerError> {
-        let payload = serde_json::to_vec(record).expect("output records serialize");
-        let input = meta.input.display();
+        self.enqueue(batch, &[WireRecord::of(topic, key, meta, record)]);
+        let status = self.wait(batch, self.delivery_timeout);
+        self.forget(batch);
+        match status {
+            DeliveryStatus::Delivered => Ok(()),
+            _ => Err(KafkaWorkerError::Kafka {
+                operation: "deliver a record",
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
+            }),
+        }
+    }
+
+    fn send(&self, record: &WireRecord, batch: usize) -> Result<(), KafkaWorkerError> {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: HEADER_INPUT,
-                value: Some(input.as_bytes()),
+                value: Some(record.input.as_bytes()),
             })
             .insert(Header {
                 key: HEADER_IDEMPOTENCY_KEY,
-                value: Some(meta.idempotency_key.as_bytes()),
+                value: Some(record.idempotency_key.as_bytes()),
             })
             .insert(Header {
                 key: HEADER_SCHEMA_VERSION,
-                value: Some(idgraph_model::SCHEMA_VERSION.to_string().as_bytes()),
+                value: Some(record.schema_version.as_bytes()),
             });
-        let record = BaseRecord::to(topic)
-            .key(key)
-            .payload(&payload)
+        let message = BaseRecord::with_opaque_to(&record.topic, batch)
+            .key(&record.key)
+            .payload(&record.payload)
             .headers(headers);
-        send_with_backpressure(&self.producer, record, self.delivery_timeout, "produce")
+        send_with_backpressure(&self.producer, message, self.delivery_timeout, "produce")
     }
 }
 
@@ -202,12 +419,12 @@ impl OutputSink {
 /// failure) for at most `patience`.
 pub(crate) fn send_with_backpressure<C, K, P>(
     producer: &ThreadedProducer<C>,
-    mut record: BaseRecord<'_, K, P>,
+    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
     patience: Duration,
     operation: &'static str,
 ) -> Result<(), KafkaWorkerError>
 where
-    C: ProducerContext<DeliveryOpaque = ()> + 'static,
+    C: ProducerContext + 'static,
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
@@ -228,5 +445,43 @@ where
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: &[u8], key: &str) -> WireRecord {
+        WireRecord {
+            topic: "idgraph.profiles".into(),
+            key: key.into(),
+            payload: payload.to_vec(),
+            input: "touchpoints.web/3@17".into(),
+            idempotency_key: "2f1c".into(),
+            schema_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn outbox_entries_read_back_byte_for_byte() {
+        let records = vec![
+            record(br#"{"customer_id":"cus_1"}"#, "cus_1"),
+            record(&[0xff, 0x00, 0xfe], "cus_é"),
+            record(b"", ""),
+        ];
+        assert_eq!(decode_outbox(&encode_outbox(&records)).unwrap(), records);
+        assert_eq!(decode_outbox(&encode_outbox(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_damaged_outbox_entry_is_an_error_that_says_where() {
+        let bytes = encode_outbox(&[record(b"{}", "cus_1")]);
+        let truncated = decode_outbox(&bytes[..bytes.len() - 1]).unwrap_err();
+        assert!(truncated.contains("truncated"), "{truncated}");
+        let mut longer = bytes.clone();
+        longer.push(7);
+        let trailing = decode_outbox(&longer).unwrap_err();
+        assert!(trailing.contains("1 bytes left"), "{trailing}");
     }
 }

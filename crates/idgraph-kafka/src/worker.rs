@@ -1,34 +1,40 @@
-//! The streaming worker: consume touchpoint topics in batches, resolve each batch, produce its
-//! records, then commit state and input positions together.
+//! The streaming worker: consume touchpoint topics in batches, resolve each batch, commit its
+//! state, positions and outputs together, then send the outputs while the next batch is
+//! resolved.
 //!
-//! # Crash safety
+//! # Crash safety: the outbox
 //!
-//! A batch goes through four steps:
+//! A batch goes through three steps:
 //!
-//! 1. **Journal**: the exact list of its messages (topic, partition, offset, in processing
-//!    order) is written to the state store.
-//! 2. **Resolve**: the engine turns the batch and the stored state into a write set and output
+//! 1. **Resolve**: the engine turns the batch and the stored state into a write set and output
 //!    records. This is deterministic.
-//! 3. **Produce**: every record is sent and acknowledged by the broker (idempotent producer).
-//! 4. **Commit**: one atomic write holds the graph changes, the next input positions and the
-//!    removal of the journal. Consumer-group offsets are committed after it, for lag
-//!    monitoring only.
+//! 2. **Commit**: one atomic RocksDB write holds the graph changes, the next input positions
+//!    and the batch's output records in wire form (its *outbox entry*, keyed by batch
+//!    number), plus the removal of the entries of earlier batches that the broker has fully
+//!    acknowledged. Consumer-group offsets are committed after it, for lag monitoring only.
+//! 3. **Send**: the records go to the idempotent producer. The worker does not wait for the
+//!    acknowledgements: it resolves the next batch meanwhile, with at most
+//!    `kafka.max_batches_in_flight` committed batches unacknowledged (then it waits).
 //!
-//! After a crash before step 4, the restarted worker finds the journal, reads exactly those
-//! messages again, resolves them against the same stored state and so produces byte-identical
-//! records with the same idempotency keys; then it commits and goes on. Nothing is lost (state
-//! and positions only move together), and a consumer sees at most duplicate copies that its
-//! idempotency-key check drops. On start and on every partition assignment, the worker seeks
-//! to the positions in its own store, not to the group's committed offsets.
+//! After a crash, the restarted worker first sends every outbox entry left in its store, in
+//! batch order and byte for byte as stored, waits until the broker has all of them, deletes
+//! them, and only then consumes again from the stored positions. Nothing is lost (state,
+//! positions and outputs only move together), and a consumer sees at most duplicate copies,
+//! byte-identical and with the same idempotency key, that its idempotency-key check drops.
+//!
+//! When the broker fails some record of a batch, that batch and every later one still in
+//! flight are sent again, in order, after the earlier sends have settled; so the newest
+//! version of a profile is always the last one on its partition, which is what a compacted
+//! topic keeps. On start and on every partition assignment, the worker seeks to the positions
+//! in its own store, not to the group's committed offsets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::{
-    BatchOutcome, BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore, Table,
-    WriteSet,
+    BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore, Table, WriteSet,
 };
 use idgraph_model::{InputCoordinates, RecordMeta};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -36,15 +42,44 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
 use crate::metrics::Metrics;
-use crate::sink::{client_config, OutputSink};
+use crate::sink::{
+    client_config, decode_outbox, encode_outbox, wire_records, DeliveryStatus, OutputSink,
+    WireRecord,
+};
 
-/// The key of the batch journal in [`Table::Meta`].
-const JOURNAL_KEY: &[u8] = b"kafka_batch_journal";
+/// Key prefix of outbox entries in [`Table::Meta`]; the batch number follows, big-endian, so a
+/// prefix scan returns the entries in batch order.
+const OUTBOX_PREFIX: &[u8] = b"kafka_outbox:";
+
+/// Left by versions before the outbox: the message list of a batch that was not committed.
+const LEGACY_JOURNAL_KEY: &[u8] = b"kafka_batch_journal";
+
+/// The delivery-tracking number of quality snapshots; batches count up from 1.
+const QUALITY_BATCH: usize = usize::MAX;
+
+/// How long one wait for acknowledgements lasts before the worker reports itself unready.
+const STALL_SLICE: Duration = Duration::from_millis(500);
+
+fn outbox_key(batch: usize) -> Vec<u8> {
+    let mut key = OUTBOX_PREFIX.to_vec();
+    key.extend_from_slice(&(batch as u64).to_be_bytes());
+    key
+}
+
+/// A committed batch whose outputs the broker has not fully acknowledged yet.
+struct InFlight {
+    batch: usize,
+    /// Kept to send again if delivery fails.
+    records: Vec<WireRecord>,
+    /// When each of its messages was polled, and each message's Kafka timestamp (ms).
+    polled_at: Vec<Instant>,
+    timestamps_ms: Vec<i64>,
+}
 
 /// Next offset to read, per (topic, partition), as stored with the state.
 type Positions = Arc<Mutex<HashMap<(String, i32), i64>>>;
@@ -111,28 +146,24 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
-/// The messages of a batch in processing order; what a restart replays.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Journal {
-    messages: Vec<(String, i32, i64)>,
-}
-
 /// What a worker run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WorkerSummary {
     pub batches: u64,
     pub messages: u64,
+    /// Outbox entries of an earlier run sent again at start.
     pub replayed_batches: u64,
     pub delivery_retries: u64,
     pub elapsed_secs: f64,
-    /// From the first message polled to the last batch committed: the time spent working.
+    /// From the first message polled to the last batch's outputs acknowledged: the time spent
+    /// working.
     pub active_secs: f64,
-    /// Per message, milliseconds from being polled to its batch being committed.
+    /// Per message, milliseconds from being polled to its outputs being acknowledged.
     #[serde(skip)]
-    pub poll_to_commit_ms: Vec<f32>,
-    /// Per message, milliseconds from the broker's append time to its batch's commit.
+    pub poll_to_output_ms: Vec<f32>,
+    /// Per message, milliseconds from its Kafka timestamp to its outputs being acknowledged.
     #[serde(skip)]
-    pub append_to_commit_ms: Vec<f32>,
+    pub timestamp_to_output_ms: Vec<f32>,
     #[serde(skip)]
     pub stats: BatchStats,
 }
@@ -158,8 +189,14 @@ pub struct Worker<'e, S: StateStore> {
     ready: Arc<AtomicBool>,
     summary: WorkerSummary,
     quality_sequence: u64,
-    last_commit: Option<Instant>,
+    /// When the broker last acknowledged a whole batch.
+    last_output: Option<Instant>,
     metrics: Metrics,
+    /// Committed batches awaiting acknowledgement, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Acknowledged batches whose outbox entries the next write deletes.
+    delivered: Vec<usize>,
+    next_batch: usize,
 }
 
 impl<'e, S: StateStore> Worker<'e, S> {
@@ -203,8 +240,11 @@ impl<'e, S: StateStore> Worker<'e, S> {
             ready: Arc::new(AtomicBool::new(false)),
             summary: WorkerSummary::default(),
             quality_sequence: 0,
-            last_commit: None,
+            last_output: None,
             metrics,
+            in_flight: VecDeque::new(),
+            delivered: Vec::new(),
+            next_batch: 1,
         })
     }
 
@@ -213,15 +253,15 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Arc::clone(&self.ready)
     }
 
-    /// Replays a journaled batch if the last run stopped inside one, then consumes until
-    /// `stop` is set (or the topics are idle, with `exit_when_idle`).
+    /// Sends what the last run left in the outbox, then consumes until `stop` is set (or the
+    /// topics are idle, with `exit_when_idle`), and waits for the last outputs.
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         options: RunOptions,
     ) -> Result<WorkerSummary, KafkaWorkerError> {
         let started = Instant::now();
-        self.replay_journal(stop)?;
+        self.recover_outbox(stop)?;
         let topics: Vec<&str> = self.config.sources.values().map(String::as_str).collect();
         self.consumer
             .subscribe(&topics)
@@ -234,6 +274,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
         while !stop.load(Ordering::SeqCst) {
             let (batch, polled_at) = self.poll_batch(stop);
             if batch.is_empty() {
+                self.settle(self.config.max_batches_in_flight, stop)?;
+                self.delete_delivered_now()?;
                 if !self.assigned.load(Ordering::SeqCst) {
                     last_message = Instant::now();
                 } else if options
@@ -249,8 +291,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             } else {
                 last_message = Instant::now();
                 first_poll.get_or_insert(polled_at[0]);
-                self.process(batch, stop)?;
-                self.record_latencies(&polled_at);
+                self.process(batch, polled_at, stop)?;
             }
             if last_quality.elapsed() >= quality_every {
                 last_quality = Instant::now();
@@ -258,10 +299,12 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 self.refresh_gauges();
             }
         }
+        self.settle(0, stop)?;
+        self.delete_delivered_now()?;
         self.publish_quality();
         self.set_ready(false);
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
-        if let (Some(first), Some(last)) = (first_poll, self.last_commit) {
+        if let (Some(first), Some(last)) = (first_poll, self.last_output) {
             self.summary.active_secs = (last - first).as_secs_f64();
         }
         Ok(self.summary.clone())
@@ -353,25 +396,15 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
     }
 
-    /// Notes, per message of the batch just committed, the time since it was polled.
-    fn record_latencies(&mut self, polled_at: &[Instant]) {
-        let committed = self.last_commit.unwrap_or_else(Instant::now);
-        self.summary.poll_to_commit_ms.extend(
-            polled_at
-                .iter()
-                .map(|t| (committed - *t).as_secs_f32() * 1000.0),
-        );
-    }
-
-    /// Whether every assigned partition has been processed up to its high watermark (false
-    /// when the broker cannot say).
+    /// Whether every assigned partition has been processed up to its high watermark and all
+    /// outputs are acknowledged (false when the broker cannot say).
     fn caught_up(&self) -> bool {
         let Ok(assignment) = self.consumer.assignment() else {
             return false;
         };
         // An outage can cost the worker its group membership; with no partitions it has not
         // caught up with anything.
-        if assignment.count() == 0 {
+        if assignment.count() == 0 || !self.in_flight.is_empty() {
             return false;
         }
         let positions = self.positions.lock().expect("positions lock").clone();
@@ -400,31 +433,11 @@ impl<'e, S: StateStore> Worker<'e, S> {
             .is_some_and(|next| message.offset() < *next)
     }
 
-    /// Journal, resolve, produce, commit (see the module documentation).
+    /// Resolve, commit with the outbox entry, send (see the module documentation).
     fn process(
         &mut self,
         batch: Vec<OwnedMessage>,
-        stop: &AtomicBool,
-    ) -> Result<(), KafkaWorkerError> {
-        let journal = Journal {
-            messages: batch
-                .iter()
-                .map(|m| (m.topic().to_owned(), m.partition(), m.offset()))
-                .collect(),
-        };
-        let mut writes = WriteSet::default();
-        writes.put(
-            Table::Meta,
-            JOURNAL_KEY,
-            serde_json::to_vec(&journal).expect("journal serializes"),
-        );
-        self.store.write(&writes)?;
-        self.resolve_produce_commit(&batch, stop)
-    }
-
-    fn resolve_produce_commit(
-        &mut self,
-        batch: &[OwnedMessage],
+        polled_at: Vec<Instant>,
         stop: &AtomicBool,
     ) -> Result<(), KafkaWorkerError> {
         let coordinates: Vec<InputCoordinates> = batch
@@ -448,15 +461,23 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let mut outcome =
             self.engine
                 .process_batch_cached(&self.store, &mut self.cache, &messages)?;
+        let records = wire_records(&outcome, self.sink.topics());
         let resolved = Instant::now();
-        self.deliver(&outcome, stop)?;
-        let delivered = Instant::now();
-        outcome.writes.delete(Table::Meta, JOURNAL_KEY);
-        self.store.write(&outcome.writes)?;
+        let number = self.next_batch;
+        self.next_batch += 1;
+        let mut writes = std::mem::take(&mut outcome.writes);
+        writes.put(Table::Meta, outbox_key(number), encode_outbox(&records));
+        self.delete_delivered(&mut writes);
+        self.store.write(&writes)?;
+        let committed = Instant::now();
+        self.cache.absorb(std::mem::take(&mut outcome.cache_delta));
+        self.advance_positions(&batch);
+        self.sink.enqueue(number, &records);
+        let sent = Instant::now();
         let phases = [
             ("resolve", resolved - started),
-            ("deliver", delivered - resolved),
-            ("commit", delivered.elapsed()),
+            ("commit", committed - resolved),
+            ("send", sent - committed),
         ];
         for (phase, took) in phases {
             self.metrics
@@ -466,64 +487,155 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
         self.metrics.record_batch(&outcome.stats);
         tracing::debug!(
+            batch = number,
             messages = batch.len(),
             resolve_ms = (resolved - started).as_millis() as u64,
-            deliver_ms = (delivered - resolved).as_millis() as u64,
-            commit_ms = delivered.elapsed().as_millis() as u64,
+            commit_ms = (committed - resolved).as_millis() as u64,
+            send_ms = (sent - committed).as_millis() as u64,
             "batch committed"
         );
-        self.cache.absorb(std::mem::take(&mut outcome.cache_delta));
-        self.advance_positions(batch);
         self.summary.batches += 1;
         self.summary.messages += batch.len() as u64;
-        self.last_commit = Some(Instant::now());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        for message in batch {
-            if let Some(appended) = message.timestamp().to_millis() {
-                self.summary
-                    .append_to_commit_ms
-                    .push((now_ms - appended) as f32);
-            }
-        }
         self.summary
             .stats
             .absorb(std::mem::take(&mut outcome.stats));
+        self.in_flight.push_back(InFlight {
+            batch: number,
+            records,
+            polled_at,
+            timestamps_ms: batch
+                .iter()
+                .filter_map(|m| m.timestamp().to_millis())
+                .collect(),
+        });
+        let waiting = Instant::now();
+        self.settle(self.config.max_batches_in_flight, stop)?;
+        self.metrics
+            .batch_seconds
+            .with_label_values(&["wait_for_acks"])
+            .observe(waiting.elapsed().as_secs_f64());
         Ok(())
     }
 
-    /// Sends the batch's records until the broker has them all, backing off while it cannot.
-    fn deliver(
-        &mut self,
-        outcome: &BatchOutcome,
-        stop: &AtomicBool,
-    ) -> Result<(), KafkaWorkerError> {
+    /// Retires acknowledged batches and waits until at most `limit` remain in flight,
+    /// sending failed ones again. With `stop` set it gives up after one delivery timeout: the
+    /// outbox keeps what is left for the next start.
+    fn settle(&mut self, limit: usize, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
         let mut backoff = Duration::from_millis(100);
+        let patience = Duration::from_millis(self.config.delivery_timeout_ms);
+        let started = Instant::now();
         loop {
-            let ready = Arc::clone(&self.ready);
-            let ready_gauge = self.metrics.ready.clone();
-            let on_stall = move || {
-                ready.store(false, Ordering::SeqCst);
-                ready_gauge.set(0);
-            };
-            match self.sink.send_outcome(outcome, &on_stall) {
-                Ok(()) => {
-                    self.set_ready(true);
-                    return Ok(());
-                }
-                Err(error) if error.is_transient() && !stop.load(Ordering::SeqCst) => {
-                    // Backpressure: nothing is committed until the outputs are durable.
-                    self.set_ready(false);
-                    self.summary.delivery_retries += 1;
-                    self.metrics.delivery_retries.inc();
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "outputs not delivered; retrying the batch");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(error) => return Err(error),
+            self.retire_delivered();
+            if self.in_flight.len() <= limit {
+                return Ok(());
+            }
+            if stop.load(Ordering::SeqCst) && started.elapsed() > patience {
+                tracing::warn!(
+                    batches = self.in_flight.len(),
+                    "stopping with unacknowledged outputs; the next start sends them again"
+                );
+                return Ok(());
+            }
+            let failed = self
+                .in_flight
+                .iter()
+                .any(|b| self.sink.status(b.batch) == DeliveryStatus::Failed);
+            if failed {
+                self.resend_from_first_failure(&mut backoff, stop);
+                continue;
+            }
+            let oldest = self
+                .in_flight
+                .front()
+                .expect("more than limit in flight")
+                .batch;
+            if self.sink.wait(oldest, STALL_SLICE) == DeliveryStatus::InFlight {
+                // Acknowledgements are overdue: the broker is slow or away. Report it long
+                // before the delivery timeout decides anything.
+                self.set_ready(false);
             }
         }
+    }
+
+    /// Takes fully acknowledged batches off the front of the queue, in batch order.
+    fn retire_delivered(&mut self) {
+        while let Some(front) = self.in_flight.front() {
+            if self.sink.status(front.batch) != DeliveryStatus::Delivered {
+                break;
+            }
+            let done = self.in_flight.pop_front().expect("front exists");
+            self.sink.forget(done.batch);
+            self.delivered.push(done.batch);
+            let now = Instant::now();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            for polled in &done.polled_at {
+                let took = (now - *polled).as_secs_f64();
+                self.metrics.poll_to_output_seconds.observe(took);
+                self.summary.poll_to_output_ms.push(took as f32 * 1000.0);
+            }
+            for timestamp in &done.timestamps_ms {
+                let took_ms = (now_ms - timestamp).max(0);
+                self.metrics
+                    .timestamp_to_output_seconds
+                    .observe(took_ms as f64 / 1000.0);
+                self.summary.timestamp_to_output_ms.push(took_ms as f32);
+            }
+            self.last_output = Some(now);
+            self.set_ready(true);
+        }
+    }
+
+    /// Waits until no send of the window is pending, then sends the first failed batch and
+    /// every later one again, in order, so the newest version of each key arrives last.
+    fn resend_from_first_failure(&mut self, backoff: &mut Duration, stop: &AtomicBool) {
+        self.set_ready(false);
+        for batch in self.in_flight.iter().map(|b| b.batch) {
+            while self.sink.wait(batch, STALL_SLICE) == DeliveryStatus::InFlight {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+        }
+        let Some(first_failed) = self
+            .in_flight
+            .iter()
+            .position(|b| self.sink.status(b.batch) == DeliveryStatus::Failed)
+        else {
+            return;
+        };
+        self.summary.delivery_retries += 1;
+        self.metrics.delivery_retries.inc();
+        tracing::warn!(
+            last_error = ?self.sink.last_error(),
+            batches = self.in_flight.len() - first_failed,
+            retry_in_ms = backoff.as_millis() as u64,
+            "outputs not delivered; sending the failed batch and the later ones again"
+        );
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        for flight in self.in_flight.iter().skip(first_failed) {
+            self.sink.enqueue(flight.batch, &flight.records);
+        }
+    }
+
+    /// Adds the deletion of acknowledged outbox entries to `writes`.
+    fn delete_delivered(&mut self, writes: &mut WriteSet) {
+        for batch in self.delivered.drain(..) {
+            writes.delete(Table::Meta, outbox_key(batch));
+        }
+    }
+
+    /// Deletes acknowledged outbox entries in a write of their own (when idle or stopping).
+    fn delete_delivered_now(&mut self) -> Result<(), KafkaWorkerError> {
+        if self.delivered.is_empty() {
+            return Ok(());
+        }
+        let mut writes = WriteSet::default();
+        self.delete_delivered(&mut writes);
+        self.store.write(&writes)?;
+        Ok(())
     }
 
     /// Records the committed positions and commits them to the consumer group (for lag).
@@ -547,22 +659,49 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
     }
 
-    /// Re-reads and re-processes the batch that was in flight when the last run stopped.
-    fn replay_journal(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
-        let Some(bytes) = self.store.get(Table::Meta, JOURNAL_KEY)? else {
-            return Ok(());
-        };
-        let journal: Journal = serde_json::from_slice(&bytes).map_err(|e| {
-            KafkaWorkerError::Journal(format!("stored journal cannot be decoded: {e}"))
-        })?;
-        tracing::info!(
-            messages = journal.messages.len(),
-            "replaying the batch in flight at the last stop"
-        );
-        let batch = fetch_exact(&self.config, &journal.messages, stop)?;
-        self.resolve_produce_commit(&batch, stop)?;
-        self.summary.replayed_batches += 1;
-        self.metrics.replayed_batches.inc();
+    /// Sends the outbox entries an earlier run left (batches committed but not known to be
+    /// acknowledged), in batch order and byte for byte, and waits for all of them.
+    fn recover_outbox(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
+        if self.store.get(Table::Meta, LEGACY_JOURNAL_KEY)?.is_some() {
+            // Its batch was never committed, so the stored positions read it again.
+            tracing::warn!("removing a batch journal left by an older version; its messages are read again from the stored positions");
+            let mut writes = WriteSet::default();
+            writes.delete(Table::Meta, LEGACY_JOURNAL_KEY);
+            self.store.write(&writes)?;
+        }
+        for (key, value) in self.store.scan_prefix(Table::Meta, OUTBOX_PREFIX)? {
+            let number = key
+                .strip_prefix(OUTBOX_PREFIX)
+                .and_then(|n| <[u8; 8]>::try_from(n).ok())
+                .map(|n| u64::from_be_bytes(n) as usize)
+                .ok_or_else(|| {
+                    KafkaWorkerError::Outbox(format!(
+                        "unexpected outbox key {}",
+                        String::from_utf8_lossy(&key)
+                    ))
+                })?;
+            let records = decode_outbox(&value).map_err(|e| {
+                KafkaWorkerError::Outbox(format!("outbox entry of batch {number}: {e}"))
+            })?;
+            self.sink.enqueue(number, &records);
+            self.in_flight.push_back(InFlight {
+                batch: number,
+                records,
+                polled_at: Vec::new(),
+                timestamps_ms: Vec::new(),
+            });
+            self.next_batch = self.next_batch.max(number + 1);
+            self.summary.replayed_batches += 1;
+            self.metrics.replayed_batches.inc();
+        }
+        if !self.in_flight.is_empty() {
+            tracing::info!(
+                batches = self.in_flight.len(),
+                "sending the outputs the last run had not seen acknowledged"
+            );
+            self.settle(0, stop)?;
+            self.delete_delivered_now()?;
+        }
         Ok(())
     }
 
@@ -580,10 +719,13 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 },
                 idempotency_key: format!("quality:{source}:{}", self.quality_sequence),
             };
-            if let Err(error) =
-                self.sink
-                    .send_one(&self.config.outputs.quality, source, &meta, &snapshot)
-            {
+            if let Err(error) = self.sink.send_one(
+                QUALITY_BATCH,
+                &self.config.outputs.quality,
+                source,
+                &meta,
+                &snapshot,
+            ) {
                 tracing::warn!(%error, "quality snapshot not delivered");
             }
         }
@@ -646,61 +788,4 @@ fn load_positions<S: StateStore>(
         }
     }
     Ok(positions)
-}
-
-/// Reads exactly the listed messages, in the listed order, with a consumer outside the group.
-fn fetch_exact(
-    config: &KafkaConfig,
-    wanted: &[(String, i32, i64)],
-    stop: &AtomicBool,
-) -> Result<Vec<OwnedMessage>, KafkaWorkerError> {
-    let consumer: BaseConsumer = client_config(config)
-        .set("group.id", format!("{}-journal-replay", config.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(KafkaWorkerError::kafka("create replay consumer"))?;
-    let mut start: HashMap<(String, i32), i64> = HashMap::new();
-    for (topic, partition, offset) in wanted {
-        let entry = start.entry((topic.clone(), *partition)).or_insert(*offset);
-        *entry = (*entry).min(*offset);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in &start {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .map_err(KafkaWorkerError::kafka("plan replay"))?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(KafkaWorkerError::kafka("assign replay partitions"))?;
-    let wanted_set: std::collections::HashSet<&(String, i32, i64)> = wanted.iter().collect();
-    let mut found: HashMap<(String, i32, i64), OwnedMessage> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while found.len() < wanted.len() {
-        if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
-            return Err(KafkaWorkerError::Journal(format!(
-                "found {} of the {} journaled messages; were they deleted by retention?",
-                found.len(),
-                wanted.len()
-            )));
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                let key = (
-                    message.topic().to_owned(),
-                    message.partition(),
-                    message.offset(),
-                );
-                if wanted_set.contains(&key) {
-                    found.insert(key, message.detach());
-                }
-            }
-            Some(Err(error)) => tracing::warn!(%error, "replay consumer error"),
-            None => {}
-        }
-    }
-    Ok(wanted
-        .iter()
-        .map(|key| found.remove(key).expect("every wanted message was found"))
-        .collect())
 }
