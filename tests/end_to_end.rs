@@ -296,3 +296,122 @@ fn an_unknown_config_key_stops_the_run_with_the_key_named() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("engine.fuzzy.treshold"), "{stderr}");
 }
+
+/// Sends one HTTP/1.1 request and returns the status code and the body.
+fn http(address: &str, method: &str, target: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+#[test]
+fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    // Two customers that an event with both an email and a phone then merges.
+    let events = [
+        r#"{"event_id":"a1","source":"web","event_type":"page_view","timestamp":"2026-03-01T10:00:00Z","identifiers":{"email":"Ann.Lee@Example.com"}}"#,
+        r#"{"event_id":"b1","source":"mobile","event_type":"app_open","timestamp":"2026-03-01T11:00:00Z","identifiers":{"phone":"+1 415 555 0100","device_id":"dev-9"}}"#,
+        r#"{"event_id":"m1","source":"transaction","event_type":"purchase","timestamp":"2026-03-01T12:00:00Z","identifiers":{"email":"ann.lee@example.com","phone":"+14155550100"},"properties":{"amount":19.99,"currency":"USD"}}"#,
+    ];
+    std::fs::write(&input, events.join("\n") + "\n").unwrap();
+    let state = dir.path().join("state");
+    let out = dir.path().join("out");
+    ok(&[
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&out),
+        "--state",
+        p(&state),
+    ]);
+    let profiles = read_lines(&out.join("profiles.jsonl"));
+    let tombstone = profiles
+        .iter()
+        .find(|r| r.get("merged_into").is_some())
+        .expect("the third event merged two profiles");
+    let absorbed = tombstone["customer_id"].as_str().unwrap();
+    let survivor = tombstone["merged_into"].as_str().unwrap();
+    let latest = profiles
+        .iter()
+        .rev()
+        .find(|r| r["customer_id"] == survivor && r.get("profile").is_some())
+        .unwrap();
+
+    let mut server = Command::new(env!("CARGO_BIN_EXE_idgraph"))
+        .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    let address = first_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {first_line:?}"))
+        .to_owned();
+    let json = |target: &str| -> (u16, Value) {
+        let (status, body) = http(&address, "GET", target);
+        (status, serde_json::from_str(&body).unwrap())
+    };
+
+    // An absorbed id redirects to the survivor's current profile, as the profile topic has it.
+    let (status, body) = json(&format!("/v1/profiles/{absorbed}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["customer_id"], survivor);
+    assert_eq!(body["redirected_from"], absorbed);
+    assert_eq!(body["profile"], latest["profile"]);
+    let (status, body) = json(&format!("/v1/profiles/{survivor}"));
+    assert_eq!((status, body.get("redirected_from")), (200, None));
+
+    // Lookups normalize the value the way events are normalized.
+    for query in [
+        "kind=email&value=ANN.LEE%40EXAMPLE.COM%20",
+        "kind=phone&value=%2B1+415+555+0100",
+        "kind=device_id&value=dev-9",
+    ] {
+        let (status, body) = json(&format!("/v1/lookup?{query}"));
+        assert_eq!(
+            (status, &body["customer_id"]),
+            (200, &Value::from(survivor)),
+            "{query}"
+        );
+    }
+
+    let (status, body) = json(&format!("/v1/profiles/{absorbed}/explain"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["customer_id"], survivor);
+    assert_eq!(body["absorbed_ids"], serde_json::json!([absorbed]));
+    assert!(!body["evidence"].as_array().unwrap().is_empty());
+
+    // Errors say what is wrong, as JSON.
+    let (status, body) = json("/v1/profiles/cus_missing");
+    assert_eq!(status, 404);
+    assert!(
+        body["error"].as_str().unwrap().contains("cus_missing"),
+        "{body}"
+    );
+    let (status, body) = json("/v1/lookup?kind=email&value=nobody%40example.com");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = json("/v1/lookup?kind=email");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(http(&address, "POST", "/v1/profiles/x").0, 405);
+    assert_eq!(http(&address, "GET", "/readyz").0, 200);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -27,5 +27,6 @@ pub use engine::{customer_id_for, BatchOutcome, Engine, EngineError, InputMessag
 pub use idgraph_model::Normalizer;
 pub use stats::{BatchStats, QualityReport};
 pub use store::{
-    ErrorClass, MemoryStore, StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet,
+    ErrorClass, MemoryStore, StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp,
+    WriteSet,
 };

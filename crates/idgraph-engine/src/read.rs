@@ -7,11 +7,11 @@ use petgraph::graph::{NodeIndex, UnGraph};
 use serde::Serialize;
 
 use crate::state::{decode, CustomerEntry, Evidence, EvidenceLink, NodeRecord, ProfileState};
-use crate::store::{StateStore, StoreError, Table};
+use crate::store::{StateRead, StoreError, Table};
 use crate::Normalizer;
 
 /// Reads a customer id's entry, following merge redirects to the live profile.
-pub fn profile_by_id<S: StateStore>(
+pub fn profile_by_id<S: StateRead>(
     store: &S,
     customer_id: &str,
 ) -> Result<Option<ProfileState>, StoreError> {
@@ -29,7 +29,7 @@ pub fn profile_by_id<S: StateStore>(
 }
 
 /// The customer id that holds an identifier, given its raw value (normalized here).
-pub fn customer_for_identifier<S: StateStore>(
+pub fn customer_for_identifier<S: StateRead>(
     store: &S,
     normalizer: &Normalizer,
     kind: &str,
@@ -79,7 +79,7 @@ pub struct PathStep {
 }
 
 /// Builds the explanation of a profile from its evidence and that of the ids it absorbed.
-pub fn explain<S: StateStore>(
+pub fn explain<S: StateRead>(
     store: &S,
     customer_id: &str,
 ) -> Result<Option<Explanation>, StoreError> {

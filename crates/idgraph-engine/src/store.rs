@@ -147,16 +147,20 @@ pub struct StoreFigures {
     pub write_stalled: bool,
 }
 
-/// Durable key-value state, split into [`Table`]s.
-///
-/// Implementations must make [`StateStore::write`] atomic: after a crash either every
-/// operation of a write set is visible or none is.
-pub trait StateStore {
+/// Reading key-value state, split into [`Table`]s. Kept apart from [`StateStore`] so that a
+/// read-only handle (the HTTP profile API's) can share a store its single writer owns.
+pub trait StateRead {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Every entry whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError>;
+}
 
+/// Durable key-value state, split into [`Table`]s.
+///
+/// Implementations must make [`StateStore::write`] atomic: after a crash either every
+/// operation of a write set is visible or none is.
+pub trait StateStore: StateRead {
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError>;
 
     /// Size, cache and stall figures for metrics.
@@ -187,7 +191,7 @@ impl MemoryStore {
     }
 }
 
-impl StateStore for MemoryStore {
+impl StateRead for MemoryStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tables.get(&table).and_then(|t| t.get(key)).cloned())
     }
@@ -202,7 +206,9 @@ impl StateStore for MemoryStore {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+}
 
+impl StateStore for MemoryStore {
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
         for op in &batch.ops {
             match op {

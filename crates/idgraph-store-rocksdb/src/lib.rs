@@ -7,9 +7,10 @@
 //! bytes under keys and checks the state schema version when it opens a directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use idgraph_engine::store::{Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
-use idgraph_engine::{StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet};
+use idgraph_engine::{StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
     ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB,
@@ -49,7 +50,8 @@ pub struct StorageStats {
 
 /// A state directory opened with RocksDB.
 pub struct RocksStore {
-    db: DB,
+    /// Shared with [`RocksReader`]s; only this store writes.
+    db: Arc<DB>,
     path: PathBuf,
     write_options: WriteOptions,
     cache: Cache,
@@ -97,7 +99,7 @@ impl RocksStore {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(config.sync_writes);
         let mut store = RocksStore {
-            db,
+            db: Arc::new(db),
             path: path.to_owned(),
             write_options,
             cache,
@@ -126,9 +128,15 @@ impl RocksStore {
     }
 
     fn handle(&self, table: Table) -> &ColumnFamily {
-        self.db
-            .cf_handle(table.name())
-            .expect("every table's column family is created at open")
+        handle(&self.db, table)
+    }
+
+    /// A read-only handle on the same database, for readers on other threads (the HTTP
+    /// profile API). It sees every write once it is committed, and never a part of one.
+    pub fn reader(&self) -> RocksReader {
+        RocksReader {
+            db: Arc::clone(&self.db),
+        }
     }
 
     /// Size, cache and stall figures from RocksDB's properties.
@@ -196,26 +204,65 @@ fn table_options(table: Table, config: &StorageConfig, cache: &Cache) -> Options
     options
 }
 
-impl StateStore for RocksStore {
+/// A read-only view of a [`RocksStore`]'s database that can move to another thread.
+#[derive(Clone)]
+pub struct RocksReader {
+    db: Arc<DB>,
+}
+
+impl std::fmt::Debug for RocksReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksReader")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+fn handle(db: &DB, table: Table) -> &ColumnFamily {
+    db.cf_handle(table.name())
+        .expect("every table's column family is created at open")
+}
+
+fn get(db: &DB, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    db.get_cf(handle(db, table), key).map_err(convert)
+}
+
+fn scan_prefix(db: &DB, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
+    let mut out = Vec::new();
+    for item in db.iterator_cf(
+        handle(db, table),
+        IteratorMode::From(prefix, Direction::Forward),
+    ) {
+        let (key, value) = item.map_err(convert)?;
+        if !key.starts_with(prefix) {
+            break;
+        }
+        out.push((key.into_vec(), value.into_vec()));
+    }
+    Ok(out)
+}
+
+impl StateRead for RocksReader {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.handle(table), key).map_err(convert)
+        get(&self.db, table, key)
     }
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.handle(table),
-            IteratorMode::From(prefix, Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(convert)?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            out.push((key.into_vec(), value.into_vec()));
-        }
-        Ok(out)
+        scan_prefix(&self.db, table, prefix)
+    }
+}
+
+impl StateRead for RocksStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        get(&self.db, table, key)
     }
 
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
+        scan_prefix(&self.db, table, prefix)
+    }
+}
+
+impl StateStore for RocksStore {
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
         let mut write_batch = WriteBatch::default();
         for op in &batch.ops {

@@ -2,7 +2,7 @@
 //! store can promise: reopening restores everything, and a foreign schema version is refused.
 
 use idgraph_engine::store::SCHEMA_VERSION_KEY;
-use idgraph_engine::{conformance, StateStore, StoreError, Table, WriteSet};
+use idgraph_engine::{conformance, StateRead, StateStore, StoreError, Table, WriteSet};
 use idgraph_store_rocksdb::{Compression, RocksStore, StorageConfig};
 
 fn config() -> StorageConfig {
@@ -78,4 +78,29 @@ fn stats_report_size_after_flush() {
     store.write(&batch).unwrap();
     store.flush().unwrap();
     assert!(store.stats().sst_files_bytes > 0);
+}
+
+#[test]
+fn a_reader_on_another_thread_sees_each_write_whole_once_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RocksStore::open(dir.path(), &config()).unwrap();
+    let reader = store.reader();
+    assert_eq!(reader.get(Table::Customers, b"cus_1").unwrap(), None);
+    let mut batch = WriteSet::default();
+    batch.put(Table::Customers, "cus_1", "live");
+    batch.put(Table::Evidence, "cus_1\0a", "one");
+    batch.put(Table::Evidence, "cus_1\0b", "two");
+    store.write(&batch).unwrap();
+    let seen = std::thread::spawn(move || {
+        (
+            reader.get(Table::Customers, b"cus_1").unwrap(),
+            reader
+                .scan_prefix(Table::Evidence, b"cus_1\0")
+                .unwrap()
+                .len(),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(seen, (Some(b"live".to_vec()), 2));
 }

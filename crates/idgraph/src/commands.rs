@@ -243,6 +243,30 @@ pub fn explain(config: &AppConfig, state: &Path, customer: &str) -> Result<()> {
     Ok(())
 }
 
+/// Serves the profile API over `state` until SIGINT/SIGTERM.
+pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {
+    let store = open_existing_state(config, state)?;
+    let engine = engine(config)?;
+    let address = crate::http::serve(
+        listen,
+        crate::http::Endpoints {
+            metrics: idgraph_kafka::Metrics::new(),
+            ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            profiles: Some(crate::http::ProfileApi {
+                state: store.reader(),
+                normalizer: engine.normalizer().clone(),
+            }),
+        },
+    )?;
+    println!("serving http://{address}/v1/profiles/{{customer_id}}, /v1/lookup?kind=K&value=V and /v1/profiles/{{customer_id}}/explain over {}", state.display());
+    let stop = crate::streaming::stop_on_signal()?;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    drop(store);
+    Ok(())
+}
+
 /// Peak resident memory of this process, from /proc (Linux); `None` elsewhere.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

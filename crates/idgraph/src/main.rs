@@ -94,6 +94,16 @@ enum Command {
         #[arg(long)]
         customer: String,
     },
+    /// Serve the HTTP profile API (and /healthz, /readyz) over a state directory until
+    /// SIGINT/SIGTERM, e.g. after `resolve --state DIR`. A running worker serves the same API
+    /// itself; RocksDB lets only one process open a directory.
+    Serve {
+        #[arg(long)]
+        state: PathBuf,
+        /// Address to listen on; overrides http.listen.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Measure throughput, memory and accuracy on generated data with RocksDB on disk.
     Bench {
         /// Event counts to run, comma separated; ratios are against the first.
@@ -212,6 +222,11 @@ fn main() -> Result<()> {
             value,
         } => commands::lookup(&config, &state, customer.as_deref(), kind.zip(value)),
         Command::Explain { state, customer } => commands::explain(&config, &state, &customer),
+        Command::Serve { state, listen } => commands::serve(
+            &config,
+            &state,
+            listen.as_deref().unwrap_or(&config.http.listen),
+        ),
         Command::Bench {
             sizes,
             seed,

@@ -129,11 +129,33 @@ fn topic_list(config: &AppConfig) -> String {
     topics.join(", ")
 }
 
+/// Starts the HTTP endpoints with the profile API over `reader`.
+fn serve_http(
+    config: &AppConfig,
+    engine: &idgraph_engine::Engine,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    reader: idgraph_store_rocksdb::RocksReader,
+) -> Result<std::net::SocketAddr> {
+    crate::http::serve(
+        &config.http.listen,
+        crate::http::Endpoints {
+            metrics,
+            ready,
+            profiles: Some(crate::http::ProfileApi {
+                state: reader,
+                normalizer: engine.normalizer().clone(),
+            }),
+        },
+    )
+}
+
 /// The streaming worker.
 pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Result<()> {
     let stop = stop_on_signal()?;
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(state))?;
+    let reader = store.reader();
     let metrics = Metrics::new();
     let mut worker = Worker::new(
         &engine,
@@ -142,8 +164,8 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
         config.engine.cache.max_entries,
         metrics.clone(),
     )?;
-    let address = crate::http::serve(&config.http.listen, metrics, worker.readiness())?;
-    tracing::info!(%address, "http listening for /metrics, /healthz and /readyz");
+    let address = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    tracing::info!(%address, "http listening for /metrics, /healthz, /readyz and /v1/profiles");
     tracing::info!(bootstrap = %config.kafka.bootstrap_servers, state = %state.display(), "worker starting");
     let summary = worker.run(
         &stop,
@@ -314,6 +336,7 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
     );
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(&state))?;
+    let reader = store.reader();
     let metrics = Metrics::new();
     let mut worker = Worker::new(
         &engine,
@@ -322,8 +345,10 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
         config.engine.cache.max_entries,
         metrics.clone(),
     )?;
-    let address = crate::http::serve(&config.http.listen, metrics, worker.readiness())?;
-    println!("   metrics at http://{address}/metrics while the worker runs");
+    let address = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    println!(
+        "   metrics at http://{address}/metrics and profiles at http://{address}/v1/profiles/{{id}} while the worker runs"
+    );
     let stop = stop_on_signal()?;
     let mut summary = worker.run(
         &stop,
