@@ -708,3 +708,42 @@ fn failed_produce_requests_are_retried_without_loss_or_change() {
     );
     assert_eq!(profiles, file_mode_profiles(&reference));
 }
+
+#[test]
+fn an_absent_output_topic_that_cannot_be_created_stops_the_worker_with_its_name() {
+    // The broker has every default topic; the worker is pointed at a quality topic it lacks.
+    // The mock cluster has no CreateTopics, so creation fails, as it would without the ACL.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let state = dir.path().join("state");
+    let output = broker
+        .command(&["run", "--state", p(&state), "--exit-when-idle", "2"])
+        .env("IDGRAPH__KAFKA__OUTPUTS__QUALITY", "idgraph.quality-v2")
+        .env("IDGRAPH__KAFKA__TOPICS__ADMIN_TIMEOUT_MS", "2000")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the worker started without its topic"
+    );
+    assert!(
+        stderr.contains("cannot create output topics idgraph.quality-v2")
+            && stderr.contains("kafka.topics.create = false"),
+        "{stderr}"
+    );
+    // The topics that exist are not named: only the absent one is created.
+    assert!(!stderr.contains("idgraph.enriched"), "{stderr}");
+    // With creation turned off the worker starts and leaves topic management to the operator.
+    let status = broker
+        .command(&["run", "--state", p(&state), "--exit-when-idle", "2"])
+        .env("IDGRAPH__KAFKA__OUTPUTS__QUALITY", "idgraph.quality-v2")
+        .env("IDGRAPH__KAFKA__TOPICS__CREATE", "false")
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the worker runs with kafka.topics.create = false"
+    );
+}

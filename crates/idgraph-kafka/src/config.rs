@@ -27,9 +27,25 @@ pub struct KafkaConfig {
     /// Source name → topic it is consumed from.
     pub sources: BTreeMap<String, String>,
     pub outputs: OutputTopics,
+    pub topics: TopicCreation,
     /// Extra librdkafka properties for every client (security, tuning), e.g.
     /// `"security.protocol" = "SSL"`.
     pub client: BTreeMap<String, String>,
+}
+
+/// How absent output topics are created at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicCreation {
+    /// Create absent output topics at start through the admin API.
+    pub create: bool,
+    /// Partitions of a created topic; -1 takes the broker's `num.partitions`.
+    pub partitions: i32,
+    /// Replication factor of a created topic; -1 takes the broker's
+    /// `default.replication.factor`.
+    pub replication_factor: i32,
+    /// Longest wait for cluster metadata and for topic creation.
+    pub admin_timeout_ms: u64,
 }
 
 /// Output topic names (SPEC §4).
@@ -71,6 +87,18 @@ impl KafkaConfig {
         }
         if self.batch_size == 0 {
             return Err("kafka.batch_size must be at least 1".into());
+        }
+        if self.topics.partitions == 0 || self.topics.partitions < -1 {
+            return Err(format!(
+                "kafka.topics.partitions = {} must be at least 1, or -1 for the broker's default",
+                self.topics.partitions
+            ));
+        }
+        if self.topics.replication_factor == 0 || self.topics.replication_factor < -1 {
+            return Err(format!(
+                "kafka.topics.replication_factor = {} must be at least 1, or -1 for the broker's default",
+                self.topics.replication_factor
+            ));
         }
         if self.max_batches_in_flight == 0 {
             return Err(

@@ -19,6 +19,9 @@ pub enum KafkaWorkerError {
     /// The configuration cannot work.
     #[error("invalid kafka configuration: {0}")]
     Config(String),
+    /// Output topics are missing and could not be created.
+    #[error("cannot create output topics {topics}: {reason}; create them yourself (see README) or set kafka.topics.create = false")]
+    TopicSetup { topics: String, reason: String },
     /// The stored outbox cannot be read back; the state directory is damaged.
     #[error("cannot send the stored outbox again: {0}")]
     Outbox(String),

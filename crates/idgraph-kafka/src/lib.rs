@@ -14,6 +14,7 @@ pub mod error;
 pub mod metrics;
 pub mod sink;
 pub mod tools;
+pub mod topics;
 pub mod worker;
 
 pub use broker::DevBroker;

@@ -209,6 +209,12 @@ impl<'e, S: StateStore> Worker<'e, S> {
         metrics: Metrics,
     ) -> Result<Self, KafkaWorkerError> {
         config.validate().map_err(KafkaWorkerError::Config)?;
+        if config.topics.create {
+            let setup = crate::topics::ensure_output_topics(&config)?;
+            if !setup.created.is_empty() {
+                tracing::info!(topics = ?setup.created, "created absent output topics");
+            }
+        }
         let positions: Positions = Arc::new(Mutex::new(load_positions(&store)?));
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let assigned = Arc::new(AtomicBool::new(false));
