@@ -154,8 +154,14 @@ pub fn encode_live(state: &ProfileState) -> Vec<u8> {
     encode(&LiveRef::Live(state))
 }
 
+/// Encodes a state record as MessagePack with field names: compact and quick for the
+/// string-heavy profiles (no escaping), yet self-describing, so optional fields may be
+/// skipped and added later without a migration.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("state records always serialize")
+    // Most records are a few hundred bytes; starting there saves the first regrowths.
+    let mut bytes = Vec::with_capacity(512);
+    rmp_serde::encode::write_named(&mut bytes, value).expect("state records always serialize");
+    bytes
 }
 
 pub fn decode<T: DeserializeOwned>(
@@ -163,7 +169,7 @@ pub fn decode<T: DeserializeOwned>(
     key: &[u8],
     bytes: &[u8],
 ) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         table: table.name(),
         key: String::from_utf8_lossy(key).replace('\0', "/"),
         reason: e.to_string(),

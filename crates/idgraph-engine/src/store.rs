@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 /// The version of the stored state's layout; a store refuses to open state of another version.
-pub const STATE_SCHEMA_VERSION: &str = "1";
+/// Version 2 stores records as MessagePack instead of JSON.
+pub const STATE_SCHEMA_VERSION: &str = "2";
 
 /// The key under which [`STATE_SCHEMA_VERSION`] is stored in [`Table::Meta`].
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
