@@ -298,6 +298,30 @@ fn parse_and_normalize_rate(engine: &Engine, input: &Path) -> Result<f64> {
     Ok(lines as f64 / started.elapsed().as_secs_f64())
 }
 
+/// A second floor for the benchmark: input lines per second at which the run's own output
+/// records (enriched events, profiles, identity changes) can merely be encoded as JSON, with
+/// no resolution, storage or file writes. Records are read back one at a time and only their
+/// encoding is timed.
+fn output_encoding_rate(out: &Path, lines: u64) -> Result<f64> {
+    fn encode_all<T: serde::de::DeserializeOwned + serde::Serialize>(path: &Path) -> Result<f64> {
+        let reader = BufReader::new(File::open(path)?);
+        let mut buffer = Vec::with_capacity(1 << 16);
+        let mut seconds = 0.0;
+        for line in reader.lines() {
+            let record: T = serde_json::from_str(&line?)?;
+            buffer.clear();
+            let started = Instant::now();
+            serde_json::to_writer(&mut buffer, &record)?;
+            seconds += started.elapsed().as_secs_f64();
+        }
+        Ok(seconds)
+    }
+    let seconds = encode_all::<idgraph_model::EnrichedEvent>(&out.join("enriched.jsonl"))?
+        + encode_all::<idgraph_model::ProfileRecord>(&out.join("profiles.jsonl"))?
+        + encode_all::<idgraph_model::IdentityChange>(&out.join("identity-changes.jsonl"))?;
+    Ok(lines as f64 / seconds.max(1e-9))
+}
+
 pub fn bench(
     config: &AppConfig,
     sizes: &[usize],
@@ -313,10 +337,11 @@ pub fn bench(
     let root = work_dir.unwrap_or(temp.path());
     let engine = engine(config)?;
     println!(
-        "{:>10} {:>14} {:>16} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "{:>10} {:>14} {:>16} {:>14} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "events",
         "resolve ev/s",
         "baseline ev/s",
+        "outputs ev/s",
         "vs baseline",
         "vs first",
         "peak MiB",
@@ -352,13 +377,15 @@ pub fn bench(
             &out.join("enriched.jsonl"),
             Some(&out.join("profiles.jsonl")),
         )?;
+        let output_rate = output_encoding_rate(&out, summary.lines)?;
         let rate = summary.events_per_sec;
         let first = *first_rate.get_or_insert(rate);
         println!(
-            "{:>10} {:>14.0} {:>16.0} {:>12.3} {:>10.3} {:>10.0} {:>10.5} {:>10.5}",
+            "{:>10} {:>14.0} {:>16.0} {:>14.0} {:>12.3} {:>10.3} {:>10.0} {:>10.5} {:>10.5}",
             size,
             rate,
             baseline,
+            output_rate,
             rate / baseline,
             rate / first,
             peak,

@@ -22,6 +22,19 @@ use crate::config::{AppConfig, LogFormat};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (the same index in mimalloc 2 and 3); the Rust
+/// bindings do not name it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Every batch frees and reallocates megabytes of records. With mimalloc's default 10 ms
+/// purge delay those pages go back to the OS and fault in again, zeroed, on the next batch
+/// (8% of file-mode time in perf, 220k minor faults per 100k events); one second keeps them
+/// for the next batch at the cost of a few tens of MiB.
+fn keep_freed_memory_between_batches() {
+    // SAFETY: setting an allocator option is thread-safe and takes effect on the next purge.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "idgraph",
@@ -191,6 +204,7 @@ fn init_logging(config: &AppConfig) {
 }
 
 fn main() -> Result<()> {
+    keep_freed_memory_between_batches();
     let cli = Cli::parse();
     let mut config = AppConfig::load(cli.config.as_deref())?;
     if let Some(servers) = cli.bootstrap_servers {

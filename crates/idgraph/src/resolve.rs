@@ -73,10 +73,14 @@ impl OutputFiles {
 }
 
 fn write_lines<T: Serialize>(writer: &mut BufWriter<File>, records: &[T]) -> Result<()> {
+    // Encoding into one plain buffer and writing it once is cheaper than many small writes
+    // through the file buffer.
+    let mut buffer = Vec::with_capacity(records.len() * 512);
     for record in records {
-        serde_json::to_writer(&mut *writer, record)?;
-        writer.write_all(b"\n")?;
+        serde_json::to_writer(&mut buffer, record)?;
+        buffer.push(b'\n');
     }
+    writer.write_all(&buffer)?;
     Ok(())
 }
 
