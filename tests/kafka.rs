@@ -646,6 +646,41 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(ready_again, "/readyz recovered after the outage");
+    // The running worker answers profile lookups from its committed state: the customer of
+    // the first enriched event, by id and by one of its identifiers, agree.
+    let first = &read_lines(&reference.join("enriched.jsonl"))[0];
+    let customer = first["customer_id"].as_str().unwrap();
+    let (kind, values) = first["identifiers"]
+        .as_object()
+        .and_then(|ids| ids.iter().next())
+        .expect("the first event has an identifier");
+    let lookup = format!(
+        "/v1/lookup?kind={kind}&value={}",
+        values[0]
+            .as_str()
+            .unwrap()
+            .replace('@', "%40")
+            .replace('+', "%2B")
+    );
+    // The first batch may still be on its way after the outage: wait for its commit.
+    let body = |path: &str| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = get(&http, path);
+            if response.starts_with("HTTP/1.1 200") {
+                return serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+            }
+            assert!(Instant::now() < deadline, "{path}: {response}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let by_id = body(&format!("/v1/profiles/{customer}"));
+    let by_identifier = body(&lookup);
+    assert_eq!(
+        by_id["customer_id"], by_identifier["customer_id"],
+        "{lookup}"
+    );
+    assert!(by_id["profile"]["identifiers"].as_array().unwrap().len() >= 1);
     let metrics = get(&http, "/metrics");
     for name in [
         "idgraph_events_processed_total",
