@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use idgraph_engine::{BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore};
+use idgraph_engine::{
+    BatchOutcome, BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore,
+};
 use idgraph_model::InputCoordinates;
 use idgraph_store_rocksdb::RocksStore;
 use serde::Serialize;
@@ -48,7 +50,7 @@ impl OutputFiles {
         })
     }
 
-    fn write_batch(&mut self, outcome: &idgraph_engine::BatchOutcome) -> Result<()> {
+    fn write_batch(&mut self, outcome: &BatchOutcome) -> Result<()> {
         write_lines(&mut self.enriched, &outcome.enriched)?;
         write_lines(&mut self.profiles, &outcome.profiles)?;
         write_lines(&mut self.changes, &outcome.changes)?;
@@ -84,6 +86,46 @@ fn write_lines<T: Serialize>(writer: &mut BufWriter<File>, records: &[T]) -> Res
     Ok(())
 }
 
+/// Writes batches' records on a thread of its own, in batch order, so that encoding the
+/// outputs (a fifth of file-mode time) overlaps resolving the next batch. At most two batches
+/// wait for it; a slower disk slows the resolver down instead of filling memory.
+struct OutputWriter {
+    sender: std::sync::mpsc::SyncSender<BatchOutcome>,
+    thread: std::thread::JoinHandle<Result<OutputFiles>>,
+}
+
+impl OutputWriter {
+    fn start(mut outputs: OutputFiles) -> Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<BatchOutcome>(2);
+        let thread = std::thread::spawn(move || {
+            for outcome in receiver {
+                outputs.write_batch(&outcome)?;
+            }
+            Ok(outputs)
+        });
+        OutputWriter { sender, thread }
+    }
+
+    /// Queues a committed batch's records; fails with the writer's own error if it stopped.
+    fn write(self, outcome: BatchOutcome) -> Result<Self> {
+        match self.sender.send(outcome) {
+            Ok(()) => Ok(self),
+            Err(_) => Err(self
+                .finish()
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("the output writer stopped without an error"))),
+        }
+    }
+
+    /// Waits until every queued batch is written and hands the files back.
+    fn finish(self) -> Result<OutputFiles> {
+        drop(self.sender);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the output writer panicked"))?
+    }
+}
+
 /// What a run did, for the summary and the benchmark.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
@@ -107,7 +149,7 @@ pub fn resolve_file(
     engine: &Engine,
     store: &mut RocksStore,
     input: &Path,
-    mut outputs: OutputFiles,
+    outputs: OutputFiles,
     progress: Option<Duration>,
 ) -> Result<RunSummary> {
     let file =
@@ -122,6 +164,7 @@ pub fn resolve_file(
     let mut line_number = 0u64;
     let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(batch_size);
     let mut coordinates: Vec<InputCoordinates> = Vec::with_capacity(batch_size);
+    let mut writer = OutputWriter::start(outputs);
     loop {
         payloads.clear();
         coordinates.clear();
@@ -155,8 +198,9 @@ pub fn resolve_file(
             .write(&outcome.writes)
             .context("cannot commit a batch to the state store")?;
         cache.absorb(std::mem::take(&mut outcome.cache_delta));
-        outputs.write_batch(&outcome)?;
-        stats.absorb(outcome.stats);
+        stats.absorb(std::mem::take(&mut outcome.stats));
+        drop(std::mem::take(&mut outcome.writes));
+        writer = writer.write(outcome)?;
         if let Some(every) = progress {
             if last_progress.elapsed() >= every {
                 last_progress = Instant::now();
@@ -165,7 +209,9 @@ pub fn resolve_file(
             }
         }
     }
-    outputs.finish(&QualityReport::from_stats(&stats))?;
+    writer
+        .finish()?
+        .finish(&QualityReport::from_stats(&stats))?;
     let elapsed = started.elapsed().as_secs_f64();
     Ok(RunSummary {
         lines: line_number,
