@@ -690,6 +690,9 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         "idgraph_resolution_actions_total",
         "idgraph_ready 1",
         "idgraph_batch_phase_seconds",
+        "idgraph_messages_consumed_total{source=\"web\"}",
+        "idgraph_profile_events_bucket",
+        "idgraph_event_to_output_seconds_count",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }

@@ -260,6 +260,10 @@ impl Engine {
                 .stats
                 .profile_sizes
                 .push(state.profile.identifiers.len() as u32);
+            outcome
+                .stats
+                .profile_event_counts
+                .push(state.profile.computed.event_count);
             outcome.profiles.push(ProfileRecord {
                 schema_version: SCHEMA_VERSION,
                 customer_id: id.clone(),

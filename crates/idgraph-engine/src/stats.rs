@@ -41,6 +41,8 @@ pub struct BatchStats {
     pub candidates_per_event: Vec<u32>,
     /// Identifier counts of the profiles written by the batch.
     pub profile_sizes: Vec<u32>,
+    /// Event counts of the profiles written by the batch (how much activity a profile joins).
+    pub profile_event_counts: Vec<u64>,
 }
 
 impl BatchStats {
@@ -74,6 +76,7 @@ impl BatchStats {
         self.fuzzy_scores.extend(other.fuzzy_scores);
         self.candidates_per_event.extend(other.candidates_per_event);
         self.profile_sizes.extend(other.profile_sizes);
+        self.profile_event_counts.extend(other.profile_event_counts);
     }
 
     pub fn total_events(&self) -> u64 {

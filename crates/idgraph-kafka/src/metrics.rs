@@ -22,10 +22,12 @@ pub struct Metrics {
     no_identifier_events: IntCounterVec,
     fuzzy_links: IntCounter,
     profile_identifiers: Histogram,
+    profile_events: Histogram,
     largest_profile: IntGauge,
     fuzzy_score: Histogram,
     candidates_per_event: Histogram,
     pub batch_seconds: HistogramVec,
+    pub messages_consumed: IntCounterVec,
     pub poll_to_output_seconds: Histogram,
     pub timestamp_to_output_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
@@ -108,6 +110,12 @@ impl Metrics {
         r.register(Box::new(block_cache_hit_ratio.clone()))
             .expect("metric registered once");
         Metrics {
+            messages_consumed: counter_vec(
+                &r,
+                "idgraph_messages_consumed_total",
+                "Messages taken into a batch, valid or not, by source (events in)",
+                &["source"],
+            ),
             events: counter_vec(
                 &r,
                 "idgraph_events_processed_total",
@@ -165,6 +173,12 @@ impl Metrics {
                 "idgraph_profile_identifiers",
                 "Identifiers per profile written",
                 exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
+            ),
+            profile_events: histogram(
+                &r,
+                "idgraph_profile_events",
+                "Events per profile written (profile size in activity)",
+                exponential_buckets(1.0, 2.0, 16).expect("valid buckets"),
             ),
             largest_profile: gauge(
                 &r,
@@ -267,6 +281,9 @@ impl Metrics {
             if i64::from(*size) > self.largest_profile.get() {
                 self.largest_profile.set(i64::from(*size));
             }
+        }
+        for events in &stats.profile_event_counts {
+            self.profile_events.observe(*events as f64);
         }
         for score in &stats.fuzzy_scores {
             self.fuzzy_score.observe(*score);

@@ -463,6 +463,12 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 default_source: self.config.source_of(message.topic()).unwrap_or("custom"),
             })
             .collect();
+        for message in &messages {
+            self.metrics
+                .messages_consumed
+                .with_label_values(&[message.default_source])
+                .inc();
+        }
         let started = Instant::now();
         let mut outcome =
             self.engine
