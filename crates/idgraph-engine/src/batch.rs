@@ -68,7 +68,7 @@ impl<'s, S: StateStore> Batch<'s, S> {
         if let Some(node) = self.nodes.get(key) {
             return Ok(node.clone());
         }
-        let node = match self.cache.nodes.remove(key) {
+        let node = match self.cache.take_node(key) {
             Some(cached) => cached,
             None => match self.store.get(Table::Nodes, key.as_bytes())? {
                 Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
@@ -120,7 +120,7 @@ impl<'s, S: StateStore> Batch<'s, S> {
     /// Loads a customer entry into the overlay if it is not there yet.
     fn load(&mut self, id: &str) -> Result<Option<&Cached>, StoreError> {
         if !self.customers.contains_key(id) {
-            let entry = match self.cache.customers.remove(id) {
+            let entry = match self.cache.take_customer(id) {
                 Some(cached) => cached,
                 None => match self.store.get(Table::Customers, id.as_bytes())? {
                     Some(bytes) => Some(Cached::from_entry(decode(
@@ -188,7 +188,7 @@ impl<'s, S: StateStore> Batch<'s, S> {
         if let Some(block) = self.blocks.get(key) {
             return Ok(Arc::clone(block));
         }
-        let block = match self.cache.blocks.remove(key) {
+        let block = match self.cache.take_block(key) {
             Some(cached) => cached,
             None => Arc::new(match self.store.get(Table::Blocks, key.as_bytes())? {
                 Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,

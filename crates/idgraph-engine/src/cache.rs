@@ -1,6 +1,6 @@
 //! Decoded state kept between batches.
 //!
-//! Reading a profile from the store means a RocksDB lookup and a JSON decode; with a hot
+//! Reading a profile from the store means a RocksDB lookup and a decode; with a hot
 //! customer touched in every batch that is most of the cost of an event. The cache keeps the
 //! decoded records that committed batches read or wrote, so the next batch finds them ready.
 //! It never changes a result: it only ever holds what the store holds, because the caller
@@ -28,13 +28,31 @@ pub struct CacheDelta {
     pub(crate) blocks: Vec<(String, Arc<BlockRecord>)>,
 }
 
+/// One generation of cached records.
+#[derive(Debug, Default)]
+struct Generation {
+    nodes: FxHashMap<String, Option<NodeRecord>>,
+    customers: FxHashMap<String, Option<Cached>>,
+    blocks: FxHashMap<String, Arc<BlockRecord>>,
+}
+
+impl Generation {
+    fn len(&self) -> usize {
+        self.nodes.len() + self.customers.len() + self.blocks.len()
+    }
+}
+
 /// Decoded nodes, profiles and blocking records known to equal the stored ones (`None` means
 /// known to be absent).
+///
+/// Two generations bound memory without a per-entry clock: new records go to the current
+/// one; when it holds half of `max_entries` it becomes the previous one and the old previous
+/// is dropped. A record read from the previous generation moves back into the current one
+/// through the batch that used it, so hot records survive every turnover.
 #[derive(Debug, Default)]
 pub struct StateCache {
-    pub(crate) nodes: FxHashMap<String, Option<NodeRecord>>,
-    pub(crate) customers: FxHashMap<String, Option<Cached>>,
-    pub(crate) blocks: FxHashMap<String, Arc<BlockRecord>>,
+    current: Generation,
+    previous: Generation,
     max_entries: usize,
 }
 
@@ -48,11 +66,33 @@ impl StateCache {
     }
 
     pub fn len(&self) -> usize {
-        self.nodes.len() + self.customers.len() + self.blocks.len()
+        self.current.len() + self.previous.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Takes a node out (the batch owns it until it hands it back through a delta).
+    pub(crate) fn take_node(&mut self, key: &str) -> Option<Option<NodeRecord>> {
+        self.current
+            .nodes
+            .remove(key)
+            .or_else(|| self.previous.nodes.remove(key))
+    }
+
+    pub(crate) fn take_customer(&mut self, id: &str) -> Option<Option<Cached>> {
+        self.current
+            .customers
+            .remove(id)
+            .or_else(|| self.previous.customers.remove(id))
+    }
+
+    pub(crate) fn take_block(&mut self, key: &str) -> Option<Arc<BlockRecord>> {
+        self.current
+            .blocks
+            .remove(key)
+            .or_else(|| self.previous.blocks.remove(key))
     }
 
     /// Takes in what a batch read and wrote. Call it only after that batch's write set has
@@ -62,22 +102,28 @@ impl StateCache {
             return;
         }
         let incoming = delta.nodes.len() + delta.customers.len() + delta.blocks.len();
-        if self.len() + incoming > self.max_entries {
-            // Starting over is crude but cheap and keeps memory bounded; hot records come
-            // back within a batch.
-            self.nodes.clear();
-            self.customers.clear();
-            self.blocks.clear();
+        if self.current.len() + incoming > self.max_entries / 2 {
+            self.previous = std::mem::take(&mut self.current);
         }
-        self.nodes.extend(delta.nodes);
-        self.customers.extend(delta.customers);
-        self.blocks.extend(delta.blocks);
+        // A key lives in one generation only, so an older copy can never shadow a newer one
+        // (a batch normally took it out already; removing again costs little).
+        for (key, node) in delta.nodes {
+            self.previous.nodes.remove(&key);
+            self.current.nodes.insert(key, node);
+        }
+        for (id, customer) in delta.customers {
+            self.previous.customers.remove(&id);
+            self.current.customers.insert(id, customer);
+        }
+        for (key, block) in delta.blocks {
+            self.previous.blocks.remove(&key);
+            self.current.blocks.insert(key, block);
+        }
     }
 
     /// Forgets everything, e.g. after a failed commit left the caller unsure of the store.
     pub fn clear(&mut self) {
-        self.nodes.clear();
-        self.customers.clear();
-        self.blocks.clear();
+        self.current = Generation::default();
+        self.previous = Generation::default();
     }
 }
