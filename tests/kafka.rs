@@ -1,5 +1,6 @@
 //! The streaming worker against a real Kafka-protocol broker: the `idgraph broker` process
-//! (librdkafka's mock cluster on loopback), driven only through the `idgraph` binary.
+//! (librdkafka's mock cluster on loopback), driven through the `idgraph` binary, and once
+//! in-process over a state store that fails on purpose.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -786,5 +787,98 @@ fn an_absent_output_topic_that_cannot_be_created_stops_the_worker_with_its_name(
     assert!(
         status.success(),
         "the worker runs with kafka.topics.create = false"
+    );
+}
+
+/// A memory store whose writes number `fail_from..fail_until` fail as transient (a busy disk).
+struct FlakyStore {
+    inner: idgraph_engine::MemoryStore,
+    writes: usize,
+    fail_from: usize,
+    fail_until: usize,
+}
+
+impl idgraph_engine::StateRead for FlakyStore {
+    fn get(
+        &self,
+        table: idgraph_engine::Table,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, idgraph_engine::StoreError> {
+        self.inner.get(table, key)
+    }
+
+    fn scan_prefix(
+        &self,
+        table: idgraph_engine::Table,
+        prefix: &[u8],
+    ) -> Result<idgraph_engine::store::Entries, idgraph_engine::StoreError> {
+        self.inner.scan_prefix(table, prefix)
+    }
+}
+
+impl idgraph_engine::StateStore for FlakyStore {
+    fn write(
+        &mut self,
+        batch: &idgraph_engine::WriteSet,
+    ) -> Result<(), idgraph_engine::StoreError> {
+        self.writes += 1;
+        if (self.fail_from..self.fail_until).contains(&self.writes) {
+            return Err(idgraph_engine::StoreError::Transient(
+                "injected: the disk is busy".into(),
+            ));
+        }
+        self.inner.write(batch)
+    }
+}
+
+#[test]
+fn transient_state_write_failures_are_waited_out_without_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 3_000, 77);
+    let broker = Broker::start(dir.path());
+    broker.produce_in_order(&input);
+    let defaults: toml::Value = toml::from_str(idgraph_engine::DEFAULT_CONFIG_TOML).unwrap();
+    let mut kafka: idgraph_kafka::KafkaConfig = defaults["kafka"].clone().try_into().unwrap();
+    kafka.bootstrap_servers = broker.bootstrap.clone();
+    kafka.session_timeout_ms = 6000;
+    kafka.batch_size = 500;
+    let engine =
+        idgraph_engine::Engine::new(idgraph_engine::EngineConfig::defaults(), "test").unwrap();
+    // The second to fourth writes fail: one batch's commit fails three times in a row.
+    let store = FlakyStore {
+        inner: idgraph_engine::MemoryStore::new(),
+        writes: 0,
+        fail_from: 2,
+        fail_until: 5,
+    };
+    let metrics = idgraph_kafka::Metrics::new();
+    let mut worker =
+        idgraph_kafka::Worker::new(&engine, store, kafka, 100_000, metrics.clone()).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let summary = worker
+        .run(
+            &stop,
+            idgraph_kafka::worker::RunOptions {
+                exit_when_idle: Some(Duration::from_secs(3)),
+            },
+        )
+        .expect("transient store failures do not end the run");
+    assert!(summary.batches >= 2, "{summary:?}");
+    assert!(
+        metrics
+            .render()
+            .contains("idgraph_state_write_retries_total 3"),
+        "the failed commit was retried three times"
+    );
+    let streamed = customers_by_event(
+        broker
+            .dump("idgraph.enriched", dir.path())
+            .iter()
+            .map(value),
+    );
+    assert_eq!(
+        streamed,
+        file_mode_customers(&reference),
+        "nothing was lost and the result is unchanged"
     );
 }

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub timestamp_to_output_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub delivery_retries: IntCounter,
+    pub store_retries: IntCounter,
     pub replayed_batches: IntCounter,
     pub ready: IntGauge,
     pub state_bytes: IntGauge,
@@ -215,6 +216,11 @@ impl Metrics {
                 &r,
                 "idgraph_output_delivery_retries_total",
                 "Batches whose outputs had to be sent again",
+            ),
+            store_retries: counter(
+                &r,
+                "idgraph_state_write_retries_total",
+                "State writes that failed transiently and were retried",
             ),
             replayed_batches: counter(
                 &r,

@@ -34,7 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::{
-    BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore, Table, WriteSet,
+    BatchStats, Engine, ErrorClass, InputMessage, QualityReport, StateCache, StateStore, Table,
+    WriteSet,
 };
 use idgraph_model::{InputCoordinates, RecordMeta};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -480,7 +481,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let mut writes = std::mem::take(&mut outcome.writes);
         writes.put(Table::Meta, outbox_key(number), encode_outbox(&records));
         self.delete_delivered(&mut writes);
-        self.store.write(&writes)?;
+        self.commit(&writes, stop)?;
         let committed = Instant::now();
         self.cache.absorb(std::mem::take(&mut outcome.cache_delta));
         self.advance_positions(&batch);
@@ -648,6 +649,29 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.delete_delivered(&mut writes);
         self.store.write(&writes)?;
         Ok(())
+    }
+
+    /// Writes `writes` atomically, waiting out transient store failures (a busy or slow
+    /// disk): the worker reports unready and consumes nothing meanwhile, so nothing goes past
+    /// what is durable. A fatal failure, or `stop`, ends the run; the next start resumes from
+    /// the last write that succeeded.
+    fn commit(&mut self, writes: &WriteSet, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.store.write(writes) {
+                Ok(()) => return Ok(()),
+                Err(error)
+                    if error.class() == ErrorClass::Transient && !stop.load(Ordering::SeqCst) =>
+                {
+                    self.set_ready(false);
+                    self.metrics.store_retries.inc();
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "state write failed; retrying the same batch");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     /// Records the committed positions and commits them to the consumer group (for lag).
