@@ -102,6 +102,11 @@ impl Broker {
         self.ok(&["produce", "--input", p(input), "--topic", "touchpoints.web"]);
     }
 
+    /// event id -> customer id, from the enriched topic.
+    fn streamed_customers(&self, dir: &Path) -> HashMap<String, String> {
+        customers_by_event(self.dump("idgraph.enriched", dir).iter().map(value))
+    }
+
     fn dump(&self, topic: &str, dir: &Path) -> Vec<Value> {
         let path = dir.join(format!("{topic}.dump.jsonl"));
         self.ok(&["dump", "--topic", topic, "--output", path.to_str().unwrap()]);
@@ -705,12 +710,7 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         .any(|l| l.contains("WARN") || l.contains("\"level\":\"WARN\""));
     assert!(complained, "the worker reported the outage: {remaining:?}");
 
-    let streamed = customers_by_event(
-        broker
-            .dump("idgraph.enriched", dir.path())
-            .iter()
-            .map(value),
-    );
+    let streamed = broker.streamed_customers(dir.path());
     let expected = file_mode_customers(&reference);
     assert_eq!(
         streamed, expected,
@@ -734,12 +734,7 @@ fn failed_produce_requests_are_retried_without_loss_or_change() {
         "--exit-when-idle",
         "3",
     ]);
-    let streamed = customers_by_event(
-        broker
-            .dump("idgraph.enriched", dir.path())
-            .iter()
-            .map(value),
-    );
+    let streamed = broker.streamed_customers(dir.path());
     let expected = file_mode_customers(&reference);
     assert_eq!(streamed, expected);
     let profiles = final_profiles(
@@ -870,12 +865,7 @@ fn transient_state_write_failures_are_waited_out_without_loss() {
             .contains("idgraph_state_write_retries_total 3"),
         "the failed commit was retried three times"
     );
-    let streamed = customers_by_event(
-        broker
-            .dump("idgraph.enriched", dir.path())
-            .iter()
-            .map(value),
-    );
+    let streamed = broker.streamed_customers(dir.path());
     assert_eq!(
         streamed,
         file_mode_customers(&reference),

@@ -73,39 +73,31 @@ pub fn wire_records(outcome: &BatchOutcome, topics: &OutputTopics) -> Vec<WireRe
             + outcome.changes.len()
             + outcome.dead_letters.len(),
     );
-    for record in &outcome.enriched {
-        records.push(WireRecord::of(
-            &topics.enriched,
-            &record.customer_id,
-            &record.meta,
-            record,
-        ));
-    }
-    for record in &outcome.profiles {
-        records.push(WireRecord::of(
-            &topics.profiles,
-            &record.customer_id,
-            &record.meta,
-            record,
-        ));
-    }
-    for record in &outcome.changes {
-        records.push(WireRecord::of(
-            &topics.identity_changes,
-            &record.customer_id,
-            &record.meta,
-            record,
-        ));
-    }
-    for record in &outcome.dead_letters {
-        let key = record.meta.input.display();
-        records.push(WireRecord::of(
-            &topics.dead_letter,
-            &key,
-            &record.meta,
-            record,
-        ));
-    }
+    records.extend(
+        outcome
+            .enriched
+            .iter()
+            .map(|r| WireRecord::of(&topics.enriched, &r.customer_id, &r.meta, r)),
+    );
+    records.extend(
+        outcome
+            .profiles
+            .iter()
+            .map(|r| WireRecord::of(&topics.profiles, &r.customer_id, &r.meta, r)),
+    );
+    records.extend(
+        outcome
+            .changes
+            .iter()
+            .map(|r| WireRecord::of(&topics.identity_changes, &r.customer_id, &r.meta, r)),
+    );
+    // Dead letters are keyed by their input coordinates: they may have no customer.
+    records.extend(
+        outcome
+            .dead_letters
+            .iter()
+            .map(|r| WireRecord::of(&topics.dead_letter, &r.meta.input.display(), &r.meta, r)),
+    );
     records
 }
 
