@@ -1,12 +1,15 @@
 //! Engine invariants under generated input: replay changes nothing, the order of independent
-//! events does not matter, and links are transitive (the clusters are exactly the connected
+//! events does not matter, committing a batch late (as file mode's pipeline does) changes
+//! nothing, and links are transitive (the clusters are exactly the connected
 //! components of shared identifiers when no protection rule fires).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use idgraph_engine::read::profile_by_id;
 use idgraph_engine::{
-    Engine, EngineConfig, InputMessage, MemoryStore, StateCache, StateStore, Table,
+    Engine, EngineConfig, InputMessage, MemoryStore, PendingWrites, ReadThrough, StateCache,
+    StateStore, Table,
 };
 use idgraph_model::{InputCoordinates, ResolutionAction};
 use proptest::prelude::*;
@@ -151,8 +154,20 @@ fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
 
 /// Every output record of a run, as JSON lines, with the state cache of the given size.
 fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize) -> Vec<String> {
+    outputs_of_run(engine, events, cache_entries, false)
+}
+
+/// Every output record of a run, as JSON lines. With `commit_late`, each batch is committed
+/// only after the next one is resolved, which reads through it as file mode's pipeline does.
+fn outputs_of_run(
+    engine: &Engine,
+    events: &[GenEvent],
+    cache_entries: usize,
+    commit_late: bool,
+) -> Vec<String> {
     let mut store = MemoryStore::new();
     let mut cache = StateCache::new(cache_entries);
+    let mut pending: Option<PendingWrites> = None;
     let mut lines = Vec::new();
     for (batch_index, chunk) in events.chunks(4).enumerate() {
         let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
@@ -163,11 +178,22 @@ fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize
             })
             .collect();
         let messages = InputMessage::batch(&payloads, &coordinates, "web");
+        let view = ReadThrough {
+            pending: pending.as_ref(),
+            store: &store,
+        };
         let mut outcome = engine
-            .process_batch_cached(&store, &mut cache, &messages)
+            .process_batch_cached(&view, &mut cache, &messages)
             .unwrap();
-        store.write(&outcome.writes).unwrap();
         cache.absorb(std::mem::take(&mut outcome.cache_delta));
+        let writes = Arc::new(std::mem::take(&mut outcome.writes));
+        if commit_late {
+            if let Some(previous) = pending.replace(PendingWrites::new(writes)) {
+                store.write(previous.writes()).unwrap();
+            }
+        } else {
+            store.write(&writes).unwrap();
+        }
         lines.extend(
             outcome
                 .enriched
@@ -200,6 +226,16 @@ proptest! {
         prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, 1_000_000));
         // A cache too small for the graph starts over often; results stay the same.
         prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, small));
+    }
+
+    #[test]
+    fn committing_one_batch_late_never_changes_an_output(events in events_strategy(40), small in 1usize..12) {
+        // File mode commits a batch while the next one resolves, reading through the
+        // uncommitted writes; with no cache every read goes through them.
+        let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
+        let in_step = outputs_of_run(&engine, &events, 0, false);
+        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, 0, true));
+        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, small, true));
     }
 
     #[test]

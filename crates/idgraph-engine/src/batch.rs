@@ -14,7 +14,7 @@ use crate::state::{
     decode, encode, encode_live, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord,
     ProfileState, RootInfo,
 };
-use crate::store::{StateStore, StoreError, Table, WriteSet};
+use crate::store::{StateRead, StoreError, Table, WriteSet};
 
 /// The longest redirect chain followed before the state is declared corrupt; merges rewrite
 /// every absorbed id to the survivor, so real chains have length one.
@@ -29,7 +29,7 @@ impl Cached {
     }
 }
 
-pub(crate) struct Batch<'s, S: StateStore> {
+pub(crate) struct Batch<'s, S: StateRead> {
     store: &'s S,
     /// Records are taken out of the cache (not copied) so the batch owns them outright; what
     /// the batch holds goes back through [`CacheDelta`] once it is committed.
@@ -47,7 +47,7 @@ pub(crate) struct Batch<'s, S: StateStore> {
     positions: BTreeMap<String, u64>,
 }
 
-impl<'s, S: StateStore> Batch<'s, S> {
+impl<'s, S: StateRead> Batch<'s, S> {
     pub(crate) fn new(store: &'s S, cache: &'s mut StateCache) -> Self {
         Batch {
             store,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod conformance;
 mod engine;
 pub mod matching;
+pub mod pending;
 pub mod profile;
 pub mod read;
 pub mod state;
@@ -23,8 +24,11 @@ pub mod store;
 
 pub use cache::{CacheDelta, StateCache};
 pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
-pub use engine::{customer_id_for, BatchOutcome, Engine, EngineError, InputMessage};
+pub use engine::{
+    customer_id_for, BatchOutcome, Engine, EngineError, InputMessage, Prepared, PreparedMessage,
+};
 pub use idgraph_model::Normalizer;
+pub use pending::{PendingWrites, ReadThrough};
 pub use stats::{BatchStats, QualityReport};
 pub use store::{
     ErrorClass, MemoryStore, StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp,

@@ -131,7 +131,7 @@ pub enum EvidenceLink {
 
 /// The key of an event in [`Table::Events`].
 pub fn event_key(source: &str, event_id: &str) -> String {
-    format!("{source}\0{event_id}")
+    idgraph_model::normalize::join_with_nul(source, event_id)
 }
 
 /// The key of evidence number `seq` of `customer_id` in [`Table::Evidence`]; big-endian so

@@ -56,8 +56,17 @@ impl Identifier {
     /// The storage key of this identifier's graph node: kind and value separated by a NUL,
     /// which neither can contain after normalization.
     pub fn node_key(&self) -> String {
-        format!("{}\0{}", self.kind, self.value)
+        join_with_nul(&self.kind, &self.value)
     }
+}
+
+/// `first` and `second` joined by a NUL byte, the separator of composite state keys.
+pub fn join_with_nul(first: &str, second: &str) -> String {
+    let mut key = String::with_capacity(first.len() + 1 + second.len());
+    key.push_str(first);
+    key.push('\0');
+    key.push_str(second);
+    key
 }
 
 /// Why a field was left out of matching.

@@ -51,13 +51,32 @@ impl InputCoordinates {
 
     /// A compact text form for headers and logs: `file:line` or `topic/partition@offset`.
     pub fn display(&self) -> String {
+        let mut text = String::new();
+        self.write_display(&mut text);
+        text
+    }
+
+    /// Appends [`InputCoordinates::display`] to `out`; cheaper than `format!` on a path every
+    /// output record takes.
+    pub fn write_display(&self, out: &mut String) {
+        let mut number = itoa::Buffer::new();
         match self {
-            InputCoordinates::File { file, line } => format!("{file}:{line}"),
+            InputCoordinates::File { file, line } => {
+                out.push_str(file);
+                out.push(':');
+                out.push_str(number.format(*line));
+            }
             InputCoordinates::Kafka {
                 topic,
                 partition,
                 offset,
-            } => format!("{topic}/{partition}@{offset}"),
+            } => {
+                out.push_str(topic);
+                out.push('/');
+                out.push_str(number.format(*partition));
+                out.push('@');
+                out.push_str(number.format(*offset));
+            }
         }
     }
 }

@@ -7,11 +7,15 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use idgraph_engine::{
-    BatchOutcome, BatchStats, Engine, InputMessage, QualityReport, StateCache, StateStore,
+    BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage, QualityReport,
+    ReadThrough, StateCache, StateStore, WriteSet,
 };
 use idgraph_model::InputCoordinates;
 use idgraph_store_rocksdb::RocksStore;
@@ -29,6 +33,9 @@ pub struct OutputFiles {
     changes: BufWriter<File>,
     dead_letters: BufWriter<File>,
     quality_path: PathBuf,
+    /// Encoding buffer kept from batch to batch: a fresh one would fault in new zeroed pages
+    /// for every batch as it grows.
+    scratch: Vec<u8>,
 }
 
 impl OutputFiles {
@@ -47,14 +54,19 @@ impl OutputFiles {
             changes: open("identity-changes.jsonl")?,
             dead_letters: open("dead-letter.jsonl")?,
             quality_path: dir.join("quality.json"),
+            scratch: Vec::new(),
         })
     }
 
     fn write_batch(&mut self, outcome: &BatchOutcome) -> Result<()> {
-        write_lines(&mut self.enriched, &outcome.enriched)?;
-        write_lines(&mut self.profiles, &outcome.profiles)?;
-        write_lines(&mut self.changes, &outcome.changes)?;
-        write_lines(&mut self.dead_letters, &outcome.dead_letters)?;
+        write_lines(&mut self.enriched, &mut self.scratch, &outcome.enriched)?;
+        write_lines(&mut self.profiles, &mut self.scratch, &outcome.profiles)?;
+        write_lines(&mut self.changes, &mut self.scratch, &outcome.changes)?;
+        write_lines(
+            &mut self.dead_letters,
+            &mut self.scratch,
+            &outcome.dead_letters,
+        )?;
         Ok(())
     }
 
@@ -74,55 +86,99 @@ impl OutputFiles {
     }
 }
 
-fn write_lines<T: Serialize>(writer: &mut BufWriter<File>, records: &[T]) -> Result<()> {
+fn write_lines<T: Serialize>(
+    writer: &mut BufWriter<File>,
+    buffer: &mut Vec<u8>,
+    records: &[T],
+) -> Result<()> {
     // Encoding into one plain buffer and writing it once is cheaper than many small writes
     // through the file buffer.
-    let mut buffer = Vec::with_capacity(records.len() * 512);
+    buffer.clear();
     for record in records {
-        serde_json::to_writer(&mut buffer, record)?;
+        serde_json::to_writer(&mut *buffer, record)?;
         buffer.push(b'\n');
     }
-    writer.write_all(&buffer)?;
+    writer.write_all(buffer)?;
     Ok(())
 }
 
-/// Writes batches' records on a thread of its own, in batch order, so that encoding the
-/// outputs (a fifth of file-mode time) overlaps resolving the next batch. At most two batches
-/// wait for it; a slower disk slows the resolver down instead of filling memory.
-struct OutputWriter {
-    sender: std::sync::mpsc::SyncSender<BatchOutcome>,
-    thread: std::thread::JoinHandle<Result<OutputFiles>>,
+/// Commits batches to the state store and then writes their records, on a thread of its own
+/// and in batch order, so that both overlap resolving the next batch. A batch's records reach
+/// the files only after its state is committed. At most two batches wait for it; a slower
+/// disk slows the resolver down instead of filling memory.
+struct Committer<'scope> {
+    batches: SyncSender<(Arc<WriteSet>, BatchOutcome)>,
+    /// One message per committed batch, sent before its records are encoded.
+    committed: Receiver<()>,
+    committed_count: u64,
+    sent_count: u64,
+    thread: ScopedJoinHandle<'scope, Result<OutputFiles>>,
 }
 
-impl OutputWriter {
-    fn start(mut outputs: OutputFiles) -> Self {
-        let (sender, receiver) = std::sync::mpsc::sync_channel::<BatchOutcome>(2);
-        let thread = std::thread::spawn(move || {
-            for outcome in receiver {
+impl<'scope> Committer<'scope> {
+    fn start<'env>(
+        scope: &'scope Scope<'scope, 'env>,
+        store: &'scope mut RocksStore,
+        mut outputs: OutputFiles,
+    ) -> Self {
+        let (batches, receiver) = std::sync::mpsc::sync_channel::<(Arc<WriteSet>, BatchOutcome)>(2);
+        let (committed_sender, committed) = std::sync::mpsc::channel();
+        let thread = scope.spawn(move || {
+            for (writes, outcome) in receiver {
+                store
+                    .write(&writes)
+                    .context("cannot commit a batch to the state store")?;
+                drop(writes);
+                // The resolver may be gone after an error of its own; the records still go out.
+                let _ = committed_sender.send(());
                 outputs.write_batch(&outcome)?;
             }
             Ok(outputs)
         });
-        OutputWriter { sender, thread }
-    }
-
-    /// Queues a committed batch's records; fails with the writer's own error if it stopped.
-    fn write(self, outcome: BatchOutcome) -> Result<Self> {
-        match self.sender.send(outcome) {
-            Ok(()) => Ok(self),
-            Err(_) => Err(self
-                .finish()
-                .err()
-                .unwrap_or_else(|| anyhow::anyhow!("the output writer stopped without an error"))),
+        Committer {
+            batches,
+            committed,
+            committed_count: 0,
+            sent_count: 0,
+            thread,
         }
     }
 
-    /// Waits until every queued batch is written and hands the files back.
+    /// Queues a resolved batch; fails with the committer's own error if it stopped.
+    fn send(mut self, writes: Arc<WriteSet>, outcome: BatchOutcome) -> Result<Self> {
+        match self.batches.send((writes, outcome)) {
+            Ok(()) => {
+                self.sent_count += 1;
+                Ok(self)
+            }
+            Err(_) => Err(self.failure()),
+        }
+    }
+
+    /// Waits until every batch sent so far except the newest is committed.
+    fn wait_for_all_but_newest(mut self) -> Result<Self> {
+        while self.committed_count + 1 < self.sent_count {
+            match self.committed.recv() {
+                Ok(()) => self.committed_count += 1,
+                Err(_) => return Err(self.failure()),
+            }
+        }
+        Ok(self)
+    }
+
+    /// The error that stopped the committer.
+    fn failure(self) -> anyhow::Error {
+        self.finish()
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("the committer stopped without an error"))
+    }
+
+    /// Waits until every queued batch is committed and written and hands the files back.
     fn finish(self) -> Result<OutputFiles> {
-        drop(self.sender);
+        drop(self.batches);
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("the output writer panicked"))?
+            .map_err(|_| anyhow::anyhow!("the committer panicked"))?
     }
 }
 
@@ -144,6 +200,11 @@ pub struct RunSummary {
 
 /// Reads `input` line by line in batches of `batch_size`, resolving each batch against `store`
 /// and writing its records to `outputs`. Progress goes to stderr every `progress` (if set).
+///
+/// Three threads share the work, handing whole batches on in order: one reads and prepares
+/// (parses and normalizes) lines, this one resolves, and one commits each batch to the store
+/// and then writes its records. The resolver reads the state through the newest batch's
+/// uncommitted writes ([`ReadThrough`]), so the overlap does not change a byte of output.
 pub fn resolve_file(
     config: &AppConfig,
     engine: &Engine,
@@ -154,64 +215,59 @@ pub fn resolve_file(
 ) -> Result<RunSummary> {
     let file =
         File::open(input).with_context(|| format!("cannot open input file {}", input.display()))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let input_name = input.display().to_string();
-    let batch_size = config.resolve.batch_size;
+    let lines = LineBatches {
+        reader: BufReader::with_capacity(1 << 20, file),
+        input_name: input.display().to_string(),
+        batch_size: config.resolve.batch_size,
+        default_source: &config.resolve.default_source,
+        line_number: 0,
+    };
     let started = Instant::now();
     let mut last_progress = started;
     let mut stats = BatchStats::default();
     let mut cache = StateCache::new(config.engine.cache.max_entries);
     let mut line_number = 0u64;
-    let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(batch_size);
-    let mut coordinates: Vec<InputCoordinates> = Vec::with_capacity(batch_size);
-    let mut writer = OutputWriter::start(outputs);
-    loop {
-        payloads.clear();
-        coordinates.clear();
-        while payloads.len() < batch_size {
-            let mut line = Vec::new();
-            let read = reader
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("cannot read {input_name} after line {line_number}"))?;
-            if read == 0 {
-                break;
-            }
-            line_number += 1;
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            }
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            payloads.push(line);
-            coordinates.push(InputCoordinates::File {
-                file: input_name.clone(),
-                line: line_number,
-            });
-        }
-        if payloads.is_empty() {
-            break;
-        }
-        let messages = InputMessage::batch(&payloads, &coordinates, &config.resolve.default_source);
-        let mut outcome = engine.process_batch_cached(&*store, &mut cache, &messages)?;
-        store
-            .write(&outcome.writes)
-            .context("cannot commit a batch to the state store")?;
-        cache.absorb(std::mem::take(&mut outcome.cache_delta));
-        stats.absorb(std::mem::take(&mut outcome.stats));
-        drop(std::mem::take(&mut outcome.writes));
-        writer = writer.write(outcome)?;
-        if let Some(every) = progress {
-            if last_progress.elapsed() >= every {
-                last_progress = Instant::now();
-                let rate = line_number as f64 / started.elapsed().as_secs_f64();
-                eprintln!("resolved {line_number} lines ({rate:.0} lines/s)");
+    let reader = store.reader();
+    let outputs = std::thread::scope(|scope| -> Result<OutputFiles> {
+        // One prepared batch waits while the next is being prepared: enough to keep the
+        // resolver busy without holding more than two batches of parsed events.
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<PreparedBatch>>(1);
+        let preparer = scope.spawn(move || lines.prepare_all(engine, sender));
+        let mut committer = Committer::start(scope, store, outputs);
+        // The newest batch handed to the committer, which may not be committed yet.
+        let mut latest: Option<PendingWrites> = None;
+        for prepared in receiver {
+            let prepared = prepared?;
+            line_number = prepared.last_line;
+            // Every batch before the newest must be in the store; the newest is read through.
+            committer = committer.wait_for_all_but_newest()?;
+            let view = ReadThrough {
+                pending: latest.as_ref(),
+                store: &reader,
+            };
+            let mut outcome =
+                engine.process_prepared_cached(&view, &mut cache, prepared.messages)?;
+            // The cache may run one batch ahead of the store: if that batch fails to commit,
+            // the run stops and the cache goes with it.
+            cache.absorb(std::mem::take(&mut outcome.cache_delta));
+            stats.absorb(std::mem::take(&mut outcome.stats));
+            let writes = Arc::new(std::mem::take(&mut outcome.writes));
+            latest = Some(PendingWrites::new(Arc::clone(&writes)));
+            committer = committer.send(writes, outcome)?;
+            if let Some(every) = progress {
+                if last_progress.elapsed() >= every {
+                    last_progress = Instant::now();
+                    let rate = line_number as f64 / started.elapsed().as_secs_f64();
+                    eprintln!("resolved {line_number} lines ({rate:.0} lines/s)");
+                }
             }
         }
-    }
-    writer
-        .finish()?
-        .finish(&QualityReport::from_stats(&stats))?;
+        preparer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the input reader panicked"))?;
+        committer.finish()
+    })?;
+    outputs.finish(&QualityReport::from_stats(&stats))?;
     let elapsed = started.elapsed().as_secs_f64();
     Ok(RunSummary {
         lines: line_number,
@@ -225,6 +281,88 @@ pub fn resolve_file(
         events_per_sec: line_number as f64 / elapsed.max(1e-9),
         stats,
     })
+}
+
+/// A batch of input lines after [`Engine::prepare`].
+struct PreparedBatch {
+    messages: Vec<PreparedMessage>,
+    /// The number of the batch's last line in the input file.
+    last_line: u64,
+}
+
+/// Cuts a JSON Lines file into batches of lines with their coordinates.
+struct LineBatches<'c> {
+    reader: BufReader<File>,
+    input_name: String,
+    batch_size: usize,
+    default_source: &'c str,
+    line_number: u64,
+}
+
+impl LineBatches<'_> {
+    /// Prepares batch after batch and hands them to `sender` until the input ends, a read
+    /// fails (the error is handed on) or the receiver hangs up.
+    fn prepare_all(
+        mut self,
+        engine: &Engine,
+        sender: std::sync::mpsc::SyncSender<Result<PreparedBatch>>,
+    ) {
+        let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(self.batch_size);
+        let mut coordinates: Vec<InputCoordinates> = Vec::with_capacity(self.batch_size);
+        loop {
+            let next = match self.read_batch(&mut payloads, &mut coordinates) {
+                Ok(()) if payloads.is_empty() => return,
+                Ok(()) => {
+                    let messages =
+                        InputMessage::batch(&payloads, &coordinates, self.default_source);
+                    Ok(PreparedBatch {
+                        messages: messages.iter().map(|m| engine.prepare(m)).collect(),
+                        last_line: self.line_number,
+                    })
+                }
+                Err(error) => Err(error),
+            };
+            let failed = next.is_err();
+            if sender.send(next).is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    /// Fills `payloads` and `coordinates` with the next batch of lines (none at the end).
+    fn read_batch(
+        &mut self,
+        payloads: &mut Vec<Vec<u8>>,
+        coordinates: &mut Vec<InputCoordinates>,
+    ) -> Result<()> {
+        payloads.clear();
+        coordinates.clear();
+        while payloads.len() < self.batch_size {
+            let mut line = Vec::new();
+            let read = self.reader.read_until(b'\n', &mut line).with_context(|| {
+                format!(
+                    "cannot read {} after line {}",
+                    self.input_name, self.line_number
+                )
+            })?;
+            if read == 0 {
+                break;
+            }
+            self.line_number += 1;
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            payloads.push(line);
+            coordinates.push(InputCoordinates::File {
+                file: self.input_name.clone(),
+                line: self.line_number,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Opens the state directory, or a temporary one that is removed when the guard drops.

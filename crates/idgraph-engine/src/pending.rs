@@ -1,0 +1,173 @@
+//! Reading state while an earlier batch's write set is still being committed.
+//!
+//! A caller that commits batch N on another thread while the engine resolves batch N+1 must
+//! let N+1 see N's changes. [`ReadThrough`] answers reads from N's [`PendingWrites`] first
+//! and from the store second, so the engine gets exactly what it would read after the commit.
+//! Everything older than N must already be committed; this module does not check that.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::store::{Entries, StateRead, StoreError, Table, WriteOp, WriteSet};
+
+/// A write set on its way to the store, indexed for point reads.
+#[derive(Debug, Clone)]
+pub struct PendingWrites {
+    writes: Arc<WriteSet>,
+    /// (hash of table and key, operation index), sorted; equal hashes keep operation order.
+    index: Vec<(u64, u32)>,
+}
+
+fn key_hash(table: Table, key: &[u8]) -> u64 {
+    xxh3_64_with_seed(key, table as u64)
+}
+
+fn op_target(op: &WriteOp) -> (Table, &[u8]) {
+    match op {
+        WriteOp::Put { table, key, .. } | WriteOp::Delete { table, key } => (*table, key),
+    }
+}
+
+impl PendingWrites {
+    pub fn new(writes: Arc<WriteSet>) -> Self {
+        let mut index: Vec<(u64, u32)> = writes
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(position, op)| {
+                let (table, key) = op_target(op);
+                (key_hash(table, key), position as u32)
+            })
+            .collect();
+        index.sort_unstable();
+        PendingWrites { writes, index }
+    }
+
+    pub fn writes(&self) -> &Arc<WriteSet> {
+        &self.writes
+    }
+
+    /// The last operation on `key` in `table`, if the write set has one.
+    fn last_op(&self, table: Table, key: &[u8]) -> Option<&WriteOp> {
+        let hash = key_hash(table, key);
+        let start = self.index.partition_point(|&(h, _)| h < hash);
+        self.index[start..]
+            .iter()
+            .take_while(|&&(h, _)| h == hash)
+            .map(|&(_, position)| &self.writes.ops[position as usize])
+            .filter(|op| op_target(op) == (table, key))
+            .last()
+    }
+}
+
+/// A store as it will be once `pending` (if any) is committed.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadThrough<'a, R> {
+    pub pending: Option<&'a PendingWrites>,
+    pub store: &'a R,
+}
+
+impl<R: StateRead> StateRead for ReadThrough<'_, R> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.pending.and_then(|pending| pending.last_op(table, key)) {
+            Some(WriteOp::Put { value, .. }) => Ok(Some(value.clone())),
+            Some(WriteOp::Delete { .. }) => Ok(None),
+            None => self.store.get(table, key),
+        }
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
+        let stored = self.store.scan_prefix(table, prefix)?;
+        let Some(pending) = self.pending else {
+            return Ok(stored);
+        };
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
+        for op in &pending.writes.ops {
+            match op {
+                WriteOp::Put {
+                    table: t,
+                    key,
+                    value,
+                } if *t == table && key.starts_with(prefix) => {
+                    merged.insert(key.clone(), value.clone());
+                }
+                WriteOp::Delete { table: t, key } if *t == table && key.starts_with(prefix) => {
+                    merged.remove(key);
+                }
+                _ => {}
+            }
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, StateStore};
+
+    fn base() -> MemoryStore {
+        let mut store = MemoryStore::new();
+        let mut writes = WriteSet::default();
+        writes.put(Table::Nodes, "a", "1");
+        writes.put(Table::Nodes, "b", "2");
+        writes.put(Table::Evidence, "c1\u{0}1", "old");
+        writes.put(Table::Evidence, "c1\u{0}2", "gone");
+        store.write(&writes).unwrap();
+        store
+    }
+
+    fn pending_writes() -> WriteSet {
+        let mut writes = WriteSet::default();
+        writes.put(Table::Nodes, "a", "first");
+        writes.put(Table::Nodes, "a", "second");
+        writes.delete(Table::Nodes, "b");
+        writes.put(Table::Customers, "a", "other table");
+        writes.put(Table::Evidence, "c1\u{0}3", "new");
+        writes.put(Table::Evidence, "c1\u{0}1", "updated");
+        writes.delete(Table::Evidence, "c1\u{0}2");
+        writes.put(Table::Evidence, "c2\u{0}1", "other prefix");
+        writes
+    }
+
+    #[test]
+    fn reads_through_pending_writes_as_if_they_were_committed() {
+        let store = base();
+        let pending = PendingWrites::new(Arc::new(pending_writes()));
+        let view = ReadThrough {
+            pending: Some(&pending),
+            store: &store,
+        };
+        let mut committed = base();
+        committed.write(&pending_writes()).unwrap();
+        for table in [Table::Nodes, Table::Customers, Table::Evidence] {
+            for key in ["a", "b", "c", "c1\u{0}1", "c1\u{0}2", "c1\u{0}3"] {
+                assert_eq!(
+                    view.get(table, key.as_bytes()).unwrap(),
+                    committed.get(table, key.as_bytes()).unwrap(),
+                    "{table:?} {key:?}"
+                );
+            }
+            for prefix in ["", "c1\u{0}", "a", "zz"] {
+                assert_eq!(
+                    view.scan_prefix(table, prefix.as_bytes()).unwrap(),
+                    committed.scan_prefix(table, prefix.as_bytes()).unwrap(),
+                    "{table:?} {prefix:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn without_pending_writes_it_is_the_store() {
+        let store = base();
+        let view = ReadThrough {
+            pending: None,
+            store: &store,
+        };
+        assert_eq!(view.get(Table::Nodes, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(view.scan_prefix(Table::Evidence, b"c1").unwrap().len(), 2);
+    }
+}
