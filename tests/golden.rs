@@ -667,7 +667,13 @@ fn a_merge_into_the_older_profile_emits_the_survivors_new_profile() {
         .find(|r| r.customer_id == older && r.profile.is_some())
         .expect("the survivor's changed profile is emitted");
     assert_eq!(
-        survivor.profile.as_ref().unwrap().absorbed_ids,
+        survivor
+            .profile
+            .as_ref()
+            .unwrap()
+            .decode()
+            .unwrap()
+            .absorbed_ids,
         vec![younger.clone()]
     );
     assert!(emitted

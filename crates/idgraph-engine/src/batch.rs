@@ -4,8 +4,10 @@
 //! earlier ones changed; nothing reaches the store until the caller writes the batch's
 //! [`WriteSet`]. Dirty keys are kept in ordered sets so the write set is deterministic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+
+use idgraph_model::ProfileJson;
 
 use rustc_hash::FxHashMap;
 
@@ -240,8 +242,13 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     /// Everything the batch changed, as one ordered write set, and every record it holds for
     /// the cache.
-    pub(crate) fn finish(self) -> (WriteSet, CacheDelta) {
-        let writes = self.write_set();
+    /// Ends the batch. `profile_json` holds the JSON already encoded for changed profiles
+    /// (for their output records); the state records reuse it.
+    pub(crate) fn finish(
+        self,
+        profile_json: &HashMap<String, ProfileJson>,
+    ) -> (WriteSet, CacheDelta) {
+        let writes = self.write_set(profile_json);
         let delta = CacheDelta {
             nodes: self.nodes.into_iter().collect(),
             customers: self.customers.into_iter().collect(),
@@ -250,7 +257,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
         (writes, delta)
     }
 
-    fn write_set(&self) -> WriteSet {
+    fn write_set(&self, profile_json: &HashMap<String, ProfileJson>) -> WriteSet {
         let mut writes = WriteSet::default();
         for key in &self.dirty_nodes {
             if let Some(Some(node)) = self.nodes.get(key) {
@@ -260,7 +267,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
         for key in &self.dirty_customers {
             match self.customers.get(key) {
                 Some(Some(Cached::Live(state))) => {
-                    writes.put(Table::Customers, key.as_bytes(), encode_live(state));
+                    let json = profile_json.get(key);
+                    writes.put(Table::Customers, key.as_bytes(), encode_live(state, json));
                 }
                 Some(Some(Cached::Redirect(to))) => {
                     let entry = CustomerEntry::Redirect { to: to.clone() };

@@ -7,8 +7,8 @@ use chrono::SecondsFormat;
 use idgraph_model::{
     parse_event, parse_mapped, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier,
     IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError,
-    ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution, ResolutionAction,
-    SCHEMA_VERSION,
+    ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
+    ResolutionAction, SCHEMA_VERSION,
 };
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -290,6 +290,7 @@ impl Engine {
                 meta: meta(&coordinates, &format!("profile-tombstone:{absorbed}"), 0),
             });
         }
+        let mut profile_json = HashMap::with_capacity(touched.len());
         for id in touched {
             // A profile absorbed later in the batch has no live record any more.
             let Some(live) = batch.resolve_id(&id)? else {
@@ -307,15 +308,17 @@ impl Engine {
                 .stats
                 .profile_event_counts
                 .push(state.profile.computed.event_count);
+            let json = ProfileJson::encode(&state.profile);
             outcome.profiles.push(ProfileRecord {
                 schema_version: SCHEMA_VERSION,
                 customer_id: id.clone(),
-                profile: Some(Arc::clone(&state.profile)),
+                profile: Some(json.clone()),
                 merged_into: None,
                 meta: meta(&last_touch[&id], &format!("profile:{id}"), 0),
             });
+            profile_json.insert(id, json);
         }
-        (outcome.writes, outcome.cache_delta) = batch.finish();
+        (outcome.writes, outcome.cache_delta) = batch.finish(&profile_json);
         Ok(outcome)
     }
 

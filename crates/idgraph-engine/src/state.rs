@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idgraph_model::{Identifier, LinkRule, Profile};
+use idgraph_model::{Identifier, LinkRule, Profile, ProfileJson};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -45,8 +45,10 @@ pub enum CustomerEntry {
 /// A profile plus what the engine needs to keep resolving against it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileState {
-    /// Shared so that output records can carry the profile without copying it; writers go
-    /// through `Arc::make_mut`, which copies only while an output still holds the old version.
+    /// Behind an `Arc` so that cloning a state is cheap; writers go through `Arc::make_mut`.
+    /// Stored as the profile's JSON (a MessagePack binary), the same bytes the profile output
+    /// record carries, so each change is encoded once.
+    #[serde(with = "profile_as_json_bytes")]
     pub profile: Arc<Profile>,
     /// The root node of the profile's identifier set, if it has identifiers.
     pub root: Option<String>,
@@ -145,13 +147,80 @@ pub fn evidence_key(customer_id: &str, seq: u32) -> Vec<u8> {
 }
 
 /// Encodes a live profile exactly as `CustomerEntry::Live` would, without moving it into one.
-pub fn encode_live(state: &ProfileState) -> Vec<u8> {
+/// `profile_json`, when given, must be [`ProfileJson::encode`] of `state.profile`; it is used
+/// as is instead of encoding the profile again.
+pub fn encode_live(state: &ProfileState, profile_json: Option<&ProfileJson>) -> Vec<u8> {
+    // Field for field the serialized form of `ProfileState`; a test keeps the two in step.
+    #[derive(Serialize)]
+    struct StateRef<'a> {
+        profile: JsonBytes<'a>,
+        root: &'a Option<String>,
+        trait_history: &'a BTreeMap<String, Vec<String>>,
+        blocking_keys: &'a [String],
+        evidence_count: u32,
+    }
     #[derive(Serialize)]
     #[serde(rename_all = "snake_case")]
     enum LiveRef<'a> {
-        Live(&'a ProfileState),
+        Live(StateRef<'a>),
     }
-    encode(&LiveRef::Live(state))
+    struct JsonBytes<'a>(&'a [u8]);
+    impl Serialize for JsonBytes<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(self.0)
+        }
+    }
+    let encoded;
+    let json = match profile_json {
+        Some(json) => json,
+        None => {
+            encoded = ProfileJson::encode(&state.profile);
+            &encoded
+        }
+    };
+    encode(&LiveRef::Live(StateRef {
+        profile: JsonBytes(json.as_str().as_bytes()),
+        root: &state.root,
+        trait_history: &state.trait_history,
+        blocking_keys: &state.blocking_keys,
+        evidence_count: state.evidence_count,
+    }))
+}
+
+/// Serde adapter that stores a profile as its JSON in a binary field.
+mod profile_as_json_bytes {
+    use std::sync::Arc;
+
+    use idgraph_model::{Profile, ProfileJson};
+    use serde::de::Visitor;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        profile: &Arc<Profile>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(ProfileJson::encode(profile).as_str().as_bytes())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Arc<Profile>, D::Error> {
+        struct JsonBytes;
+        impl<'de> Visitor<'de> for JsonBytes {
+            type Value = Arc<Profile>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a profile as JSON bytes")
+            }
+
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Self::Value, E> {
+                serde_json::from_slice(bytes)
+                    .map(Arc::new)
+                    .map_err(|e| E::custom(format!("profile JSON: {e}")))
+            }
+        }
+        deserializer.deserialize_bytes(JsonBytes)
+    }
 }
 
 /// Encodes a state record as MessagePack with field names: compact and quick for the
@@ -174,4 +243,47 @@ pub fn decode<T: DeserializeOwned>(
         key: String::from_utf8_lossy(key).replace('\0', "/"),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::new_profile;
+
+    fn sample_state() -> ProfileState {
+        let mut state = new_profile("cus_1".into(), "2026-01-01T00:00:00.000Z");
+        state.root = Some("email\0a@x.com".into());
+        state
+            .trait_history
+            .insert("last_name".into(), vec!["lee".into(), "li".into()]);
+        state.blocking_keys = vec!["ld:L000:1980".into()];
+        state.evidence_count = 3;
+        state
+    }
+
+    #[test]
+    fn a_live_profile_encoded_from_its_output_json_equals_the_plain_encoding() {
+        let state = sample_state();
+        let plain = encode(&CustomerEntry::Live(Box::new(state.clone())));
+        let json = ProfileJson::encode(&state.profile);
+        assert_eq!(encode_live(&state, Some(&json)), plain);
+        assert_eq!(encode_live(&state, None), plain);
+        let decoded: CustomerEntry = decode(Table::Customers, b"cus_1", &plain).unwrap();
+        assert_eq!(decoded, CustomerEntry::Live(Box::new(state)));
+    }
+
+    #[test]
+    fn a_damaged_profile_is_reported_with_its_key() {
+        let state = sample_state();
+        let mut bytes = encode_live(&state, None);
+        // Break the JSON inside the binary field: its first byte is the profile's `{`.
+        let brace = bytes.iter().position(|&b| b == b'{').unwrap();
+        bytes[brace] = b'[';
+        let error = decode::<CustomerEntry>(Table::Customers, b"cus_1", &bytes).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("cus_1") && message.contains("profile JSON"),
+            "{message}"
+        );
+    }
 }

@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 
 /// The version of the stored state's layout; a store refuses to open state of another version.
-/// Version 2 stores records as MessagePack instead of JSON.
-pub const STATE_SCHEMA_VERSION: &str = "2";
+/// Version 2 stores records as MessagePack instead of JSON; version 3 keeps a profile inside
+/// its record as the JSON bytes of its output record.
+pub const STATE_SCHEMA_VERSION: &str = "3";
 
 /// The key under which [`STATE_SCHEMA_VERSION`] is stored in [`Table::Meta`].
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";

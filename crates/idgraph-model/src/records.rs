@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::ParseError;
@@ -277,6 +278,46 @@ pub struct Profile {
     pub absorbed_ids: Vec<String>,
 }
 
+/// A profile serialized once as JSON. The profile record carries these bytes as they are and
+/// the state record stores the same bytes, so a changed profile is encoded once per batch,
+/// while its data is still in the cache of the thread that changed it.
+#[derive(Debug, Clone)]
+pub struct ProfileJson(Arc<RawValue>);
+
+impl ProfileJson {
+    pub fn encode(profile: &Profile) -> Self {
+        let raw = serde_json::value::to_raw_value(profile)
+            .expect("profiles serialize: every map key is a string");
+        ProfileJson(Arc::from(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn decode(&self) -> Result<Profile, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+}
+
+impl PartialEq for ProfileJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for ProfileJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProfileJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(|raw| ProfileJson(Arc::from(raw)))
+    }
+}
+
 /// `idgraph.profiles`: a profile after a change, or a tombstone for an absorbed id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileRecord {
@@ -284,7 +325,7 @@ pub struct ProfileRecord {
     pub customer_id: String,
     /// `None` for a tombstone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profile: Option<Arc<Profile>>,
+    pub profile: Option<ProfileJson>,
     /// For a tombstone of an absorbed id: the survivor it now redirects to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,

@@ -326,8 +326,17 @@ fn output_encoding_rate(out: &Path, lines: u64) -> Result<f64> {
         }
         Ok(seconds)
     }
+    /// A profile record with its profile decoded, so that the floor encodes it field by field
+    /// as the engine does once per change (the record itself only copies those bytes).
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct DecodedProfileRecord {
+        #[serde(default)]
+        profile: Option<idgraph_model::Profile>,
+        #[serde(flatten)]
+        rest: serde_json::Map<String, serde_json::Value>,
+    }
     let seconds = encode_all::<idgraph_model::EnrichedEvent>(&out.join("enriched.jsonl"))?
-        + encode_all::<idgraph_model::ProfileRecord>(&out.join("profiles.jsonl"))?
+        + encode_all::<DecodedProfileRecord>(&out.join("profiles.jsonl"))?
         + encode_all::<idgraph_model::IdentityChange>(&out.join("identity-changes.jsonl"))?;
     Ok(lines as f64 / seconds.max(1e-9))
 }
