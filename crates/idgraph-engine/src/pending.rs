@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+#[cfg(not(test))]
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::store::{Entries, StateRead, StoreError, Table, WriteOp, WriteSet};
@@ -16,12 +18,20 @@ use crate::store::{Entries, StateRead, StoreError, Table, WriteOp, WriteSet};
 #[derive(Debug, Clone)]
 pub struct PendingWrites {
     writes: Arc<WriteSet>,
-    /// (hash of table and key, operation index), sorted; equal hashes keep operation order.
-    index: Vec<(u64, u32)>,
+    /// Hash of table and key → index of the last operation with that hash.
+    index: FxHashMap<u64, u32>,
 }
 
+#[cfg(not(test))]
 fn key_hash(table: Table, key: &[u8]) -> u64 {
     xxh3_64_with_seed(key, table as u64)
+}
+
+/// In this module's unit tests all keys of a table share one hash, so they exercise the path
+/// a real collision takes; the workspace's integration tests run the real hash.
+#[cfg(test)]
+fn key_hash(table: Table, _key: &[u8]) -> u64 {
+    table as u64
 }
 
 fn op_target(op: &WriteOp) -> (Table, &[u8]) {
@@ -32,16 +42,12 @@ fn op_target(op: &WriteOp) -> (Table, &[u8]) {
 
 impl PendingWrites {
     pub fn new(writes: Arc<WriteSet>) -> Self {
-        let mut index: Vec<(u64, u32)> = writes
-            .ops
-            .iter()
-            .enumerate()
-            .map(|(position, op)| {
-                let (table, key) = op_target(op);
-                (key_hash(table, key), position as u32)
-            })
-            .collect();
-        index.sort_unstable();
+        let mut index = FxHashMap::default();
+        index.reserve(writes.ops.len());
+        for (position, op) in writes.ops.iter().enumerate() {
+            let (table, key) = op_target(op);
+            index.insert(key_hash(table, key), position as u32);
+        }
         PendingWrites { writes, index }
     }
 
@@ -51,14 +57,17 @@ impl PendingWrites {
 
     /// The last operation on `key` in `table`, if the write set has one.
     fn last_op(&self, table: Table, key: &[u8]) -> Option<&WriteOp> {
-        let hash = key_hash(table, key);
-        let start = self.index.partition_point(|&(h, _)| h < hash);
-        self.index[start..]
+        let position = *self.index.get(&key_hash(table, key))?;
+        let op = &self.writes.ops[position as usize];
+        if op_target(op) == (table, key) {
+            return Some(op);
+        }
+        // Another key with the same 64-bit hash took the slot: look the slow way.
+        self.writes
+            .ops
             .iter()
-            .take_while(|&&(h, _)| h == hash)
-            .map(|&(_, position)| &self.writes.ops[position as usize])
-            .filter(|op| op_target(op) == (table, key))
-            .last()
+            .rev()
+            .find(|op| op_target(op) == (table, key))
     }
 }
 

@@ -201,6 +201,12 @@ fn table_options(table: Table, config: &StorageConfig, cache: &Cache) -> Options
         // optimize_for_point_lookup installs its own table factory; put the shared cache back.
         options.set_block_based_table_factory(&block);
     }
+    if table != Table::Evidence {
+        // Most lookups are for keys that do not exist yet (a new identifier, a new event id);
+        // a bloom filter over the memtable's whole keys answers those without searching it.
+        options.set_memtable_prefix_bloom_ratio(0.02);
+        options.set_memtable_whole_key_filtering(true);
+    }
     options
 }
 
