@@ -4,8 +4,11 @@
 //! customer ids, link evidence and profile building (SPEC §3).
 //!
 //! The engine does no I/O, reads no clock and draws no random numbers. It reads state through
-//! the small [`StateStore`] trait and returns a batch's state changes as one [`WriteSet`]
-//! together with the output records; the caller decides when to write and emit. This crate
+//! the small [`StateRead`] trait and returns a batch's state changes as one [`WriteSet`]
+//! together with the output records; the caller decides when to write (through
+//! [`StateStore`]) and emit, and may resolve the next batch before the last one is written by
+//! reading through it ([`ReadThrough`]). Parsing and normalizing ([`Engine::prepare`]) need no
+//! state, so a caller may run them on another thread. It spawns no threads itself. This crate
 //! also holds the in-memory store and the store conformance suite; the RocksDB store lives in
 //! `idgraph-store-rocksdb`.
 
