@@ -7,7 +7,7 @@ use chrono::SecondsFormat;
 use idgraph_model::{
     parse_event, parse_mapped, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier,
     IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError,
-    ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
+    ProfileJson, ProfileRecord, QualityIssue, RecordMeta, RefusalRule, RefusedMerge, Resolution,
     ResolutionAction, SCHEMA_VERSION,
 };
 use xxhash_rust::xxh3::xxh3_128;
@@ -59,8 +59,57 @@ pub struct PreparedMessage {
 /// What preparing a message gave.
 #[derive(Debug, Clone)]
 pub enum Prepared {
-    Event(Box<NormalizedEvent>),
+    Event(Box<PreparedEvent>),
     DeadLetter(Box<DeadLetter>),
+}
+
+/// A normalized event with everything that can be derived from it alone, so that this work
+/// is done wherever [`Engine::prepare`] runs rather than while resolving.
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    pub event: NormalizedEvent,
+    /// The event time as outputs write it (RFC 3339, milliseconds, UTC).
+    pub timestamp: String,
+    /// The enriched record's fields that do not depend on state.
+    enriched: EnrichedBase,
+}
+
+/// An enriched record without its customer id and resolution.
+#[derive(Debug, Clone)]
+struct EnrichedBase {
+    identifiers: BTreeMap<String, Vec<String>>,
+    traits: BTreeMap<String, String>,
+    properties: serde_json::Map<String, serde_json::Value>,
+    quality_issues: Vec<QualityIssue>,
+    meta: RecordMeta,
+}
+
+impl PreparedEvent {
+    fn new(event: NormalizedEvent, coordinates: &InputCoordinates) -> Self {
+        let timestamp = event
+            .raw
+            .time()
+            .to_rfc3339_opts(SecondsFormat::Millis, true);
+        let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for identifier in &event.identifiers {
+            identifiers
+                .entry(identifier.kind.clone())
+                .or_default()
+                .push(identifier.value.clone());
+        }
+        let enriched = EnrichedBase {
+            identifiers,
+            traits: event.traits.clone(),
+            properties: event.raw.properties.clone(),
+            quality_issues: event.issues.clone(),
+            meta: meta(coordinates, "enriched", 0),
+        };
+        PreparedEvent {
+            event,
+            timestamp,
+            enriched,
+        }
+    }
 }
 
 /// Everything a batch produced. The caller writes `writes` atomically, then emits the records.
@@ -105,7 +154,6 @@ struct Group {
 struct EventContext<'e> {
     event: &'e NormalizedEvent,
     timestamp: String,
-    coordinates: &'e InputCoordinates,
     changes: Vec<ChangeKind>,
     changes_customer: Vec<String>,
     refused: Vec<RefusedMerge>,
@@ -227,7 +275,10 @@ impl Engine {
             parse_event(message.payload, message.default_source)
         };
         let content = match parsed {
-            Ok(raw) => Prepared::Event(Box::new(self.normalizer.normalize(raw))),
+            Ok(raw) => Prepared::Event(Box::new(PreparedEvent::new(
+                self.normalizer.normalize(raw),
+                message.coordinates,
+            ))),
             Err(error) => Prepared::DeadLetter(Box::new(DeadLetter::new(
                 &error,
                 message.payload,
@@ -259,8 +310,8 @@ impl Engine {
         for message in messages {
             let coordinates = &message.coordinates;
             batch.set_position(coordinates.stream_key(), coordinates.next_position());
-            let event = match message.content {
-                Prepared::Event(event) => event,
+            let prepared = match message.content {
+                Prepared::Event(prepared) => *prepared,
                 Prepared::DeadLetter(dead_letter) => {
                     bump(
                         &mut outcome.stats.dead_letters,
@@ -270,7 +321,7 @@ impl Engine {
                     continue;
                 }
             };
-            let result = self.resolve(&mut batch, &event, coordinates, &mut outcome)?;
+            let result = self.resolve(&mut batch, prepared, coordinates, &mut outcome)?;
             for id in result.touched {
                 if !last_touch.contains_key(&id) {
                     touched.push(id.clone());
@@ -350,17 +401,21 @@ impl Engine {
     fn resolve<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
-        event: &NormalizedEvent,
+        prepared: PreparedEvent,
         coordinates: &InputCoordinates,
         outcome: &mut BatchOutcome,
     ) -> Result<ResolveResult, EngineError> {
+        let PreparedEvent {
+            event,
+            timestamp,
+            enriched: enriched_base,
+        } = prepared;
+        let event = &event;
         let raw = &event.raw;
         record_quality(&mut outcome.stats, event);
-        let timestamp = raw.time().to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut ctx = EventContext {
             event,
             timestamp,
-            coordinates,
             changes: Vec::new(),
             changes_customer: Vec::new(),
             refused: Vec::new(),
@@ -373,7 +428,8 @@ impl Engine {
                 &mut outcome.stats.actions,
                 ResolutionAction::Duplicate.as_str(),
             );
-            outcome.enriched.push(self.enriched(
+            outcome.enriched.push(enriched(
+                enriched_base,
                 &ctx,
                 &customer_id,
                 ResolutionAction::Duplicate,
@@ -471,7 +527,7 @@ impl Engine {
         if action != ResolutionAction::New {
             bump(&mut outcome.stats.matched_by_source, &raw.source);
         }
-        let mut enriched = self.enriched(&ctx, &primary, action, rule);
+        let mut enriched = enriched(enriched_base, &ctx, &primary, action, rule);
         enriched.resolution.merged_ids = std::mem::take(&mut ctx.merged_ids);
         enriched.resolution.refused = std::mem::take(&mut ctx.refused);
         let absorbed: Vec<(String, String)> = enriched
@@ -1154,41 +1210,35 @@ impl Engine {
         }
         Ok(())
     }
+}
 
-    fn enriched(
-        &self,
-        ctx: &EventContext<'_>,
-        customer_id: &str,
-        action: ResolutionAction,
-        rule: LinkRule,
-    ) -> EnrichedEvent {
-        let event = ctx.event;
-        let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for identifier in &event.identifiers {
-            identifiers
-                .entry(identifier.kind.clone())
-                .or_default()
-                .push(identifier.value.clone());
-        }
-        EnrichedEvent {
-            schema_version: SCHEMA_VERSION,
-            event_id: event.raw.event_id.clone(),
-            customer_id: customer_id.to_owned(),
-            source: event.raw.source.clone(),
-            event_type: event.raw.event_type.clone(),
-            timestamp: ctx.timestamp.clone(),
-            identifiers,
-            traits: event.traits.clone(),
-            properties: event.raw.properties.clone(),
-            resolution: Resolution {
-                action,
-                rule,
-                merged_ids: Vec::new(),
-                refused: Vec::new(),
-            },
-            quality_issues: event.issues.clone(),
-            meta: meta(ctx.coordinates, "enriched", 0),
-        }
+/// The enriched record of an event: its prepared fields plus the resolution.
+fn enriched(
+    base: EnrichedBase,
+    ctx: &EventContext<'_>,
+    customer_id: &str,
+    action: ResolutionAction,
+    rule: LinkRule,
+) -> EnrichedEvent {
+    let raw = &ctx.event.raw;
+    EnrichedEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id: raw.event_id.clone(),
+        customer_id: customer_id.to_owned(),
+        source: raw.source.clone(),
+        event_type: raw.event_type.clone(),
+        timestamp: ctx.timestamp.clone(),
+        identifiers: base.identifiers,
+        traits: base.traits,
+        properties: base.properties,
+        resolution: Resolution {
+            action,
+            rule,
+            merged_ids: Vec::new(),
+            refused: Vec::new(),
+        },
+        quality_issues: base.quality_issues,
+        meta: base.meta,
     }
 }
 
