@@ -7,7 +7,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::BatchOutcome;
-use idgraph_model::RecordMeta;
+use idgraph_model::{RecordMeta, WriteJson};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -42,11 +42,18 @@ pub struct WireRecord {
 }
 
 impl WireRecord {
-    pub fn of<T: Serialize>(topic: &str, key: &str, meta: &RecordMeta, record: &T) -> Self {
+    pub fn of<T: WriteJson>(topic: &str, key: &str, meta: &RecordMeta, record: &T) -> Self {
+        let mut payload = Vec::with_capacity(512);
+        record.write_json(&mut payload);
+        Self::with_payload(topic, key, meta, payload)
+    }
+
+    /// A record whose payload is encoded already.
+    pub fn with_payload(topic: &str, key: &str, meta: &RecordMeta, payload: Vec<u8>) -> Self {
         WireRecord {
             topic: topic.to_owned(),
             key: key.to_owned(),
-            payload: serde_json::to_vec(record).expect("output records serialize"),
+            payload,
             input: meta.input.display(),
             idempotency_key: meta.idempotency_key.clone(),
             schema_version: idgraph_model::SCHEMA_VERSION.to_string(),
@@ -373,7 +380,11 @@ impl OutputSink {
         meta: &RecordMeta,
         record: &T,
     ) -> Result<(), KafkaWorkerError> {
-        self.enqueue(batch, &[WireRecord::of(topic, key, meta, record)]);
+        let payload = serde_json::to_vec(record).expect("quality snapshots serialize");
+        self.enqueue(
+            batch,
+            &[WireRecord::with_payload(topic, key, meta, payload)],
+        );
         let status = self.wait(batch, self.delivery_timeout);
         self.forget(batch);
         match status {

@@ -7,11 +7,13 @@
 
 pub mod error;
 pub mod event;
+pub mod json;
 pub mod normalize;
 pub mod records;
 
 pub use error::{FailureKind, ParseError};
 pub use event::{parse_event, parse_mapped, FieldMapping, RawEvent};
+pub use json::WriteJson;
 pub use normalize::{
     Identifier, IssueKind, NormalizeConfig, NormalizedEvent, Normalizer, QualityIssue,
 };

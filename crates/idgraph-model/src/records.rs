@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::ParseError;
+use crate::json::WriteJson;
 
 /// The version of every output record's layout. Bump it on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -282,21 +283,22 @@ pub struct Profile {
 /// the state record stores the same bytes, so a changed profile is encoded once per batch,
 /// while its data is still in the cache of the thread that changed it.
 #[derive(Debug, Clone)]
-pub struct ProfileJson(Arc<RawValue>);
+pub struct ProfileJson(Arc<str>);
 
 impl ProfileJson {
     pub fn encode(profile: &Profile) -> Self {
-        let raw = serde_json::value::to_raw_value(profile)
-            .expect("profiles serialize: every map key is a string");
-        ProfileJson(Arc::from(raw))
+        let mut bytes = Vec::with_capacity(1024);
+        profile.write_json(&mut bytes);
+        let text = String::from_utf8(bytes).expect("the JSON encoders write UTF-8 only");
+        ProfileJson(Arc::from(text))
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 
     pub fn decode(&self) -> Result<Profile, serde_json::Error> {
-        serde_json::from_str(self.0.get())
+        serde_json::from_str(&self.0)
     }
 }
 
@@ -306,15 +308,19 @@ impl PartialEq for ProfileJson {
     }
 }
 
+/// Embeds the JSON as it is. The hot paths write records with [`WriteJson`], which copies the
+/// bytes; this serde path (HTTP answers, tests) checks them on the way, which costs a parse.
 impl Serialize for ProfileJson {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for ProfileJson {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Box::<RawValue>::deserialize(deserializer).map(|raw| ProfileJson(Arc::from(raw)))
+        Box::<RawValue>::deserialize(deserializer)
+            .map(|raw| ProfileJson(Arc::from(Box::<str>::from(raw))))
     }
 }
 

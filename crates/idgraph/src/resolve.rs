@@ -17,7 +17,7 @@ use idgraph_engine::{
     BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage, QualityReport,
     ReadThrough, StateCache, StateStore, WriteSet,
 };
-use idgraph_model::InputCoordinates;
+use idgraph_model::{InputCoordinates, WriteJson};
 use idgraph_store_rocksdb::RocksStore;
 use serde::Serialize;
 
@@ -86,7 +86,7 @@ impl OutputFiles {
     }
 }
 
-fn write_lines<T: Serialize>(
+fn write_lines<T: WriteJson>(
     writer: &mut BufWriter<File>,
     buffer: &mut Vec<u8>,
     records: &[T],
@@ -95,7 +95,7 @@ fn write_lines<T: Serialize>(
     // through the file buffer.
     buffer.clear();
     for record in records {
-        serde_json::to_writer(&mut *buffer, record)?;
+        record.write_json(buffer);
         buffer.push(b'\n');
     }
     writer.write_all(buffer)?;
