@@ -59,10 +59,17 @@ pub fn tables_are_separate<S: StateStore>(store: &mut S) {
 pub fn later_writes_in_a_batch_win<S: StateStore>(store: &mut S) {
     let mut batch = WriteSet::default();
     batch.put(Table::Nodes, "k", "first");
+    // Other keys in between, before and after "k" in key order: a store may reorder the
+    // operations of a batch, but never those on one key.
+    batch.put(Table::Nodes, "z", "z");
+    batch.put(Table::Nodes, "a", "a");
     batch.put(Table::Nodes, "k", "second");
     batch.delete(Table::Nodes, "gone");
     batch.put(Table::Nodes, "gone", "back");
+    batch.put(Table::Nodes, "dropped", "briefly");
+    batch.delete(Table::Nodes, "dropped");
     store.write(&batch).unwrap();
+    assert_eq!(store.get(Table::Nodes, b"dropped").unwrap(), None);
     assert_eq!(
         store.get(Table::Nodes, b"k").unwrap(),
         Some(b"second".to_vec())
