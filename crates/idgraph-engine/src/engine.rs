@@ -1279,7 +1279,10 @@ fn record_quality(stats: &mut BatchStats, event: &NormalizedEvent) {
         };
         bump(map, name);
     }
-    let present = stats.trait_present.entry(source.clone()).or_default();
+    let present = match stats.trait_present.get_mut(source) {
+        Some(present) => present,
+        None => stats.trait_present.entry(source.clone()).or_default(),
+    };
     for name in event.traits.keys() {
         bump(present, name);
     }

@@ -94,33 +94,39 @@ pub fn apply_event(
         }) {
             let held = &mut profile.identifiers[i];
             if timestamp < held.first_seen.as_str() {
-                held.first_seen = timestamp.to_owned();
-                held.source = source.clone();
+                overwrite(&mut held.first_seen, timestamp);
+                overwrite(&mut held.source, source);
             }
             if timestamp > held.last_seen.as_str() {
-                held.last_seen = timestamp.to_owned();
+                overwrite(&mut held.last_seen, timestamp);
             }
         }
     }
     for (name, normalized) in &event.traits {
         let shown = display_value(event, name, normalized);
-        let candidate = TraitValue {
-            value: shown,
-            source: source.clone(),
-            updated_at: timestamp.to_owned(),
-        };
-        match profile.traits.get(name) {
-            Some(current) if !is_newer(&candidate, current) => {}
-            _ => {
-                profile.traits.insert(name.clone(), candidate);
+        match profile.traits.get_mut(name) {
+            Some(current) => {
+                if (timestamp, shown) > (current.updated_at.as_str(), current.value.as_str()) {
+                    overwrite(&mut current.value, shown);
+                    overwrite(&mut current.source, source);
+                    overwrite(&mut current.updated_at, timestamp);
+                }
+            }
+            None => {
+                let value = TraitValue {
+                    value: shown.to_owned(),
+                    source: source.clone(),
+                    updated_at: timestamp.to_owned(),
+                };
+                profile.traits.insert(name.clone(), value);
             }
         }
         if MATCH_FIELDS.contains(&name.as_str()) {
-            remember(
-                state.trait_history.entry(name.clone()).or_default(),
-                normalized,
-                history_len,
-            );
+            let history = match state.trait_history.get_mut(name) {
+                Some(history) => history,
+                None => state.trait_history.entry(name.clone()).or_default(),
+            };
+            remember(history, normalized, history_len);
         }
     }
     update_computed(&mut profile.computed, event, timestamp);
@@ -128,12 +134,20 @@ pub fn apply_event(
 }
 
 /// Profiles show names and addresses as people wrote them, dates of birth as ISO dates.
-fn display_value(event: &NormalizedEvent, name: &str, normalized: &str) -> String {
+fn display_value<'a>(event: &'a NormalizedEvent, name: &str, normalized: &'a str) -> &'a str {
     let is_matching_text = NAME_TRAITS.contains(&name) || MATCH_FIELDS.contains(&name);
     match event.raw.traits.get(name) {
-        Some(raw) if is_matching_text && name != "date_of_birth" => raw.trim().to_owned(),
-        _ => normalized.to_owned(),
+        Some(raw) if is_matching_text && name != "date_of_birth" => raw.trim(),
+        _ => normalized,
     }
+}
+
+/// Replaces a string's contents in its own buffer. Profile fields are rewritten by almost
+/// every event, mostly with a value of the same length (a timestamp), so this saves an
+/// allocation and a free each time.
+fn overwrite(slot: &mut String, value: &str) {
+    slot.clear();
+    slot.push_str(value);
 }
 
 /// Later event time wins; at the same time the larger value wins, so the result does not
@@ -160,19 +174,26 @@ fn remember(history: &mut Vec<String>, value: &str, limit: usize) {
 fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, timestamp: &str) {
     let raw = &event.raw;
     computed.event_count += 1;
-    *computed
-        .events
-        .entry(raw.source.clone())
-        .or_default()
-        .entry(raw.event_type.clone())
-        .or_default() += 1;
+    // Most events repeat a source and type the profile has seen: look before allocating keys.
+    let by_type = match computed.events.get_mut(&raw.source) {
+        Some(by_type) => by_type,
+        None => computed.events.entry(raw.source.clone()).or_default(),
+    };
+    match by_type.get_mut(&raw.event_type) {
+        Some(count) => *count += 1,
+        None => {
+            by_type.insert(raw.event_type.clone(), 1);
+        }
+    }
     if computed.first_seen.is_empty() || timestamp < computed.first_seen.as_str() {
-        computed.first_seen = timestamp.to_owned();
+        overwrite(&mut computed.first_seen, timestamp);
     }
     if timestamp > computed.last_seen.as_str() {
-        computed.last_seen = timestamp.to_owned();
+        overwrite(&mut computed.last_seen, timestamp);
     }
-    computed.channels.insert(raw.source.clone());
+    if !computed.channels.contains(&raw.source) {
+        computed.channels.insert(raw.source.clone());
+    }
     let amount = raw.properties.get("amount").and_then(Value::as_f64);
     let is_order = ORDER_EVENT_TYPES.contains(&raw.event_type.as_str())
         || (raw.source == "transaction" && amount.is_some());
