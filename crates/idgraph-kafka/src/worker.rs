@@ -447,12 +447,24 @@ impl<'e, S: StateStore> Worker<'e, S> {
         polled_at: Vec<Instant>,
         stop: &AtomicBool,
     ) -> Result<(), KafkaWorkerError> {
+        // One shared name per topic: every output record of the batch carries it.
+        let mut topic_names: Vec<Arc<str>> = Vec::new();
         let coordinates: Vec<InputCoordinates> = batch
             .iter()
-            .map(|m| InputCoordinates::Kafka {
-                topic: m.topic().to_owned(),
-                partition: m.partition(),
-                offset: m.offset(),
+            .map(|m| {
+                let topic = match topic_names.iter().find(|t| &t[..] == m.topic()) {
+                    Some(topic) => Arc::clone(topic),
+                    None => {
+                        let topic: Arc<str> = Arc::from(m.topic());
+                        topic_names.push(Arc::clone(&topic));
+                        topic
+                    }
+                };
+                InputCoordinates::Kafka {
+                    topic,
+                    partition: m.partition(),
+                    offset: m.offset(),
+                }
             })
             .collect();
         let messages: Vec<InputMessage<'_>> = batch

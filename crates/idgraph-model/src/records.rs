@@ -21,12 +21,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum InputCoordinates {
-    File {
-        file: String,
-        line: u64,
-    },
+    /// The file name is shared (`Arc`): every output record of every line carries it.
+    File { file: Arc<str>, line: u64 },
     Kafka {
-        topic: String,
+        topic: Arc<str>,
         partition: i32,
         offset: i64,
     },

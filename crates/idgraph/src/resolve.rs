@@ -217,7 +217,7 @@ pub fn resolve_file(
         File::open(input).with_context(|| format!("cannot open input file {}", input.display()))?;
     let lines = LineBatches {
         reader: BufReader::with_capacity(1 << 20, file),
-        input_name: input.display().to_string(),
+        input_name: Arc::from(input.display().to_string()),
         batch_size: config.resolve.batch_size,
         default_source: &config.resolve.default_source,
         line_number: 0,
@@ -293,7 +293,7 @@ struct PreparedBatch {
 /// Cuts a JSON Lines file into batches of lines with their coordinates.
 struct LineBatches<'c> {
     reader: BufReader<File>,
-    input_name: String,
+    input_name: Arc<str>,
     batch_size: usize,
     default_source: &'c str,
     line_number: u64,
