@@ -4,7 +4,7 @@
 //! earlier ones changed; nothing reaches the store until the caller writes the batch's
 //! [`WriteSet`]. Dirty keys are kept in ordered sets so the write set is deterministic.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use idgraph_model::ProfileJson;
@@ -67,18 +67,23 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn node(&mut self, key: &str) -> Result<Option<NodeRecord>, StoreError> {
-        if let Some(node) = self.nodes.get(key) {
-            return Ok(node.clone());
+        Ok(self.node_ref(key)?.cloned())
+    }
+
+    /// The node under `key`, borrowed: most lookups only look at one field, and a clone
+    /// costs an allocation per string in the record.
+    pub(crate) fn node_ref(&mut self, key: &str) -> Result<Option<&NodeRecord>, StoreError> {
+        if !self.nodes.contains_key(key) {
+            let node = match self.cache.take_node(key) {
+                Some(cached) => cached,
+                None => match self.store.get(Table::Nodes, key.as_bytes())? {
+                    Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
+                    None => None,
+                },
+            };
+            self.nodes.insert(key.to_owned(), node);
         }
-        let node = match self.cache.take_node(key) {
-            Some(cached) => cached,
-            None => match self.store.get(Table::Nodes, key.as_bytes())? {
-                Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
-                None => None,
-            },
-        };
-        self.nodes.insert(key.to_owned(), node.clone());
-        Ok(node)
+        Ok(self.nodes.get(key).and_then(Option::as_ref))
     }
 
     pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) {
@@ -91,9 +96,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
         let mut path = Vec::new();
         let mut current = key.to_owned();
         loop {
-            let node = self.node(&current)?.ok_or_else(|| dangling(&current))?;
-            match (node.parent, node.root) {
+            let node = self.node_ref(&current)?.ok_or_else(|| dangling(&current))?;
+            match (&node.parent, &node.root) {
                 (Some(parent), _) => {
+                    let parent = parent.clone();
                     path.push(current);
                     current = parent;
                     if path.len() > 1_000_000 {
@@ -105,6 +111,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                     }
                 }
                 (None, Some(root)) => {
+                    let root = root.clone();
                     // Path compression: every node on the way now points at the root directly.
                     // The last node of the path already does.
                     for node_key in path.iter().rev().skip(1) {
@@ -246,7 +253,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// (for their output records); the state records reuse it.
     pub(crate) fn finish(
         self,
-        profile_json: &HashMap<String, ProfileJson>,
+        profile_json: &FxHashMap<String, ProfileJson>,
     ) -> (WriteSet, CacheDelta) {
         let writes = self.write_set(profile_json);
         let delta = CacheDelta {
@@ -257,7 +264,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
         (writes, delta)
     }
 
-    fn write_set(&self, profile_json: &HashMap<String, ProfileJson>) -> WriteSet {
+    fn write_set(&self, profile_json: &FxHashMap<String, ProfileJson>) -> WriteSet {
         let mut writes = WriteSet::default();
         for key in &self.dirty_nodes {
             if let Some(Some(node)) = self.nodes.get(key) {

@@ -1,6 +1,6 @@
 //! The resolution engine: input messages in, state mutations and output records out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::SecondsFormat;
@@ -10,6 +10,7 @@ use idgraph_model::{
     ProfileJson, ProfileRecord, QualityIssue, RecordMeta, RefusalRule, RefusedMerge, Resolution,
     ResolutionAction, SCHEMA_VERSION,
 };
+use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::batch::Batch;
@@ -140,7 +141,7 @@ pub enum EngineError {
 pub struct Engine {
     config: EngineConfig,
     normalizer: Normalizer,
-    priority: HashMap<String, usize>,
+    priority: FxHashMap<String, usize>,
     processor_version: String,
 }
 
@@ -305,7 +306,7 @@ impl Engine {
         let mut outcome = BatchOutcome::default();
         // Profiles touched by the batch, in first-touch order, with the last input to touch them.
         let mut touched: Vec<String> = Vec::new();
-        let mut last_touch: HashMap<String, InputCoordinates> = HashMap::new();
+        let mut last_touch: FxHashMap<String, InputCoordinates> = FxHashMap::default();
         let mut tombstones: Vec<(String, String, InputCoordinates)> = Vec::new();
         for message in messages {
             let coordinates = &message.coordinates;
@@ -341,7 +342,8 @@ impl Engine {
                 meta: meta(&coordinates, &format!("profile-tombstone:{absorbed}"), 0),
             });
         }
-        let mut profile_json = HashMap::with_capacity(touched.len());
+        let mut profile_json =
+            FxHashMap::with_capacity_and_hasher(touched.len(), Default::default());
         for id in touched {
             // A profile absorbed later in the batch has no live record any more.
             let Some(live) = batch.resolve_id(&id)? else {
@@ -578,10 +580,11 @@ impl Engine {
         let mut new_identifiers = Vec::new();
         for identifier in &event.identifiers {
             let node_key = identifier.node_key();
-            match batch.node(&node_key)? {
+            let generic = batch.node_ref(&node_key)?.map(|node| node.generic);
+            match generic {
                 None => new_identifiers.push(identifier.clone()),
-                Some(node) if node.generic => stats.generic_identifier_hits += 1,
-                Some(_) => {
+                Some(true) => stats.generic_identifier_hits += 1,
+                Some(false) => {
                     let (_, root) = batch.find(&node_key)?;
                     match groups
                         .iter_mut()
@@ -849,7 +852,7 @@ impl Engine {
     ) -> Result<bool, EngineError> {
         for identifier in identifiers {
             if !batch
-                .node(&identifier.node_key())?
+                .node_ref(&identifier.node_key())?
                 .is_some_and(|n| n.generic)
             {
                 return Ok(false);
