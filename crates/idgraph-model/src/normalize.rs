@@ -4,9 +4,11 @@
 //! part of the matching contract: changing one changes which events link.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 use chrono::NaiveDate;
 use regex::RegexSet;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::UnicodeNormalization;
@@ -129,6 +131,59 @@ pub struct Normalizer {
     config: NormalizeConfig,
     region: phonenumber::country::Id,
     blocked_patterns: RegexSet,
+    phones: PhoneCache,
+}
+
+/// How many phone results [`PhoneCache`] keeps before it starts over.
+const PHONE_CACHE_ENTRIES: usize = 65_536;
+
+/// Phone numbers already normalized, by their trimmed input form. Parsing and validating a
+/// number against its region's metadata is the dearest part of normalizing an event, and a
+/// customer's number comes back in event after event. A result depends on the input alone,
+/// so the cache never changes one; when full it is emptied, which keeps it small without
+/// bookkeeping.
+#[derive(Default)]
+struct PhoneCache(Mutex<FxHashMap<Box<str>, Result<String, IssueKind>>>);
+
+impl PhoneCache {
+    fn get_or_insert_with(
+        &self,
+        value: &str,
+        normalize: impl FnOnce() -> Result<String, IssueKind>,
+    ) -> Result<String, IssueKind> {
+        if let Some(known) = self.lock().get(value) {
+            return known.clone();
+        }
+        // Not under the lock: another thread may normalize the same number meanwhile, and
+        // both get the same answer.
+        let result = normalize();
+        let mut phones = self.lock();
+        if phones.len() >= PHONE_CACHE_ENTRIES {
+            phones.clear();
+        }
+        phones.insert(value.into(), result.clone());
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FxHashMap<Box<str>, Result<String, IssueKind>>> {
+        // A panic elsewhere cannot leave a wrong entry: entries are inserted whole.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A clone starts empty: the cache is an optimization, not state.
+impl Clone for PhoneCache {
+    fn clone(&self) -> Self {
+        PhoneCache::default()
+    }
+}
+
+impl std::fmt::Debug for PhoneCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhoneCache")
+            .field("entries", &self.lock().len())
+            .finish()
+    }
 }
 
 /// A configuration value that cannot be used.
@@ -154,6 +209,7 @@ impl Normalizer {
             config,
             region,
             blocked_patterns,
+            phones: PhoneCache::default(),
         })
     }
 
@@ -222,6 +278,11 @@ impl Normalizer {
     }
 
     fn normalize_phone(&self, value: &str) -> Result<String, IssueKind> {
+        self.phones
+            .get_or_insert_with(value, || self.parse_phone(value))
+    }
+
+    fn parse_phone(&self, value: &str) -> Result<String, IssueKind> {
         let digits = value.chars().filter(char::is_ascii_digit).count();
         if digits < 6 {
             return Err(IssueKind::Invalid);
@@ -491,6 +552,66 @@ mod tests {
             n.identifier_value("phone", "415 555 0000", None),
             Err(IssueKind::Blocked)
         );
+    }
+
+    #[test]
+    fn a_phone_seen_before_normalizes_the_same_way() {
+        let n = normalizer();
+        for _ in 0..3 {
+            assert_eq!(
+                n.identifier_value("phone", "(415) 555-0132", None),
+                Ok("+14155550132".into())
+            );
+            assert_eq!(
+                n.identifier_value("phone", "415 555 0000", None),
+                Err(IssueKind::Blocked)
+            );
+            assert_eq!(
+                n.identifier_value("phone", "+1 999 12", None),
+                Err(IssueKind::Invalid)
+            );
+        }
+        let copy = n.clone();
+        assert_eq!(
+            copy.identifier_value("phone", "(415) 555-0132", None),
+            Ok("+14155550132".into())
+        );
+    }
+
+    #[test]
+    fn a_full_phone_cache_starts_over_and_still_answers() {
+        let cache = PhoneCache::default();
+        let calls = std::cell::Cell::new(0);
+        let normalize = |value: &str| {
+            calls.set(calls.get() + 1);
+            Ok(format!("+{value}"))
+        };
+        for i in 0..=PHONE_CACHE_ENTRIES {
+            let value = i.to_string();
+            cache
+                .get_or_insert_with(&value, || normalize(&value))
+                .unwrap();
+        }
+        assert_eq!(calls.get(), PHONE_CACHE_ENTRIES + 1);
+        assert_eq!(
+            cache.lock().len(),
+            1,
+            "emptied when full, then the last one added"
+        );
+        assert_eq!(
+            cache.get_or_insert_with("0", || normalize("0")),
+            Ok("+0".into())
+        );
+        assert_eq!(
+            calls.get(),
+            PHONE_CACHE_ENTRIES + 2,
+            "recomputed after the reset"
+        );
+        let last = PHONE_CACHE_ENTRIES.to_string();
+        cache
+            .get_or_insert_with(&last, || normalize(&last))
+            .unwrap();
+        assert_eq!(calls.get(), PHONE_CACHE_ENTRIES + 2, "still cached");
     }
 
     #[test]
