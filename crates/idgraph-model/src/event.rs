@@ -60,7 +60,7 @@ pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, Par
     let event = if is_segment {
         parse_segment(&object, default_source)?
     } else {
-        parse_canonical(&object, default_source)?
+        parse_canonical(object, default_source)?
     };
     validate_timestamp(&event.timestamp)?;
     Ok(event)
@@ -190,28 +190,36 @@ pub fn parse_mapped(
     })
 }
 
+/// Takes the envelope's values out of the parsed message instead of copying them: every
+/// canonical event comes this way, and the message is dropped right after.
 fn parse_canonical(
-    object: &Map<String, Value>,
+    mut object: Map<String, Value>,
     default_source: &str,
 ) -> Result<RawEvent, ParseError> {
-    let event_id = required_string(object, "event_id")?;
-    let event_type = required_string(object, "event_type")?;
-    let timestamp = required_string(object, "timestamp")?;
-    let source = optional_string(object, "source")?.unwrap_or_else(|| default_source.to_owned());
+    let event_id = require(take_string(&mut object, "event_id")?, "event_id")?;
+    let event_type = require(take_string(&mut object, "event_type")?, "event_type")?;
+    let timestamp = require(take_string(&mut object, "timestamp")?, "timestamp")?;
+    let source = take_string(&mut object, "source")?.unwrap_or_else(|| default_source.to_owned());
     let mut identifiers = Vec::new();
-    if let Some(ids) = object.get("identifiers") {
-        let ids = expect_object(ids, "identifiers")?;
+    if let Some(ids) = object.remove("identifiers") {
+        let Value::Object(ids) = ids else {
+            return Err(not_an_object(&ids, "identifiers"));
+        };
         for (kind, value) in ids {
-            collect_identifier_values(kind, value, &mut identifiers)?;
+            match value {
+                Value::String(text) => identifiers.push((kind, text)),
+                other => collect_identifier_values(&kind, &other, &mut identifiers)?,
+            }
         }
     }
     let traits = match object.get("traits") {
         Some(traits) => collect_traits(expect_object(traits, "traits")?, &[]),
         None => BTreeMap::new(),
     };
-    let properties = match object.get("properties") {
+    let properties = match object.remove("properties") {
         Some(Value::Null) | None => Map::new(),
-        Some(props) => expect_object(props, "properties")?.clone(),
+        Some(Value::Object(properties)) => properties,
+        Some(other) => return Err(not_an_object(&other, "properties")),
     };
     Ok(RawEvent {
         event_id,
@@ -301,7 +309,12 @@ fn validate_timestamp(timestamp: &str) -> Result<(), ParseError> {
 }
 
 fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, ParseError> {
-    match optional_string(object, field)? {
+    require(optional_string(object, field)?, field)
+}
+
+/// A required field's value, or why it is missing.
+fn require(value: Option<String>, field: &str) -> Result<String, ParseError> {
+    match value {
         Some(value) if !value.trim().is_empty() => Ok(value),
         Some(_) => Err(ParseError::new(
             FailureKind::MissingField,
@@ -314,6 +327,16 @@ fn required_string(object: &Map<String, Value>, field: &str) -> Result<String, P
         )
         .with_field(field)),
     }
+}
+
+/// [`optional_string`], moving a string value out of `object` instead of copying it.
+fn take_string(object: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ParseError> {
+    if let Some(Value::String(_)) = object.get(field) {
+        if let Some(Value::String(text)) = object.remove(field) {
+            return Ok(Some(text));
+        }
+    }
+    optional_string(object, field)
 }
 
 fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<String>, ParseError> {
@@ -334,16 +357,18 @@ fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<St
 }
 
 fn expect_object<'a>(value: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ParseError> {
-    value.as_object().ok_or_else(|| {
-        ParseError::new(
-            FailureKind::WrongType,
-            format!(
-                "field {field:?} must be an object, found {}",
-                json_type(value)
-            ),
-        )
-        .with_field(field)
-    })
+    value.as_object().ok_or_else(|| not_an_object(value, field))
+}
+
+fn not_an_object(value: &Value, field: &str) -> ParseError {
+    ParseError::new(
+        FailureKind::WrongType,
+        format!(
+            "field {field:?} must be an object, found {}",
+            json_type(value)
+        ),
+    )
+    .with_field(field)
 }
 
 /// Adds the values of one identifier kind: a string, a number, or an array of them. Nulls are
