@@ -178,13 +178,18 @@ pub fn encode_live(state: &ProfileState, profile_json: Option<&ProfileJson>) -> 
             &encoded
         }
     };
-    encode(&LiveRef::Live(StateRef {
+    let record = LiveRef::Live(StateRef {
         profile: JsonBytes(json.as_str().as_bytes()),
         root: &state.root,
         trait_history: &state.trait_history,
         blocking_keys: &state.blocking_keys,
         evidence_count: state.evidence_count,
-    }))
+    });
+    // The profile's JSON is most of the record (often kilobytes): size the buffer for it
+    // up front instead of regrowing and copying it on the way.
+    let mut bytes = Vec::with_capacity(json.as_str().len() + 512);
+    rmp_serde::encode::write_named(&mut bytes, &record).expect("state records always serialize");
+    bytes
 }
 
 /// Serde adapter that stores a profile as its JSON in a binary field.

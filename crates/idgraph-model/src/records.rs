@@ -280,15 +280,20 @@ pub struct Profile {
 /// A profile serialized once as JSON. The profile record carries these bytes as they are and
 /// the state record stores the same bytes, so a changed profile is encoded once per batch,
 /// while its data is still in the cache of the thread that changed it.
+///
+/// An `Arc<String>`, not an `Arc<str>`: the latter would copy the kilobytes just written into
+/// a new allocation.
 #[derive(Debug, Clone)]
-pub struct ProfileJson(Arc<str>);
+pub struct ProfileJson(Arc<String>);
 
 impl ProfileJson {
     pub fn encode(profile: &Profile) -> Self {
-        let mut bytes = Vec::with_capacity(1024);
+        // Room for a typical profile of this shape, so the buffer rarely regrows.
+        let estimate = 512 + 192 * profile.identifiers.len() + 96 * profile.traits.len();
+        let mut bytes = Vec::with_capacity(estimate);
         profile.write_json(&mut bytes);
         let text = String::from_utf8(bytes).expect("the JSON encoders write UTF-8 only");
-        ProfileJson(Arc::from(text))
+        ProfileJson(Arc::new(text))
     }
 
     pub fn as_str(&self) -> &str {
@@ -318,7 +323,7 @@ impl Serialize for ProfileJson {
 impl<'de> Deserialize<'de> for ProfileJson {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Box::<RawValue>::deserialize(deserializer)
-            .map(|raw| ProfileJson(Arc::from(Box::<str>::from(raw))))
+            .map(|raw| ProfileJson(Arc::new(Box::<str>::from(raw).into_string())))
     }
 }
 
