@@ -182,20 +182,6 @@ fn ticker(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Compression per LSM level with `compression = "lz4"`. Level 0 holds fresh memtable
-/// flushes, bounded in size and soon compacted away; compressing them was 5% of all CPU at
-/// 1M events (flush and compaction threads) for little space. Every deeper level, which
-/// holds almost all the data, is compressed.
-const LZ4_BELOW_LEVEL_0: [DBCompressionType; 7] = [
-    DBCompressionType::None,
-    DBCompressionType::Lz4,
-    DBCompressionType::Lz4,
-    DBCompressionType::Lz4,
-    DBCompressionType::Lz4,
-    DBCompressionType::Lz4,
-    DBCompressionType::Lz4,
-];
-
 fn table_options(table: Table, config: &StorageConfig, cache: &Cache) -> Options {
     let mut block = BlockBasedOptions::default();
     block.set_block_cache(cache);
@@ -206,10 +192,10 @@ fn table_options(table: Table, config: &StorageConfig, cache: &Cache) -> Options
     }
     let mut options = Options::default();
     options.set_block_based_table_factory(&block);
-    match config.compression {
-        Compression::None => options.set_compression_type(DBCompressionType::None),
-        Compression::Lz4 => options.set_compression_per_level(&LZ4_BELOW_LEVEL_0),
-    }
+    options.set_compression_type(match config.compression {
+        Compression::None => DBCompressionType::None,
+        Compression::Lz4 => DBCompressionType::Lz4,
+    });
     if table == Table::Nodes || table == Table::Events {
         options.optimize_for_point_lookup(config.block_cache_mb.max(1) as u64);
         // optimize_for_point_lookup installs its own table factory; put the shared cache back.
