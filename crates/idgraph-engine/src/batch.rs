@@ -74,14 +74,17 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// costs an allocation per string in the record.
     pub(crate) fn node_ref(&mut self, key: &str) -> Result<Option<&NodeRecord>, StoreError> {
         if !self.nodes.contains_key(key) {
-            let node = match self.cache.take_node(key) {
+            let (owned_key, node) = match self.cache.take_node(key) {
                 Some(cached) => cached,
                 None => match self.store.get(Table::Nodes, key.as_bytes())? {
-                    Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
-                    None => None,
+                    Some(bytes) => (
+                        key.to_owned(),
+                        Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
+                    ),
+                    None => (key.to_owned(), None),
                 },
             };
-            self.nodes.insert(key.to_owned(), node);
+            self.nodes.insert(owned_key, node);
         }
         Ok(self.nodes.get(key).and_then(Option::as_ref))
     }
@@ -129,18 +132,17 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// Loads a customer entry into the overlay if it is not there yet.
     fn load(&mut self, id: &str) -> Result<Option<&Cached>, StoreError> {
         if !self.customers.contains_key(id) {
-            let entry = match self.cache.take_customer(id) {
+            let (owned_id, entry) = match self.cache.take_customer(id) {
                 Some(cached) => cached,
                 None => match self.store.get(Table::Customers, id.as_bytes())? {
-                    Some(bytes) => Some(Cached::from_entry(decode(
-                        Table::Customers,
-                        id.as_bytes(),
-                        &bytes,
-                    )?)),
-                    None => None,
+                    Some(bytes) => {
+                        let entry = decode(Table::Customers, id.as_bytes(), &bytes)?;
+                        (id.to_owned(), Some(Cached::from_entry(entry)))
+                    }
+                    None => (id.to_owned(), None),
                 },
             };
-            self.customers.insert(id.to_owned(), entry);
+            self.customers.insert(owned_id, entry);
         }
         Ok(self.customers[id].as_ref())
     }
@@ -197,14 +199,17 @@ impl<'s, S: StateRead> Batch<'s, S> {
         if let Some(block) = self.blocks.get(key) {
             return Ok(Arc::clone(block));
         }
-        let block = match self.cache.take_block(key) {
+        let (owned_key, block) = match self.cache.take_block(key) {
             Some(cached) => cached,
-            None => Arc::new(match self.store.get(Table::Blocks, key.as_bytes())? {
-                Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
-                None => BlockRecord::default(),
-            }),
+            None => {
+                let block = match self.store.get(Table::Blocks, key.as_bytes())? {
+                    Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
+                    None => BlockRecord::default(),
+                };
+                (key.to_owned(), Arc::new(block))
+            }
         };
-        self.blocks.insert(key.to_owned(), Arc::clone(&block));
+        self.blocks.insert(owned_key, Arc::clone(&block));
         Ok(block)
     }
 

@@ -73,26 +73,27 @@ impl StateCache {
         self.len() == 0
     }
 
-    /// Takes a node out (the batch owns it until it hands it back through a delta).
-    pub(crate) fn take_node(&mut self, key: &str) -> Option<Option<NodeRecord>> {
+    /// Takes a node out with its key (the batch owns both until it hands them back through a
+    /// delta, so the key is not allocated again).
+    pub(crate) fn take_node(&mut self, key: &str) -> Option<(String, Option<NodeRecord>)> {
         self.current
             .nodes
-            .remove(key)
-            .or_else(|| self.previous.nodes.remove(key))
+            .remove_entry(key)
+            .or_else(|| self.previous.nodes.remove_entry(key))
     }
 
-    pub(crate) fn take_customer(&mut self, id: &str) -> Option<Option<Cached>> {
+    pub(crate) fn take_customer(&mut self, id: &str) -> Option<(String, Option<Cached>)> {
         self.current
             .customers
-            .remove(id)
-            .or_else(|| self.previous.customers.remove(id))
+            .remove_entry(id)
+            .or_else(|| self.previous.customers.remove_entry(id))
     }
 
-    pub(crate) fn take_block(&mut self, key: &str) -> Option<Arc<BlockRecord>> {
+    pub(crate) fn take_block(&mut self, key: &str) -> Option<(String, Arc<BlockRecord>)> {
         self.current
             .blocks
-            .remove(key)
-            .or_else(|| self.previous.blocks.remove(key))
+            .remove_entry(key)
+            .or_else(|| self.previous.blocks.remove_entry(key))
     }
 
     /// Takes in what a batch read and wrote. Call it only after that batch's write set has
