@@ -18,6 +18,14 @@ use crate::state::{
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet};
 
+/// Adds `key` to a dirty set, allocating only the first time: the same profile is marked on
+/// almost every step of an event.
+fn mark_dirty(dirty: &mut BTreeSet<String>, key: &str) {
+    if !dirty.contains(key) {
+        dirty.insert(key.to_owned());
+    }
+}
+
 /// The longest redirect chain followed before the state is declared corrupt; merges rewrite
 /// every absorbed id to the survivor, so real chains have length one.
 const MAX_REDIRECT_HOPS: usize = 64;
@@ -90,8 +98,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) {
-        self.nodes.insert(key.to_owned(), Some(node));
-        self.dirty_nodes.insert(key.to_owned());
+        // A node is nearly always read before it is written: reuse its key.
+        match self.nodes.get_mut(key) {
+            Some(slot) => *slot = Some(node),
+            None => {
+                self.nodes.insert(key.to_owned(), Some(node));
+            }
+        }
+        mark_dirty(&mut self.dirty_nodes, key);
     }
 
     /// Finds the root of `key`'s set, compressing the path on the way.
@@ -167,7 +181,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// A mutable live profile, loaded into the overlay and marked dirty.
     pub(crate) fn profile_mut(&mut self, id: &str) -> Result<&mut ProfileState, StoreError> {
         self.load(id)?;
-        self.dirty_customers.insert(id.to_owned());
+        mark_dirty(&mut self.dirty_customers, id);
         match self.customers.get_mut(id) {
             Some(Some(Cached::Live(state))) => Ok(Arc::make_mut(state)),
             _ => Err(not_live(id)),
@@ -190,7 +204,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
-        self.dirty_customers.insert(id.to_owned());
+        mark_dirty(&mut self.dirty_customers, id);
         self.customers
             .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
@@ -214,8 +228,13 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn put_block(&mut self, key: &str, block: BlockRecord) {
-        self.blocks.insert(key.to_owned(), Arc::new(block));
-        self.dirty_blocks.insert(key.to_owned());
+        match self.blocks.get_mut(key) {
+            Some(slot) => *slot = Arc::new(block),
+            None => {
+                self.blocks.insert(key.to_owned(), Arc::new(block));
+            }
+        }
+        mark_dirty(&mut self.dirty_blocks, key);
     }
 
     /// The customer an event was assigned to before, if it was processed already.
