@@ -103,7 +103,7 @@ impl PreparedEvent {
             traits: event.traits.clone(),
             properties: event.raw.properties.clone(),
             quality_issues: event.issues.clone(),
-            meta: meta(coordinates, "enriched", 0),
+            meta: meta(coordinates, &["enriched"], 0),
         };
         PreparedEvent {
             event,
@@ -285,7 +285,7 @@ impl Engine {
                 message.payload,
                 self.config.dead_letter.max_payload_bytes,
                 &self.processor_version,
-                meta(message.coordinates, "dead_letter", 0),
+                meta(message.coordinates, &["dead_letter"], 0),
             ))),
         };
         PreparedMessage {
@@ -339,7 +339,7 @@ impl Engine {
                 customer_id: absorbed.clone(),
                 profile: None,
                 merged_into: Some(survivor),
-                meta: meta(&coordinates, &format!("profile-tombstone:{absorbed}"), 0),
+                meta: meta(&coordinates, &["profile-tombstone:", &absorbed], 0),
             });
         }
         let mut profile_json =
@@ -367,7 +367,7 @@ impl Engine {
                 customer_id: id.clone(),
                 profile: Some(json.clone()),
                 merged_into: None,
-                meta: meta(&last_touch[&id], &format!("profile:{id}"), 0),
+                meta: meta(&last_touch[&id], &["profile:", &id], 0),
             });
             profile_json.insert(id, json);
         }
@@ -551,11 +551,7 @@ impl Engine {
                 event_id: raw.event_id.clone(),
                 source: raw.source.clone(),
                 at: ctx.timestamp.clone(),
-                meta: meta(
-                    coordinates,
-                    &format!("change:{}", change.type_name()),
-                    ordinal,
-                ),
+                meta: meta(coordinates, &["change:", change.type_name()], ordinal),
                 change,
             });
         }
@@ -1300,13 +1296,17 @@ pub fn customer_id_for(source: &str, event_id: &str) -> String {
 
 /// Output metadata: the input coordinates and an idempotency key derived from them, the
 /// output's kind and its ordinal, so a re-emitted record carries the same key.
-fn meta(coordinates: &InputCoordinates, output: &str, ordinal: usize) -> RecordMeta {
+/// `output` names the record; its parts are joined (e.g. `["profile:", id]`), so callers need
+/// not format them into a string first.
+fn meta(coordinates: &InputCoordinates, output: &[&str], ordinal: usize) -> RecordMeta {
     // The key hashes "<coordinates>\0<output>\0<ordinal>"; it is built by hand because every
     // output record needs one, and `format!` was a measurable share of resolving.
-    let mut text = String::with_capacity(64 + output.len());
+    let mut text = String::with_capacity(96);
     coordinates.write_display(&mut text);
     text.push('\0');
-    text.push_str(output);
+    for part in output {
+        text.push_str(part);
+    }
     text.push('\0');
     text.push_str(itoa::Buffer::new().format(ordinal));
     RecordMeta {
@@ -1338,7 +1338,7 @@ mod tests {
         };
         let expected = xxh3_128("events/3@42\0profile:cus_1\x007".as_bytes());
         assert_eq!(
-            meta(&coordinates, "profile:cus_1", 7).idempotency_key,
+            meta(&coordinates, &["profile:", "cus_1"], 7).idempotency_key,
             format!("{expected:032x}")
         );
         for value in [0u128, 1, u128::MAX, 0x0123_4567_89ab_cdef] {
