@@ -2,14 +2,14 @@
 //!
 //! Reads go to the overlay first and to the store after, so later events of a batch see what
 //! earlier ones changed; nothing reaches the store until the caller writes the batch's
-//! [`WriteSet`]. Dirty keys are kept in ordered sets so the write set is deterministic.
+//! [`WriteSet`]. Dirty keys are sorted when the write set is built, so it is deterministic.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use idgraph_model::ProfileJson;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cache::{CacheDelta, Cached, StateCache};
 use crate::state::{
@@ -18,11 +18,28 @@ use crate::state::{
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet};
 
-/// Adds `key` to a dirty set, allocating only the first time: the same profile is marked on
-/// almost every step of an event.
-fn mark_dirty(dirty: &mut BTreeSet<String>, key: &str) {
-    if !dirty.contains(key) {
-        dirty.insert(key.to_owned());
+/// Keys a batch changed. Membership is checked on nearly every step of an event (the same
+/// profile is marked again and again), so it is a hash set; the write set takes its keys
+/// sorted, so its order stays deterministic.
+#[derive(Debug, Default)]
+struct DirtyKeys(FxHashSet<String>);
+
+impl DirtyKeys {
+    /// Adds `key`, allocating only the first time.
+    fn mark(&mut self, key: &str) {
+        if !self.0.contains(key) {
+            self.0.insert(key.to_owned());
+        }
+    }
+
+    fn insert(&mut self, key: String) {
+        self.0.insert(key);
+    }
+
+    fn sorted(&self) -> Vec<&String> {
+        let mut keys: Vec<&String> = self.0.iter().collect();
+        keys.sort_unstable();
+        keys
     }
 }
 
@@ -45,13 +62,13 @@ pub(crate) struct Batch<'s, S: StateRead> {
     /// the batch holds goes back through [`CacheDelta`] once it is committed.
     cache: &'s mut StateCache,
     nodes: FxHashMap<String, Option<NodeRecord>>,
-    dirty_nodes: BTreeSet<String>,
+    dirty_nodes: DirtyKeys,
     /// Profiles are shared with callers and the cache through `Arc`, so reading one costs no
     /// copy; a write copies only when someone still holds the old version.
     customers: FxHashMap<String, Option<Cached>>,
-    dirty_customers: BTreeSet<String>,
+    dirty_customers: DirtyKeys,
     blocks: FxHashMap<String, Arc<BlockRecord>>,
-    dirty_blocks: BTreeSet<String>,
+    dirty_blocks: DirtyKeys,
     events: BTreeMap<String, String>,
     evidence: Vec<(Vec<u8>, Evidence)>,
     positions: BTreeMap<String, u64>,
@@ -63,11 +80,11 @@ impl<'s, S: StateRead> Batch<'s, S> {
             store,
             cache,
             nodes: FxHashMap::default(),
-            dirty_nodes: BTreeSet::new(),
+            dirty_nodes: DirtyKeys::default(),
             customers: FxHashMap::default(),
-            dirty_customers: BTreeSet::new(),
+            dirty_customers: DirtyKeys::default(),
             blocks: FxHashMap::default(),
-            dirty_blocks: BTreeSet::new(),
+            dirty_blocks: DirtyKeys::default(),
             events: BTreeMap::new(),
             evidence: Vec::new(),
             positions: BTreeMap::new(),
@@ -105,7 +122,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 self.nodes.insert(key.to_owned(), Some(node));
             }
         }
-        mark_dirty(&mut self.dirty_nodes, key);
+        self.dirty_nodes.mark(key);
     }
 
     /// Finds the root of `key`'s set, compressing the path on the way.
@@ -181,7 +198,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// A mutable live profile, loaded into the overlay and marked dirty.
     pub(crate) fn profile_mut(&mut self, id: &str) -> Result<&mut ProfileState, StoreError> {
         self.load(id)?;
-        mark_dirty(&mut self.dirty_customers, id);
+        self.dirty_customers.mark(id);
         match self.customers.get_mut(id) {
             Some(Some(Cached::Live(state))) => Ok(Arc::make_mut(state)),
             _ => Err(not_live(id)),
@@ -204,7 +221,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
-        mark_dirty(&mut self.dirty_customers, id);
+        self.dirty_customers.mark(id);
         self.customers
             .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
@@ -234,7 +251,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 self.blocks.insert(key.to_owned(), Arc::new(block));
             }
         }
-        mark_dirty(&mut self.dirty_blocks, key);
+        self.dirty_blocks.mark(key);
     }
 
     /// The customer an event was assigned to before, if it was processed already.
@@ -290,12 +307,12 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     fn write_set(&self, profile_json: &FxHashMap<String, ProfileJson>) -> WriteSet {
         let mut writes = WriteSet::default();
-        for key in &self.dirty_nodes {
+        for key in self.dirty_nodes.sorted() {
             if let Some(Some(node)) = self.nodes.get(key) {
                 writes.put(Table::Nodes, key.as_bytes(), encode(node));
             }
         }
-        for key in &self.dirty_customers {
+        for key in self.dirty_customers.sorted() {
             match self.customers.get(key) {
                 Some(Some(Cached::Live(state))) => {
                     let json = profile_json.get(key);
@@ -308,7 +325,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 _ => {}
             }
         }
-        for key in &self.dirty_blocks {
+        for key in self.dirty_blocks.sorted() {
             writes.put(Table::Blocks, key.as_bytes(), encode(&*self.blocks[key]));
         }
         for (key, customer) in &self.events {
