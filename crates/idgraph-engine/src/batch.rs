@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idgraph_model::ProfileJson;
+use idgraph_model::{InputCoordinates, ProfileJson};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -69,9 +69,13 @@ pub(crate) struct Batch<'s, S: StateRead> {
     dirty_customers: DirtyKeys,
     blocks: FxHashMap<String, Arc<BlockRecord>>,
     dirty_blocks: DirtyKeys,
-    events: BTreeMap<String, String>,
+    events: FxHashMap<String, String>,
     evidence: Vec<(Vec<u8>, Evidence)>,
     positions: BTreeMap<String, u64>,
+    /// The stream of the latest messages and the highest next position among them, not yet
+    /// in `positions`: consecutive messages nearly always share a stream, and its key is only
+    /// built when the stream changes.
+    current_stream: Option<(InputCoordinates, u64)>,
 }
 
 impl<'s, S: StateRead> Batch<'s, S> {
@@ -85,9 +89,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
             dirty_customers: DirtyKeys::default(),
             blocks: FxHashMap::default(),
             dirty_blocks: DirtyKeys::default(),
-            events: BTreeMap::new(),
+            events: FxHashMap::default(),
             evidence: Vec::new(),
             positions: BTreeMap::new(),
+            current_stream: None,
         }
     }
 
@@ -283,9 +288,24 @@ impl<'s, S: StateRead> Batch<'s, S> {
         Ok(())
     }
 
-    pub(crate) fn set_position(&mut self, stream: String, next: u64) {
-        let entry = self.positions.entry(stream).or_insert(next);
-        *entry = (*entry).max(next);
+    /// Records that the message at `coordinates` has been processed.
+    pub(crate) fn set_position(&mut self, coordinates: &InputCoordinates) {
+        let next = coordinates.next_position();
+        if let Some((stream, latest)) = &mut self.current_stream {
+            if stream.same_stream(coordinates) {
+                *latest = (*latest).max(next);
+                return;
+            }
+        }
+        self.settle_current_stream();
+        self.current_stream = Some((coordinates.clone(), next));
+    }
+
+    fn settle_current_stream(&mut self) {
+        if let Some((stream, next)) = self.current_stream.take() {
+            let entry = self.positions.entry(stream.stream_key()).or_insert(next);
+            *entry = (*entry).max(next);
+        }
     }
 
     /// Everything the batch changed, as one ordered write set, and every record it holds for
@@ -293,9 +313,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// Ends the batch. `profile_json` holds the JSON already encoded for changed profiles
     /// (for their output records); the state records reuse it.
     pub(crate) fn finish(
-        self,
+        mut self,
         profile_json: &FxHashMap<String, ProfileJson>,
     ) -> (WriteSet, CacheDelta) {
+        self.settle_current_stream();
         let writes = self.write_set(profile_json);
         let delta = CacheDelta {
             nodes: self.nodes.into_iter().collect(),
@@ -328,7 +349,9 @@ impl<'s, S: StateRead> Batch<'s, S> {
         for key in self.dirty_blocks.sorted() {
             writes.put(Table::Blocks, key.as_bytes(), encode(&*self.blocks[key]));
         }
-        for (key, customer) in &self.events {
+        let mut events: Vec<(&String, &String)> = self.events.iter().collect();
+        events.sort_unstable();
+        for (key, customer) in events {
             writes.put(Table::Events, key.as_bytes(), customer.as_bytes());
         }
         for (key, evidence) in &self.evidence {

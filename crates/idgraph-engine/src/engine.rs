@@ -310,7 +310,7 @@ impl Engine {
         let mut tombstones: Vec<(String, String, InputCoordinates)> = Vec::new();
         for message in messages {
             let coordinates = &message.coordinates;
-            batch.set_position(coordinates.stream_key(), coordinates.next_position());
+            batch.set_position(coordinates);
             let prepared = match message.content {
                 Prepared::Event(prepared) => *prepared,
                 Prepared::DeadLetter(dead_letter) => {

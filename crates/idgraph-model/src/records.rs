@@ -41,6 +41,29 @@ impl InputCoordinates {
         }
     }
 
+    /// True when both are in the same input stream (file, or topic partition), whose
+    /// [`InputCoordinates::stream_key`] is then the same.
+    pub fn same_stream(&self, other: &InputCoordinates) -> bool {
+        match (self, other) {
+            (InputCoordinates::File { file: a, .. }, InputCoordinates::File { file: b, .. }) => {
+                a == b
+            }
+            (
+                InputCoordinates::Kafka {
+                    topic: a,
+                    partition: p,
+                    ..
+                },
+                InputCoordinates::Kafka {
+                    topic: b,
+                    partition: q,
+                    ..
+                },
+            ) => p == q && a == b,
+            _ => false,
+        }
+    }
+
     /// The position to resume from after this message has been processed.
     pub fn next_position(&self) -> u64 {
         match self {
@@ -490,6 +513,36 @@ mod tests {
         let json = serde_json::to_value(&letter).unwrap();
         assert_eq!(json["input"]["line"], 7);
         assert_eq!(json["failure_kind"], "invalid_utf8");
+    }
+
+    #[test]
+    fn messages_share_a_stream_when_their_stream_keys_match() {
+        let file = |name: &str, line| InputCoordinates::File {
+            file: name.into(),
+            line,
+        };
+        let kafka = |partition, offset| InputCoordinates::Kafka {
+            topic: "web".into(),
+            partition,
+            offset,
+        };
+        let all = [
+            file("a.jsonl", 1),
+            file("a.jsonl", 9),
+            file("b.jsonl", 1),
+            kafka(0, 5),
+            kafka(0, 6),
+            kafka(1, 5),
+        ];
+        for x in &all {
+            for y in &all {
+                assert_eq!(
+                    x.same_stream(y),
+                    x.stream_key() == y.stream_key(),
+                    "{x:?} {y:?}"
+                );
+            }
+        }
     }
 
     #[test]
