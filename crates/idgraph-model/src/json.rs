@@ -68,16 +68,25 @@ fn str_field(out: &mut Vec<u8>, key: &[u8], value: &str) {
     write_str(out, value);
 }
 
-/// Appends a JSON array of strings.
-fn write_str_list<'a>(out: &mut Vec<u8>, values: impl IntoIterator<Item = &'a String>) {
+/// Appends a JSON array, writing each item with `write_item`.
+fn write_array<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut write_item: impl FnMut(&mut Vec<u8>, T),
+) {
     out.push(b'[');
-    for (i, value) in values.into_iter().enumerate() {
+    for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, value);
+        write_item(out, item);
     }
     out.push(b']');
+}
+
+/// Appends a JSON array of strings.
+fn write_str_list<'a>(out: &mut Vec<u8>, values: impl IntoIterator<Item = &'a String>) {
+    write_array(out, values, |out, value| write_str(out, value));
 }
 
 /// Appends a JSON object, writing each value with `write_value`.
@@ -162,14 +171,8 @@ fn write_resolution(out: &mut Vec<u8>, resolution: &Resolution) {
         write_str_list(out, &resolution.merged_ids);
     }
     if !resolution.refused.is_empty() {
-        out.extend_from_slice(b",\"refused\":[");
-        for (i, refused) in resolution.refused.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_refused(out, refused);
-        }
-        out.push(b']');
+        out.extend_from_slice(b",\"refused\":");
+        write_array(out, &resolution.refused, write_refused);
     }
     out.push(b'}');
 }
@@ -240,19 +243,16 @@ impl WriteJson for Profile {
         str_field(out, b",\"created_at\":", &self.created_at);
         out.extend_from_slice(b",\"version\":");
         write_u64(out, self.version);
-        out.extend_from_slice(b",\"identifiers\":[");
-        for (i, identifier) in self.identifiers.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+        out.extend_from_slice(b",\"identifiers\":");
+        write_array(out, &self.identifiers, |out, identifier| {
             str_field(out, b"{\"kind\":", &identifier.kind);
             str_field(out, b",\"value\":", &identifier.value);
             str_field(out, b",\"first_seen\":", &identifier.first_seen);
             str_field(out, b",\"last_seen\":", &identifier.last_seen);
             str_field(out, b",\"source\":", &identifier.source);
             out.push(b'}');
-        }
-        out.extend_from_slice(b"],\"traits\":");
+        });
+        out.extend_from_slice(b",\"traits\":");
         write_map(out, &self.traits, |out, value| {
             str_field(out, b"{\"value\":", &value.value);
             str_field(out, b",\"source\":", &value.source);
@@ -288,16 +288,12 @@ fn write_change_fields(out: &mut Vec<u8>, change: &ChangeKind) {
     str_field(out, b",\"type\":", change.type_name());
     match change {
         ChangeKind::Created { identifiers } => {
-            out.extend_from_slice(b",\"identifiers\":[");
-            for (i, identifier) in identifiers.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+            out.extend_from_slice(b",\"identifiers\":");
+            write_array(out, identifiers, |out, identifier| {
                 str_field(out, b"{\"kind\":", &identifier.kind);
                 str_field(out, b",\"value\":", &identifier.value);
                 out.push(b'}');
-            }
-            out.push(b']');
+            });
         }
         ChangeKind::Merged {
             survivor,
