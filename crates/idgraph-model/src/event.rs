@@ -51,6 +51,19 @@ const SEGMENT_IDENTIFIER_TRAITS: [&str; 2] = ["email", "phone"];
 /// messages normally do not). Both the canonical envelope and Segment Spec messages are
 /// accepted; a message with a Segment `type` and no `event_id` is read as Segment Spec.
 pub fn parse_event(payload: &[u8], default_source: &str) -> Result<RawEvent, ParseError> {
+    if let Some(event) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|text| crate::canonical::parse(text, default_source))
+    {
+        validate_timestamp(&event.timestamp)?;
+        return Ok(event);
+    }
+    parse_general(payload, default_source)
+}
+
+/// [`parse_event`] through a JSON tree of the whole message: every accepted shape and every
+/// error.
+pub(crate) fn parse_general(payload: &[u8], default_source: &str) -> Result<RawEvent, ParseError> {
     let object = decode_object(payload)?;
     let is_segment = !object.contains_key("event_id")
         && object
@@ -410,7 +423,10 @@ fn wrong_identifier_type(kind: &str, value: &Value) -> ParseError {
 
 /// Keeps scalar trait values as strings; nested objects (a Segment `address`) are flattened
 /// one level with the inner key (`address.city` → `city`).
-fn collect_traits(object: &Map<String, Value>, skip: &[&str]) -> BTreeMap<String, String> {
+pub(crate) fn collect_traits(
+    object: &Map<String, Value>,
+    skip: &[&str],
+) -> BTreeMap<String, String> {
     let mut traits = BTreeMap::new();
     for (key, value) in object {
         if skip.contains(&key.as_str()) {

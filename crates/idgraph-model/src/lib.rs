@@ -5,6 +5,7 @@
 //! This crate does no I/O and holds no state: it turns bytes into events and events into
 //! normalized values. Resolution lives in `idgraph-engine`.
 
+mod canonical;
 pub mod error;
 pub mod event;
 pub mod json;
