@@ -812,9 +812,9 @@ impl idgraph_engine::StateRead for FlakyStore {
 }
 
 impl idgraph_engine::StateStore for FlakyStore {
-    fn write(
+    fn write_parts(
         &mut self,
-        batch: &idgraph_engine::WriteSet,
+        parts: &[&idgraph_engine::WriteSet],
     ) -> Result<(), idgraph_engine::StoreError> {
         self.writes += 1;
         if (self.fail_from..self.fail_until).contains(&self.writes) {
@@ -822,7 +822,7 @@ impl idgraph_engine::StateStore for FlakyStore {
                 "injected: the disk is busy".into(),
             ));
         }
-        self.inner.write(batch)
+        self.inner.write_parts(parts)
     }
 }
 

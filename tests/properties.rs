@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use idgraph_engine::read::profile_by_id;
 use idgraph_engine::{
-    Engine, EngineConfig, InputMessage, MemoryStore, PendingWrites, ReadThrough, StateCache,
-    StateStore, Table,
+    BatchOutcome, Engine, EngineConfig, InputMessage, MemoryStore, PendingWrites, ReadThrough,
+    ResolvedBatch, StateCache, StateStore, Table,
 };
 use idgraph_model::{InputCoordinates, ResolutionAction};
 use proptest::prelude::*;
@@ -158,7 +158,9 @@ fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize
 }
 
 /// Every output record of a run, as JSON lines. With `commit_late`, each batch is committed
-/// only after the next one is resolved, which reads through it as file mode's pipeline does.
+/// only after the next one is resolved, which reads through it, and its changed profiles are
+/// encoded only then, after the next batch may have changed them again: as file mode's
+/// pipeline does.
 fn outputs_of_run(
     engine: &Engine,
     events: &[GenEvent],
@@ -167,7 +169,7 @@ fn outputs_of_run(
 ) -> Vec<String> {
     let mut store = MemoryStore::new();
     let mut cache = StateCache::new(cache_entries);
-    let mut pending: Option<PendingWrites> = None;
+    let mut pending: Option<(PendingWrites, ResolvedBatch)> = None;
     let mut lines = Vec::new();
     for (batch_index, chunk) in events.chunks(4).enumerate() {
         let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
@@ -178,42 +180,56 @@ fn outputs_of_run(
             })
             .collect();
         let messages = InputMessage::batch(&payloads, &coordinates, "web");
+        let prepared = messages.iter().map(|m| engine.prepare(m)).collect();
         let view = ReadThrough {
-            pending: pending.as_ref(),
+            pending: pending.as_ref().map(|(writes, _)| writes),
             store: &store,
         };
-        let mut outcome = engine
-            .process_batch_cached(&view, &mut cache, &messages)
+        let mut resolved = engine
+            .resolve_prepared(&view, &mut cache, prepared)
             .unwrap();
-        cache.absorb(std::mem::take(&mut outcome.cache_delta));
-        let writes = Arc::new(std::mem::take(&mut outcome.writes));
+        cache.absorb(std::mem::take(&mut resolved.outcome.cache_delta));
         if commit_late {
-            if let Some(previous) = pending.replace(PendingWrites::new(writes)) {
-                store.write(previous.writes()).unwrap();
+            let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
+            let next = PendingWrites::new(writes).with_profiles(resolved.profiles());
+            if let Some((previous, previous_batch)) = pending.replace((next, resolved)) {
+                commit(&mut store, &previous, previous_batch, &mut lines);
             }
         } else {
-            store.write(&writes).unwrap();
+            let outcome = resolved.finish();
+            store.write(&outcome.writes).unwrap();
+            lines.extend(record_lines(&outcome));
         }
-        lines.extend(
-            outcome
-                .enriched
-                .iter()
-                .map(|r| serde_json::to_string(r).unwrap()),
-        );
-        lines.extend(
-            outcome
-                .profiles
-                .iter()
-                .map(|r| serde_json::to_string(r).unwrap()),
-        );
-        lines.extend(
-            outcome
-                .changes
-                .iter()
-                .map(|r| serde_json::to_string(r).unwrap()),
-        );
+    }
+    if let Some((previous, previous_batch)) = pending.take() {
+        commit(&mut store, &previous, previous_batch, &mut lines);
     }
     lines
+}
+
+/// Encodes a batch's profiles, writes its state in one write and collects its records.
+fn commit(
+    store: &mut MemoryStore,
+    pending: &PendingWrites,
+    resolved: ResolvedBatch,
+    lines: &mut Vec<String>,
+) {
+    let (outcome, profile_writes) = resolved.encode_profiles();
+    store
+        .write_parts(&[pending.writes(), &profile_writes])
+        .unwrap();
+    lines.extend(record_lines(&outcome));
+}
+
+fn record_lines(outcome: &BatchOutcome) -> Vec<String> {
+    let enriched = outcome.enriched.iter().map(serde_json::to_string);
+    let profiles = outcome.profiles.iter().map(serde_json::to_string);
+    let changes = outcome.changes.iter().map(serde_json::to_string);
+    enriched
+        .chain(profiles)
+        .chain(changes)
+        .map(Result::unwrap)
+        .collect()
 }
 
 proptest! {

@@ -7,14 +7,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idgraph_model::{InputCoordinates, ProfileJson};
+use idgraph_model::InputCoordinates;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cache::{CacheDelta, Cached, StateCache};
 use crate::state::{
-    decode, encode, encode_live, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord,
-    ProfileState, RootInfo,
+    decode, encode, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord, ProfileState,
+    RootInfo,
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet};
 
@@ -308,26 +308,24 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
     }
 
-    /// Everything the batch changed, as one ordered write set, and every record it holds for
-    /// the cache.
-    /// Ends the batch. `profile_json` holds the JSON already encoded for changed profiles
-    /// (for their output records); the state records reuse it.
-    pub(crate) fn finish(
-        mut self,
-        profile_json: &FxHashMap<String, ProfileJson>,
-    ) -> (WriteSet, CacheDelta) {
+    /// Ends the batch: every change except the live profiles' records as a write set, the
+    /// live profiles that changed (sorted by id; encoding them is left to
+    /// [`crate::ResolvedBatch::finish`], off the resolving thread if the caller wishes), and
+    /// every record it holds for the cache.
+    pub(crate) fn finish(mut self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>, CacheDelta) {
         self.settle_current_stream();
-        let writes = self.write_set(profile_json);
+        let (writes, live) = self.write_set();
         let delta = CacheDelta {
             nodes: self.nodes.into_iter().collect(),
             customers: self.customers.into_iter().collect(),
             blocks: self.blocks.into_iter().collect(),
         };
-        (writes, delta)
+        (writes, live, delta)
     }
 
-    fn write_set(&self, profile_json: &FxHashMap<String, ProfileJson>) -> WriteSet {
+    fn write_set(&self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>) {
         let mut writes = WriteSet::default();
+        let mut live = Vec::new();
         for key in self.dirty_nodes.sorted() {
             if let Some(Some(node)) = self.nodes.get(key) {
                 writes.put(Table::Nodes, key.as_bytes(), encode(node));
@@ -335,10 +333,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
         for key in self.dirty_customers.sorted() {
             match self.customers.get(key) {
-                Some(Some(Cached::Live(state))) => {
-                    let json = profile_json.get(key);
-                    writes.put(Table::Customers, key.as_bytes(), encode_live(state, json));
-                }
+                Some(Some(Cached::Live(state))) => live.push((key.clone(), Arc::clone(state))),
                 Some(Some(Cached::Redirect(to))) => {
                     let entry = CustomerEntry::Redirect { to: to.clone() };
                     writes.put(Table::Customers, key.as_bytes(), encode(&entry));
@@ -360,7 +355,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
         for (stream, next) in &self.positions {
             writes.put(Table::Positions, stream.as_bytes(), next.to_string());
         }
-        writes
+        (writes, live)
     }
 }
 

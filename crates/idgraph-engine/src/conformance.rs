@@ -10,6 +10,7 @@ pub fn run_all<S: StateStore>(mut fresh: impl FnMut() -> S) {
     reads_back_what_was_written(&mut fresh());
     tables_are_separate(&mut fresh());
     later_writes_in_a_batch_win(&mut fresh());
+    parts_are_written_as_one_in_order(&mut fresh());
     deletes_remove_keys(&mut fresh());
     prefix_scans_are_ordered_and_bounded(&mut fresh());
     binary_keys_and_values_survive(&mut fresh());
@@ -78,6 +79,33 @@ pub fn later_writes_in_a_batch_win<S: StateStore>(store: &mut S) {
         store.get(Table::Nodes, b"gone").unwrap(),
         Some(b"back".to_vec())
     );
+}
+
+pub fn parts_are_written_as_one_in_order<S: StateStore>(store: &mut S) {
+    let mut first = WriteSet::default();
+    first.put(Table::Nodes, "k", "first part");
+    first.put(Table::Nodes, "only-first", "1");
+    first.put(Table::Positions, "file:in.jsonl", "7");
+    let mut second = WriteSet::default();
+    second.put(Table::Nodes, "k", "second part");
+    second.delete(Table::Nodes, "only-first");
+    second.put(Table::Customers, "c1", "profile");
+    store.write_parts(&[&first, &second]).unwrap();
+    assert_eq!(
+        store.get(Table::Nodes, b"k").unwrap(),
+        Some(b"second part".to_vec()),
+        "a later part wins on a key, as a later operation in one write set does"
+    );
+    assert_eq!(store.get(Table::Nodes, b"only-first").unwrap(), None);
+    assert_eq!(
+        store.get(Table::Positions, b"file:in.jsonl").unwrap(),
+        Some(b"7".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Customers, b"c1").unwrap(),
+        Some(b"profile".to_vec())
+    );
+    store.write_parts(&[]).unwrap();
 }
 
 pub fn deletes_remove_keys<S: StateStore>(store: &mut S) {

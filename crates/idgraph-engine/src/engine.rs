@@ -18,9 +18,11 @@ use crate::cache::{CacheDelta, StateCache};
 use crate::config::{ConfigProblem, EngineConfig};
 use crate::matching::{blocking_keys, score, score_known, MatchScore, MATCH_FIELDS};
 use crate::profile::{add_identifier, apply_event, blocking_traits, merge_into, new_profile};
-use crate::state::{event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, RootInfo};
+use crate::state::{
+    encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, RootInfo,
+};
 use crate::stats::{bump, BatchStats};
-use crate::store::{StateRead, StoreError, WriteSet};
+use crate::store::{StateRead, StoreError, Table, WriteSet};
 
 /// One input message and where it came from.
 #[derive(Debug, Clone, Copy)]
@@ -124,6 +126,75 @@ pub struct BatchOutcome {
     pub stats: BatchStats,
     /// Decoded records for the [`StateCache`], valid once `writes` is committed.
     pub cache_delta: CacheDelta,
+}
+
+/// A resolved batch whose changed profiles are not encoded yet.
+///
+/// Encoding a profile (its JSON for the output record, which the state record embeds) is a
+/// large share of a batch's work and needs no state, so [`Engine::resolve_prepared`] leaves it
+/// here: the caller may absorb the cache delta and the statistics, hand the write set to a
+/// committer and start on the next batch (reading through [`ResolvedBatch::profiles`] with
+/// [`crate::PendingWrites::with_profiles`]) while another thread encodes this one.
+#[derive(Debug)]
+pub struct ResolvedBatch {
+    /// Every record and state change except the changed profiles': `writes` lacks their
+    /// state records and `profiles` holds only the tombstones of absorbed ids.
+    pub outcome: BatchOutcome,
+    /// Profiles the batch touched that are still live, in first-touch order, with the
+    /// metadata of their output records.
+    profile_records: Vec<(String, Arc<ProfileState>, RecordMeta)>,
+    /// Live profiles whose state changed, sorted by id.
+    profile_writes: Vec<(String, Arc<ProfileState>)>,
+}
+
+impl ResolvedBatch {
+    /// The changed live profiles as they will be stored, by id.
+    pub fn profiles(&self) -> impl Iterator<Item = (&str, &Arc<ProfileState>)> {
+        self.profile_writes
+            .iter()
+            .map(|(id, state)| (id.as_str(), state))
+    }
+
+    /// Encodes the changed profiles: their output records go after the tombstones in the
+    /// returned outcome, and their state records into the returned write set, which must be
+    /// committed atomically with the outcome's (see [`StateStore::write_parts`]).
+    ///
+    /// [`StateStore::write_parts`]: crate::StateStore::write_parts
+    pub fn encode_profiles(self) -> (BatchOutcome, WriteSet) {
+        let ResolvedBatch {
+            mut outcome,
+            profile_records,
+            profile_writes,
+        } = self;
+        let mut profile_json =
+            FxHashMap::with_capacity_and_hasher(profile_records.len(), Default::default());
+        outcome.profiles.reserve(profile_records.len());
+        for (id, state, meta) in profile_records {
+            let json = ProfileJson::encode(&state.profile);
+            outcome.profiles.push(ProfileRecord {
+                schema_version: SCHEMA_VERSION,
+                customer_id: id.clone(),
+                profile: Some(json.clone()),
+                merged_into: None,
+                meta,
+            });
+            profile_json.insert(id, json);
+        }
+        let mut writes = WriteSet::default();
+        writes.ops.reserve(profile_writes.len());
+        for (id, state) in profile_writes {
+            let value = encode_live(&state, profile_json.get(&id));
+            writes.put(Table::Customers, id, value);
+        }
+        (outcome, writes)
+    }
+
+    /// The whole outcome, with the profiles' state records appended to its write set.
+    pub fn finish(self) -> BatchOutcome {
+        let (mut outcome, profile_writes) = self.encode_profiles();
+        outcome.writes.ops.extend(profile_writes.ops);
+        outcome
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +373,19 @@ impl Engine {
         cache: &mut StateCache,
         messages: Vec<PreparedMessage>,
     ) -> Result<BatchOutcome, EngineError> {
+        Ok(self.resolve_prepared(store, cache, messages)?.finish())
+    }
+
+    /// [`Engine::process_prepared_cached`] up to, not including, encoding the profiles that
+    /// changed: their output records and state records are made by [`ResolvedBatch::finish`]
+    /// or [`ResolvedBatch::encode_profiles`], which need no state, so a caller may run them on
+    /// another thread while it resolves the next batch.
+    pub fn resolve_prepared<S: StateRead>(
+        &self,
+        store: &S,
+        cache: &mut StateCache,
+        messages: Vec<PreparedMessage>,
+    ) -> Result<ResolvedBatch, EngineError> {
         let mut batch = Batch::new(store, cache);
         let mut outcome = BatchOutcome::default();
         // Profiles touched by the batch, in first-touch order, with the last input to touch them.
@@ -342,8 +426,7 @@ impl Engine {
                 meta: meta(&coordinates, &["profile-tombstone:", &absorbed], 0),
             });
         }
-        let mut profile_json =
-            FxHashMap::with_capacity_and_hasher(touched.len(), Default::default());
+        let mut profile_records = Vec::with_capacity(touched.len());
         for id in touched {
             // A profile absorbed later in the batch has no live record any more.
             let Some(live) = batch.resolve_id(&id)? else {
@@ -361,18 +444,16 @@ impl Engine {
                 .stats
                 .profile_event_counts
                 .push(state.profile.computed.event_count);
-            let json = ProfileJson::encode(&state.profile);
-            outcome.profiles.push(ProfileRecord {
-                schema_version: SCHEMA_VERSION,
-                customer_id: id.clone(),
-                profile: Some(json.clone()),
-                merged_into: None,
-                meta: meta(&last_touch[&id], &["profile:", &id], 0),
-            });
-            profile_json.insert(id, json);
+            let meta = meta(&last_touch[&id], &["profile:", &id], 0);
+            profile_records.push((id, state, meta));
         }
-        (outcome.writes, outcome.cache_delta) = batch.finish(&profile_json);
-        Ok(outcome)
+        let (writes, profile_writes, cache_delta) = batch.finish();
+        (outcome.writes, outcome.cache_delta) = (writes, cache_delta);
+        Ok(ResolvedBatch {
+            outcome,
+            profile_records,
+            profile_writes,
+        })
     }
 
     fn rank(&self, kind: &str) -> usize {

@@ -29,6 +29,7 @@ pub use cache::{CacheDelta, StateCache};
 pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
 pub use engine::{
     customer_id_for, BatchOutcome, Engine, EngineError, InputMessage, Prepared, PreparedMessage,
+    ResolvedBatch,
 };
 pub use idgraph_model::Normalizer;
 pub use pending::{PendingWrites, ReadThrough};

@@ -12,14 +12,18 @@ use rustc_hash::FxHashMap;
 #[cfg(not(test))]
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::state::{encode_live, ProfileState};
 use crate::store::{Entries, StateRead, StoreError, Table, WriteOp, WriteSet};
 
-/// A write set on its way to the store, indexed for point reads.
+/// A write set on its way to the store, indexed for point reads, and the live profiles that
+/// will be written with it once they are encoded (see [`crate::ResolvedBatch`]).
 #[derive(Debug, Clone)]
 pub struct PendingWrites {
     writes: Arc<WriteSet>,
     /// Hash of table and key → index of the last operation with that hash.
     index: FxHashMap<u64, u32>,
+    /// Customer records not in `writes`, by id; they are encoded only if someone reads them.
+    profiles: FxHashMap<String, Arc<ProfileState>>,
 }
 
 #[cfg(not(test))]
@@ -48,7 +52,33 @@ impl PendingWrites {
             let (table, key) = op_target(op);
             index.insert(key_hash(table, key), position as u32);
         }
-        PendingWrites { writes, index }
+        PendingWrites {
+            writes,
+            index,
+            profiles: FxHashMap::default(),
+        }
+    }
+
+    /// Adds the live profiles that go to the store with this write set (their ids must have
+    /// no operation in it), e.g. [`crate::ResolvedBatch::profiles`].
+    pub fn with_profiles<'p>(
+        mut self,
+        profiles: impl IntoIterator<Item = (&'p str, &'p Arc<ProfileState>)>,
+    ) -> Self {
+        self.profiles = profiles
+            .into_iter()
+            .map(|(id, state)| (id.to_owned(), Arc::clone(state)))
+            .collect();
+        self
+    }
+
+    /// The stored form of a pending profile: the bytes [`crate::ResolvedBatch`] will write.
+    fn profile_record(&self, table: Table, key: &[u8]) -> Option<Vec<u8>> {
+        if table != Table::Customers || self.profiles.is_empty() {
+            return None;
+        }
+        let state = self.profiles.get(std::str::from_utf8(key).ok()?)?;
+        Some(encode_live(state, None))
     }
 
     pub fn writes(&self) -> &Arc<WriteSet> {
@@ -80,6 +110,12 @@ pub struct ReadThrough<'a, R> {
 
 impl<R: StateRead> StateRead for ReadThrough<'_, R> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(record) = self
+            .pending
+            .and_then(|pending| pending.profile_record(table, key))
+        {
+            return Ok(Some(record));
+        }
         match self.pending.and_then(|pending| pending.last_op(table, key)) {
             Some(WriteOp::Put { value, .. }) => Ok(Some(value.clone())),
             Some(WriteOp::Delete { .. }) => Ok(None),
@@ -106,6 +142,13 @@ impl<R: StateRead> StateRead for ReadThrough<'_, R> {
                     merged.remove(key);
                 }
                 _ => {}
+            }
+        }
+        if table == Table::Customers {
+            for (id, state) in &pending.profiles {
+                if id.as_bytes().starts_with(prefix) {
+                    merged.insert(id.as_bytes().to_vec(), encode_live(state, None));
+                }
             }
         }
         Ok(merged.into_iter().collect())

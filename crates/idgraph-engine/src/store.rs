@@ -160,10 +160,17 @@ pub trait StateRead {
 
 /// Durable key-value state, split into [`Table`]s.
 ///
-/// Implementations must make [`StateStore::write`] atomic: after a crash either every
-/// operation of a write set is visible or none is.
+/// Implementations must make [`StateStore::write_parts`] atomic: after a crash either every
+/// operation of the write sets is visible or none is.
 pub trait StateStore: StateRead {
-    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError>;
+    /// Writes several write sets as one, in order: a later operation on a key wins. It lets
+    /// a caller add records made on another thread (see [`crate::ResolvedBatch`]) without
+    /// copying the rest of a batch's write set.
+    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError>;
+
+    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
+        self.write_parts(&[batch])
+    }
 
     /// Size, cache and stall figures for metrics.
     fn figures(&self) -> StoreFigures {
@@ -211,8 +218,8 @@ impl StateRead for MemoryStore {
 }
 
 impl StateStore for MemoryStore {
-    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
-        for op in &batch.ops {
+    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError> {
+        for op in parts.iter().flat_map(|part| &part.ops) {
             match op {
                 WriteOp::Put { table, key, value } => {
                     self.tables

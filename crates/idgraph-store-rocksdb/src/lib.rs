@@ -269,9 +269,9 @@ impl StateRead for RocksStore {
 }
 
 impl StateStore for RocksStore {
-    fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
+    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError> {
         let mut write_batch = WriteBatch::default();
-        for op in &batch.ops {
+        for op in parts.iter().flat_map(|part| &part.ops) {
             match op {
                 WriteOp::Put { table, key, value } => {
                     write_batch.put_cf(self.handle(*table), key, value)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use idgraph_engine::{
     BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage, QualityReport,
-    ReadThrough, StateCache, StateStore, WriteSet,
+    ReadThrough, ResolvedBatch, StateCache, StateStore, WriteSet,
 };
 use idgraph_model::{InputCoordinates, WriteJson};
 use idgraph_store_rocksdb::RocksStore;
@@ -102,12 +102,13 @@ fn write_lines<T: WriteJson>(
     Ok(())
 }
 
-/// Commits batches to the state store and then writes their records, on a thread of its own
-/// and in batch order, so that both overlap resolving the next batch. A batch's records reach
-/// the files only after its state is committed. At most two batches wait for it; a slower
-/// disk slows the resolver down instead of filling memory.
+/// Encodes each batch's changed profiles, commits the batch to the state store and then
+/// writes its records, on a thread of its own and in batch order, so that all of it overlaps
+/// resolving the next batch. A batch's records reach the files only after its state is
+/// committed. At most two batches wait for it; a slower disk slows the resolver down instead
+/// of filling memory.
 struct Committer<'scope> {
-    batches: SyncSender<(Arc<WriteSet>, BatchOutcome)>,
+    batches: SyncSender<(Arc<WriteSet>, ResolvedBatch)>,
     /// One message per committed batch, sent before its records are encoded.
     committed: Receiver<()>,
     committed_count: u64,
@@ -121,12 +122,14 @@ impl<'scope> Committer<'scope> {
         store: &'scope mut RocksStore,
         mut outputs: OutputFiles,
     ) -> Self {
-        let (batches, receiver) = std::sync::mpsc::sync_channel::<(Arc<WriteSet>, BatchOutcome)>(2);
+        let (batches, receiver) =
+            std::sync::mpsc::sync_channel::<(Arc<WriteSet>, ResolvedBatch)>(2);
         let (committed_sender, committed) = std::sync::mpsc::channel();
         let thread = scope.spawn(move || {
-            for (writes, outcome) in receiver {
+            for (writes, resolved) in receiver {
+                let (outcome, profile_writes) = resolved.encode_profiles();
                 store
-                    .write(&writes)
+                    .write_parts(&[&writes, &profile_writes])
                     .context("cannot commit a batch to the state store")?;
                 drop(writes);
                 // The resolver may be gone after an error of its own; the records still go out.
@@ -145,8 +148,8 @@ impl<'scope> Committer<'scope> {
     }
 
     /// Queues a resolved batch; fails with the committer's own error if it stopped.
-    fn send(mut self, writes: Arc<WriteSet>, outcome: BatchOutcome) -> Result<Self> {
-        match self.batches.send((writes, outcome)) {
+    fn send(mut self, writes: Arc<WriteSet>, resolved: ResolvedBatch) -> Result<Self> {
+        match self.batches.send((writes, resolved)) {
             Ok(()) => {
                 self.sent_count += 1;
                 Ok(self)
@@ -245,15 +248,15 @@ pub fn resolve_file(
                 pending: latest.as_ref(),
                 store: &reader,
             };
-            let mut outcome =
-                engine.process_prepared_cached(&view, &mut cache, prepared.messages)?;
+            let mut resolved = engine.resolve_prepared(&view, &mut cache, prepared.messages)?;
             // The cache may run one batch ahead of the store: if that batch fails to commit,
             // the run stops and the cache goes with it.
-            cache.absorb(std::mem::take(&mut outcome.cache_delta));
-            stats.absorb(std::mem::take(&mut outcome.stats));
-            let writes = Arc::new(std::mem::take(&mut outcome.writes));
-            latest = Some(PendingWrites::new(Arc::clone(&writes)));
-            committer = committer.send(writes, outcome)?;
+            cache.absorb(std::mem::take(&mut resolved.outcome.cache_delta));
+            stats.absorb(std::mem::take(&mut resolved.outcome.stats));
+            let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
+            latest =
+                Some(PendingWrites::new(Arc::clone(&writes)).with_profiles(resolved.profiles()));
+            committer = committer.send(writes, resolved)?;
             if let Some(every) = progress {
                 if last_progress.elapsed() >= every {
                     last_progress = Instant::now();
