@@ -325,6 +325,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     fn write_set(&self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>) {
         let mut writes = WriteSet::default();
+        writes.ops.reserve(
+            self.dirty_nodes.0.len()
+                + self.dirty_customers.0.len()
+                + self.dirty_blocks.0.len()
+                + self.events.len()
+                + self.evidence.len()
+                + self.positions.len(),
+        );
         let mut live = Vec::new();
         for key in self.dirty_nodes.sorted() {
             if let Some(Some(node)) = self.nodes.get(key) {

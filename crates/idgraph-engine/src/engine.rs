@@ -7,7 +7,7 @@ use chrono::SecondsFormat;
 use idgraph_model::{
     parse_event, parse_mapped, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier,
     IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError,
-    ProfileJson, ProfileRecord, QualityIssue, RecordMeta, RefusalRule, RefusedMerge, Resolution,
+    ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
     ResolutionAction, SCHEMA_VERSION,
 };
 use rustc_hash::FxHashMap;
@@ -73,18 +73,8 @@ pub struct PreparedEvent {
     pub event: NormalizedEvent,
     /// The event time as outputs write it (RFC 3339, milliseconds, UTC).
     pub timestamp: String,
-    /// The enriched record's fields that do not depend on state.
-    enriched: EnrichedBase,
-}
-
-/// An enriched record without its customer id and resolution.
-#[derive(Debug, Clone)]
-struct EnrichedBase {
-    identifiers: BTreeMap<String, Vec<String>>,
-    traits: BTreeMap<String, String>,
-    properties: serde_json::Map<String, serde_json::Value>,
-    quality_issues: Vec<QualityIssue>,
-    meta: RecordMeta,
+    /// The metadata of the event's enriched record.
+    enriched_meta: RecordMeta,
 }
 
 impl PreparedEvent {
@@ -93,24 +83,10 @@ impl PreparedEvent {
             .raw
             .time()
             .to_rfc3339_opts(SecondsFormat::Millis, true);
-        let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for identifier in &event.identifiers {
-            identifiers
-                .entry(identifier.kind.clone())
-                .or_default()
-                .push(identifier.value.clone());
-        }
-        let enriched = EnrichedBase {
-            identifiers,
-            traits: event.traits.clone(),
-            properties: event.raw.properties.clone(),
-            quality_issues: event.issues.clone(),
-            meta: meta(coordinates, &["enriched"], 0),
-        };
         PreparedEvent {
             event,
             timestamp,
-            enriched,
+            enriched_meta: meta(coordinates, &["enriched"], 0),
         }
     }
 }
@@ -388,6 +364,10 @@ impl Engine {
     ) -> Result<ResolvedBatch, EngineError> {
         let mut batch = Batch::new(store, cache);
         let mut outcome = BatchOutcome::default();
+        // One enriched event per message and typically one or two changes: sized up front,
+        // these vectors of large records are not copied again as they grow.
+        outcome.enriched.reserve(messages.len());
+        outcome.changes.reserve(messages.len() * 2);
         // Profiles touched by the batch, in first-touch order, with the last input to touch them.
         let mut touched: Vec<String> = Vec::new();
         let mut last_touch: FxHashMap<String, InputCoordinates> = FxHashMap::default();
@@ -489,11 +469,11 @@ impl Engine {
         outcome: &mut BatchOutcome,
     ) -> Result<ResolveResult, EngineError> {
         let PreparedEvent {
-            event,
+            event: owned_event,
             timestamp,
-            enriched: enriched_base,
+            enriched_meta,
         } = prepared;
-        let event = &event;
+        let event = &owned_event;
         let raw = &event.raw;
         record_quality(&mut outcome.stats, event);
         let mut ctx = EventContext {
@@ -511,12 +491,14 @@ impl Engine {
                 &mut outcome.stats.actions,
                 ResolutionAction::Duplicate.as_str(),
             );
+            let resolution = resolution(ResolutionAction::Duplicate, LinkRule::SameEvent);
+            let timestamp = ctx.timestamp;
             outcome.enriched.push(enriched(
-                enriched_base,
-                &ctx,
-                &customer_id,
-                ResolutionAction::Duplicate,
-                LinkRule::SameEvent,
+                owned_event,
+                timestamp,
+                customer_id,
+                resolution,
+                enriched_meta,
             ));
             return Ok(ResolveResult::default());
         }
@@ -610,11 +592,10 @@ impl Engine {
         if action != ResolutionAction::New {
             bump(&mut outcome.stats.matched_by_source, &raw.source);
         }
-        let mut enriched = enriched(enriched_base, &ctx, &primary, action, rule);
-        enriched.resolution.merged_ids = std::mem::take(&mut ctx.merged_ids);
-        enriched.resolution.refused = std::mem::take(&mut ctx.refused);
-        let absorbed: Vec<(String, String)> = enriched
-            .resolution
+        let mut resolution = resolution(action, rule);
+        resolution.merged_ids = std::mem::take(&mut ctx.merged_ids);
+        resolution.refused = std::mem::take(&mut ctx.refused);
+        let absorbed: Vec<(String, String)> = resolution
             .merged_ids
             .iter()
             .map(|id| (id.clone(), primary.clone()))
@@ -636,7 +617,15 @@ impl Engine {
                 change,
             });
         }
-        outcome.enriched.push(enriched);
+        // The event is not read again: its values move into the enriched record.
+        let timestamp = ctx.timestamp;
+        outcome.enriched.push(enriched(
+            owned_event,
+            timestamp,
+            primary.clone(),
+            resolution,
+            enriched_meta,
+        ));
         // A merge may leave the event on the other profile's id (the older one survives): the
         // survivor changed too and needs its profile record.
         if !touched.contains(&primary) {
@@ -1293,32 +1282,47 @@ impl Engine {
 }
 
 /// The enriched record of an event: its prepared fields plus the resolution.
+fn resolution(action: ResolutionAction, rule: LinkRule) -> Resolution {
+    Resolution {
+        action,
+        rule,
+        merged_ids: Vec::new(),
+        refused: Vec::new(),
+    }
+}
+
+/// The enriched record of a resolved event, made by moving the event's values rather than
+/// copying them: the event is dropped right after.
 fn enriched(
-    base: EnrichedBase,
-    ctx: &EventContext<'_>,
-    customer_id: &str,
-    action: ResolutionAction,
-    rule: LinkRule,
+    event: NormalizedEvent,
+    timestamp: String,
+    customer_id: String,
+    resolution: Resolution,
+    meta: RecordMeta,
 ) -> EnrichedEvent {
-    let raw = &ctx.event.raw;
+    let NormalizedEvent {
+        raw,
+        identifiers: normalized,
+        traits,
+        issues,
+    } = event;
+    let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for Identifier { kind, value } in normalized {
+        identifiers.entry(kind).or_default().push(value);
+    }
     EnrichedEvent {
         schema_version: SCHEMA_VERSION,
-        event_id: raw.event_id.clone(),
-        customer_id: customer_id.to_owned(),
-        source: raw.source.clone(),
-        event_type: raw.event_type.clone(),
-        timestamp: ctx.timestamp.clone(),
-        identifiers: base.identifiers,
-        traits: base.traits,
-        properties: base.properties,
-        resolution: Resolution {
-            action,
-            rule,
-            merged_ids: Vec::new(),
-            refused: Vec::new(),
-        },
-        quality_issues: base.quality_issues,
-        meta: base.meta,
+        event_id: raw.event_id,
+        customer_id,
+        source: raw.source,
+        event_type: raw.event_type,
+        timestamp,
+        identifiers,
+        traits,
+        properties: raw.properties,
+        resolution,
+        quality_issues: issues,
+        meta,
     }
 }
 

@@ -270,7 +270,17 @@ impl StateRead for RocksStore {
 
 impl StateStore for RocksStore {
     fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError> {
-        let mut write_batch = WriteBatch::default();
+        // RocksDB keeps a batch in one buffer; sized for every key and value up front (plus
+        // a few bytes of framing per operation) it is not copied again as it grows.
+        let bytes: usize = parts
+            .iter()
+            .flat_map(|part| &part.ops)
+            .map(|op| match op {
+                WriteOp::Put { key, value, .. } => key.len() + value.len() + 16,
+                WriteOp::Delete { key, .. } => key.len() + 16,
+            })
+            .sum();
+        let mut write_batch = WriteBatch::with_capacity_bytes(bytes + 12);
         for op in parts.iter().flat_map(|part| &part.ops) {
             match op {
                 WriteOp::Put { table, key, value } => {
