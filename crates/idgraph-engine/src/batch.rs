@@ -79,17 +79,26 @@ pub(crate) struct Batch<'s, S: StateRead> {
 }
 
 impl<'s, S: StateRead> Batch<'s, S> {
-    pub(crate) fn new(store: &'s S, cache: &'s mut StateCache) -> Self {
+    /// An empty overlay for a batch of about `messages` messages. Its maps are sized for a
+    /// typical event (a few identifiers, one or two profiles and blocking keys) up front:
+    /// growing them step by step rehashed every key several times per batch.
+    pub(crate) fn new(store: &'s S, cache: &'s mut StateCache, messages: usize) -> Self {
+        let set = || {
+            DirtyKeys(FxHashSet::with_capacity_and_hasher(
+                messages,
+                Default::default(),
+            ))
+        };
         Batch {
             store,
             cache,
-            nodes: FxHashMap::default(),
-            dirty_nodes: DirtyKeys::default(),
-            customers: FxHashMap::default(),
-            dirty_customers: DirtyKeys::default(),
-            blocks: FxHashMap::default(),
-            dirty_blocks: DirtyKeys::default(),
-            events: FxHashMap::default(),
+            nodes: sized_map(messages * 2),
+            dirty_nodes: set(),
+            customers: sized_map(messages * 2),
+            dirty_customers: set(),
+            blocks: sized_map(messages),
+            dirty_blocks: set(),
+            events: sized_map(messages),
             evidence: Vec::new(),
             positions: BTreeMap::new(),
             current_stream: None,
@@ -365,6 +374,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
         (writes, live)
     }
+}
+
+fn sized_map<V>(capacity: usize) -> FxHashMap<String, V> {
+    FxHashMap::with_capacity_and_hasher(capacity, Default::default())
 }
 
 fn not_live(id: &str) -> StoreError {

@@ -362,7 +362,7 @@ impl Engine {
         cache: &mut StateCache,
         messages: Vec<PreparedMessage>,
     ) -> Result<ResolvedBatch, EngineError> {
-        let mut batch = Batch::new(store, cache);
+        let mut batch = Batch::new(store, cache, messages.len());
         let mut outcome = BatchOutcome::default();
         // One enriched event per message and typically one or two changes: sized up front,
         // these vectors of large records are not copied again as they grow.
