@@ -99,7 +99,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
             blocks: sized_map(messages),
             dirty_blocks: set(),
             events: sized_map(messages),
-            evidence: Vec::new(),
+            evidence: Vec::with_capacity(messages),
             positions: BTreeMap::new(),
             current_stream: None,
         }
@@ -325,9 +325,9 @@ impl<'s, S: StateRead> Batch<'s, S> {
         self.settle_current_stream();
         let (writes, live) = self.write_set();
         let delta = CacheDelta {
-            nodes: self.nodes.into_iter().collect(),
-            customers: self.customers.into_iter().collect(),
-            blocks: self.blocks.into_iter().collect(),
+            nodes: self.nodes,
+            customers: self.customers,
+            blocks: self.blocks,
         };
         (writes, live, delta)
     }

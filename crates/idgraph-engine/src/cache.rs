@@ -20,12 +20,13 @@ pub(crate) enum Cached {
     Redirect(String),
 }
 
-/// Records a batch read or wrote, handed back to be cached once the batch is committed.
+/// Records a batch read or wrote, handed back to be cached once the batch is committed. They
+/// are the batch's own maps, moved rather than copied into lists.
 #[derive(Debug, Clone, Default)]
 pub struct CacheDelta {
-    pub(crate) nodes: Vec<(String, Option<NodeRecord>)>,
-    pub(crate) customers: Vec<(String, Option<Cached>)>,
-    pub(crate) blocks: Vec<(String, Arc<BlockRecord>)>,
+    pub(crate) nodes: FxHashMap<String, Option<NodeRecord>>,
+    pub(crate) customers: FxHashMap<String, Option<Cached>>,
+    pub(crate) blocks: FxHashMap<String, Arc<BlockRecord>>,
 }
 
 /// One generation of cached records.
