@@ -25,6 +25,17 @@ use crate::store::{StateRead, StoreError, Table, WriteSet};
 struct DirtyKeys(FxHashSet<String>);
 
 impl DirtyKeys {
+    fn with_capacity(capacity: usize) -> Self {
+        DirtyKeys(FxHashSet::with_capacity_and_hasher(
+            capacity,
+            Default::default(),
+        ))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Adds `key`, allocating only the first time.
     fn mark(&mut self, key: &str) {
         if !self.0.contains(key) {
@@ -83,21 +94,15 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// typical event (a few identifiers, one or two profiles and blocking keys) up front:
     /// growing them step by step rehashed every key several times per batch.
     pub(crate) fn new(store: &'s S, cache: &'s mut StateCache, messages: usize) -> Self {
-        let set = || {
-            DirtyKeys(FxHashSet::with_capacity_and_hasher(
-                messages,
-                Default::default(),
-            ))
-        };
         Batch {
             store,
             cache,
             nodes: sized_map(messages * 2),
-            dirty_nodes: set(),
+            dirty_nodes: DirtyKeys::with_capacity(messages),
             customers: sized_map(messages * 2),
-            dirty_customers: set(),
+            dirty_customers: DirtyKeys::with_capacity(messages),
             blocks: sized_map(messages),
-            dirty_blocks: set(),
+            dirty_blocks: DirtyKeys::with_capacity(messages),
             events: sized_map(messages),
             evidence: Vec::with_capacity(messages),
             positions: BTreeMap::new(),
@@ -319,7 +324,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     /// Ends the batch: every change except the live profiles' records as a write set, the
     /// live profiles that changed (sorted by id; encoding them is left to
-    /// [`crate::ResolvedBatch::finish`], off the resolving thread if the caller wishes), and
+    /// [`crate::ResolvedBatch::encode_profiles`], off the resolving thread if the caller
+    /// wishes), and
     /// every record it holds for the cache.
     pub(crate) fn finish(mut self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>, CacheDelta) {
         self.settle_current_stream();
@@ -335,9 +341,9 @@ impl<'s, S: StateRead> Batch<'s, S> {
     fn write_set(&self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>) {
         let mut writes = WriteSet::default();
         writes.ops.reserve(
-            self.dirty_nodes.0.len()
-                + self.dirty_customers.0.len()
-                + self.dirty_blocks.0.len()
+            self.dirty_nodes.len()
+                + self.dirty_customers.len()
+                + self.dirty_blocks.len()
                 + self.events.len()
                 + self.evidence.len()
                 + self.positions.len(),
