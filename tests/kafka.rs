@@ -802,6 +802,14 @@ impl idgraph_engine::StateRead for FlakyStore {
         self.inner.get(table, key)
     }
 
+    fn get_many(
+        &self,
+        table: idgraph_engine::Table,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>, idgraph_engine::StoreError> {
+        self.inner.get_many(table, keys)
+    }
+
     fn scan_prefix(
         &self,
         table: idgraph_engine::Table,

@@ -81,6 +81,9 @@ pub(crate) struct Batch<'s, S: StateRead> {
     blocks: FxHashMap<String, Arc<BlockRecord>>,
     dirty_blocks: DirtyKeys,
     events: FxHashMap<String, String>,
+    /// What the store held for the batch's event keys when it started (see
+    /// [`Batch::prefetch`]); `None` for an event not seen before.
+    stored_events: FxHashMap<String, Option<String>>,
     evidence: Vec<(Vec<u8>, Evidence)>,
     positions: BTreeMap<String, u64>,
     /// The stream of the latest messages and the highest next position among them, not yet
@@ -104,10 +107,67 @@ impl<'s, S: StateRead> Batch<'s, S> {
             blocks: sized_map(messages),
             dirty_blocks: DirtyKeys::with_capacity(messages),
             events: sized_map(messages),
+            stored_events: sized_map(messages),
             evidence: Vec::with_capacity(messages),
             positions: BTreeMap::new(),
             current_stream: None,
         }
+    }
+
+    /// Reads the records of `event_keys` and `node_keys` that neither the batch nor the cache
+    /// holds with one multi-get per table. Nearly all of them are new and absent from the
+    /// store, and asking for them together lets RocksDB probe its filters for all at once.
+    /// Each record lands where a lookup one at a time would have put it, and the store does
+    /// not change while a batch runs, so no result depends on it.
+    pub(crate) fn prefetch(
+        &mut self,
+        event_keys: &[&str],
+        node_keys: &[&str],
+    ) -> Result<(), StoreError> {
+        self.prefetch_nodes(node_keys)?;
+        self.prefetch_events(event_keys)
+    }
+
+    fn prefetch_nodes(&mut self, keys: &[&str]) -> Result<(), StoreError> {
+        let mut missing = Vec::with_capacity(keys.len());
+        for &key in keys {
+            if self.nodes.contains_key(key) {
+                continue;
+            }
+            match self.cache.take_node(key) {
+                Some((owned_key, node)) => {
+                    self.nodes.insert(owned_key, node);
+                }
+                None => missing.push(key),
+            }
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let asked: Vec<&[u8]> = missing.iter().map(|key| key.as_bytes()).collect();
+        let values = self.store.get_many(Table::Nodes, &asked)?;
+        for (key, value) in missing.into_iter().zip(values) {
+            let node = match value {
+                Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
+                None => None,
+            };
+            self.nodes.insert(key.to_owned(), node);
+        }
+        Ok(())
+    }
+
+    fn prefetch_events(&mut self, keys: &[&str]) -> Result<(), StoreError> {
+        let missing: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|key| !self.events.contains_key(*key))
+            .collect();
+        let asked: Vec<&[u8]> = missing.iter().map(|key| key.as_bytes()).collect();
+        let values = self.store.get_many(Table::Events, &asked)?;
+        for (key, value) in missing.into_iter().zip(values) {
+            let customer = value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+            self.stored_events.insert(key.to_owned(), customer);
+        }
+        Ok(())
     }
 
     pub(crate) fn node(&mut self, key: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -277,6 +337,9 @@ impl<'s, S: StateRead> Batch<'s, S> {
     pub(crate) fn event_customer(&self, key: &str) -> Result<Option<String>, StoreError> {
         if let Some(id) = self.events.get(key) {
             return Ok(Some(id.clone()));
+        }
+        if let Some(stored) = self.stored_events.get(key) {
+            return Ok(stored.clone());
         }
         match self.store.get(Table::Events, key.as_bytes())? {
             Some(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),

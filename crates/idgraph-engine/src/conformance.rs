@@ -8,6 +8,7 @@ use crate::store::{StateStore, Table, WriteSet, SCHEMA_VERSION_KEY, STATE_SCHEMA
 /// Runs every check on fresh stores made by `fresh`.
 pub fn run_all<S: StateStore>(mut fresh: impl FnMut() -> S) {
     reads_back_what_was_written(&mut fresh());
+    many_keys_read_like_one_at_a_time(&mut fresh());
     tables_are_separate(&mut fresh());
     later_writes_in_a_batch_win(&mut fresh());
     parts_are_written_as_one_in_order(&mut fresh());
@@ -35,6 +36,42 @@ pub fn reads_back_what_was_written<S: StateStore>(store: &mut S) {
         None,
         "absent keys read as None"
     );
+}
+
+pub fn many_keys_read_like_one_at_a_time<S: StateStore>(store: &mut S) {
+    let mut batch = WriteSet::default();
+    batch.put(Table::Nodes, "email\0a@b.co", "a");
+    batch.put(Table::Nodes, "phone\0+14155550100", "p");
+    batch.put(Table::Events, "web\0e1", "c1");
+    store.write(&batch).expect("write succeeds");
+    // Unsorted, with an absent key, a repeated key and a key of another table.
+    let keys: [&[u8]; 5] = [
+        b"phone\0+14155550100",
+        b"missing",
+        b"email\0a@b.co",
+        b"web\0e1",
+        b"phone\0+14155550100",
+    ];
+    let one_at_a_time: Vec<_> = keys
+        .iter()
+        .map(|key| store.get(Table::Nodes, key).unwrap())
+        .collect();
+    assert_eq!(
+        store.get_many(Table::Nodes, &keys).unwrap(),
+        one_at_a_time,
+        "get_many answers each key as get does, in the order asked"
+    );
+    assert_eq!(
+        one_at_a_time,
+        [
+            Some(b"p".to_vec()),
+            None,
+            Some(b"a".to_vec()),
+            None,
+            Some(b"p".to_vec())
+        ]
+    );
+    assert!(store.get_many(Table::Events, &[]).unwrap().is_empty());
 }
 
 pub fn tables_are_separate<S: StateStore>(store: &mut S) {

@@ -75,6 +75,10 @@ pub struct PreparedEvent {
     pub timestamp: String,
     /// The metadata of the event's enriched record.
     enriched_meta: RecordMeta,
+    /// The event's key in [`Table::Events`] (replay protection).
+    event_key: String,
+    /// The graph node key of each of the event's identifiers, in the same order.
+    node_keys: Vec<String>,
 }
 
 impl PreparedEvent {
@@ -83,10 +87,14 @@ impl PreparedEvent {
             .raw
             .time()
             .to_rfc3339_opts(SecondsFormat::Millis, true);
+        let event_key = event_key(&event.raw.source, &event.raw.event_id);
+        let node_keys = event.identifiers.iter().map(Identifier::node_key).collect();
         PreparedEvent {
             event,
             timestamp,
             enriched_meta: meta(coordinates, &["enriched"], 0),
+            event_key,
+            node_keys,
         }
     }
 }
@@ -363,6 +371,7 @@ impl Engine {
         messages: Vec<PreparedMessage>,
     ) -> Result<ResolvedBatch, EngineError> {
         let mut batch = Batch::new(store, cache, messages.len());
+        prefetch(&mut batch, &messages)?;
         let mut outcome = BatchOutcome::default();
         // One enriched event per message and typically one or two changes: sized up front,
         // these vectors of large records are not copied again as they grow.
@@ -472,6 +481,8 @@ impl Engine {
             event: owned_event,
             timestamp,
             enriched_meta,
+            event_key: key,
+            node_keys,
         } = prepared;
         let event = &owned_event;
         let raw = &event.raw;
@@ -484,7 +495,6 @@ impl Engine {
             refused: Vec::new(),
             merged_ids: Vec::new(),
         };
-        let key = event_key(&raw.source, &raw.event_id);
         if let Some(previous) = batch.event_customer(&key)? {
             let customer_id = batch.resolve_id(&previous)?.unwrap_or(previous);
             bump(
@@ -504,7 +514,7 @@ impl Engine {
         }
 
         let (groups, new_identifiers) =
-            self.lookup_identifiers(batch, event, &mut outcome.stats)?;
+            self.lookup_identifiers(batch, event, &node_keys, &mut outcome.stats)?;
         let mut touched = Vec::new();
         let (mut primary, action, rule) =
             self.choose_primary(batch, &mut ctx, &groups, &new_identifiers, outcome)?;
@@ -635,23 +645,24 @@ impl Engine {
     }
 
     /// Splits the event's identifiers into groups by the profile they already belong to, and
-    /// new ones. Generic values are left out of both.
+    /// new ones. Generic values are left out of both. `node_keys` are the identifiers' node
+    /// keys, in order.
     fn lookup_identifiers<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
         event: &NormalizedEvent,
+        node_keys: &[String],
         stats: &mut BatchStats,
     ) -> Result<(Vec<Group>, Vec<Identifier>), EngineError> {
         let mut groups: Vec<Group> = Vec::new();
         let mut new_identifiers = Vec::new();
-        for identifier in &event.identifiers {
-            let node_key = identifier.node_key();
-            let generic = batch.node_ref(&node_key)?.map(|node| node.generic);
+        for (identifier, node_key) in event.identifiers.iter().zip(node_keys) {
+            let generic = batch.node_ref(node_key)?.map(|node| node.generic);
             match generic {
                 None => new_identifiers.push(identifier.clone()),
                 Some(true) => stats.generic_identifier_hits += 1,
                 Some(false) => {
-                    let (_, root) = batch.find(&node_key)?;
+                    let (_, root) = batch.find(node_key)?;
                     match groups
                         .iter_mut()
                         .find(|g| g.customer_id == root.customer_id)
@@ -1279,6 +1290,27 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Reads the stored records of every event and identifier node of a batch in one go (see
+/// [`Batch::prefetch`]) before its events are resolved one by one.
+fn prefetch<S: StateRead>(
+    batch: &mut Batch<'_, S>,
+    messages: &[PreparedMessage],
+) -> Result<(), StoreError> {
+    let events = messages
+        .iter()
+        .filter_map(|message| match &message.content {
+            Prepared::Event(prepared) => Some(&**prepared),
+            Prepared::DeadLetter(_) => None,
+        });
+    let mut event_keys = Vec::with_capacity(messages.len());
+    let mut node_keys = Vec::with_capacity(messages.len() * 3);
+    for prepared in events {
+        event_keys.push(prepared.event_key.as_str());
+        node_keys.extend(prepared.node_keys.iter().map(String::as_str));
+    }
+    batch.prefetch(&event_keys, &node_keys)
 }
 
 /// The enriched record of an event: its prepared fields plus the resolution.

@@ -108,19 +108,48 @@ pub struct ReadThrough<'a, R> {
     pub store: &'a R,
 }
 
+impl<R: StateRead> ReadThrough<'_, R> {
+    /// What the pending writes say about `key`: `Some(value)` if they decide it (`None`
+    /// inside for a delete), `None` if the store must be asked.
+    #[allow(clippy::option_option)]
+    fn pending_value(&self, table: Table, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        let pending = self.pending?;
+        if let Some(record) = pending.profile_record(table, key) {
+            return Some(Some(record));
+        }
+        match pending.last_op(table, key)? {
+            WriteOp::Put { value, .. } => Some(Some(value.clone())),
+            WriteOp::Delete { .. } => Some(None),
+        }
+    }
+}
+
 impl<R: StateRead> StateRead for ReadThrough<'_, R> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(record) = self
-            .pending
-            .and_then(|pending| pending.profile_record(table, key))
-        {
-            return Ok(Some(record));
-        }
-        match self.pending.and_then(|pending| pending.last_op(table, key)) {
-            Some(WriteOp::Put { value, .. }) => Ok(Some(value.clone())),
-            Some(WriteOp::Delete { .. }) => Ok(None),
+        match self.pending_value(table, key) {
+            Some(decided) => Ok(decided),
             None => self.store.get(table, key),
         }
+    }
+
+    fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let mut values = Vec::with_capacity(keys.len());
+        let mut unanswered = Vec::new();
+        for (position, key) in keys.iter().enumerate() {
+            match self.pending_value(table, key) {
+                Some(decided) => values.push(decided),
+                None => {
+                    values.push(None);
+                    unanswered.push(position);
+                }
+            }
+        }
+        let asked: Vec<&[u8]> = unanswered.iter().map(|&position| keys[position]).collect();
+        let stored = self.store.get_many(table, &asked)?;
+        for (position, value) in unanswered.into_iter().zip(stored) {
+            values[position] = value;
+        }
+        Ok(values)
     }
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
@@ -165,6 +194,7 @@ mod tests {
         let mut writes = WriteSet::default();
         writes.put(Table::Nodes, "a", "1");
         writes.put(Table::Nodes, "b", "2");
+        writes.put(Table::Nodes, "untouched", "3");
         writes.put(Table::Evidence, "c1\u{0}1", "old");
         writes.put(Table::Evidence, "c1\u{0}2", "gone");
         store.write(&writes).unwrap();
@@ -195,13 +225,30 @@ mod tests {
         let mut committed = base();
         committed.write(&pending_writes()).unwrap();
         for table in [Table::Nodes, Table::Customers, Table::Evidence] {
-            for key in ["a", "b", "c", "c1\u{0}1", "c1\u{0}2", "c1\u{0}3"] {
+            for key in [
+                "a",
+                "b",
+                "c",
+                "untouched",
+                "c1\u{0}1",
+                "c1\u{0}2",
+                "c1\u{0}3",
+            ] {
                 assert_eq!(
                     view.get(table, key.as_bytes()).unwrap(),
                     committed.get(table, key.as_bytes()).unwrap(),
                     "{table:?} {key:?}"
                 );
             }
+            let keys: Vec<&[u8]> = ["c1\u{0}3", "a", "untouched", "zz", "b", "c1\u{0}1", "a"]
+                .iter()
+                .map(|key| key.as_bytes())
+                .collect();
+            assert_eq!(
+                view.get_many(table, &keys).unwrap(),
+                committed.get_many(table, &keys).unwrap(),
+                "{table:?}: pending answers and stored ones land in the order asked"
+            );
             for prefix in ["", "c1\u{0}", "a", "zz"] {
                 assert_eq!(
                     view.scan_prefix(table, prefix.as_bytes()).unwrap(),

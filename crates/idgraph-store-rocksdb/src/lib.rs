@@ -233,6 +233,18 @@ fn get(db: &DB, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>
     db.get_cf(handle(db, table), key).map_err(convert)
 }
 
+fn get_many(db: &DB, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    // Unsorted input: RocksDB sorts a copy of the key list itself.
+    db.batched_multi_get_cf(handle(db, table), keys.iter().copied(), false)
+        .into_iter()
+        .map(|result| {
+            result
+                .map(|value| value.map(|slice| slice.to_vec()))
+                .map_err(convert)
+        })
+        .collect()
+}
+
 fn scan_prefix(db: &DB, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
     let mut out = Vec::new();
     for item in db.iterator_cf(
@@ -253,6 +265,10 @@ impl StateRead for RocksReader {
         get(&self.db, table, key)
     }
 
+    fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        get_many(&self.db, table, keys)
+    }
+
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         scan_prefix(&self.db, table, prefix)
     }
@@ -261,6 +277,10 @@ impl StateRead for RocksReader {
 impl StateRead for RocksStore {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         get(&self.db, table, key)
+    }
+
+    fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        get_many(&self.db, table, keys)
     }
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
