@@ -378,8 +378,9 @@ impl Engine {
         outcome.enriched.reserve(messages.len());
         outcome.changes.reserve(messages.len() * 2);
         // Profiles touched by the batch, in first-touch order, with the last input to touch them.
-        let mut touched: Vec<String> = Vec::new();
-        let mut last_touch: FxHashMap<String, InputCoordinates> = FxHashMap::default();
+        let mut touched: Vec<String> = Vec::with_capacity(messages.len());
+        let mut last_touch: FxHashMap<String, InputCoordinates> =
+            FxHashMap::with_capacity_and_hasher(messages.len(), Default::default());
         let mut tombstones: Vec<(String, String, InputCoordinates)> = Vec::new();
         for message in messages {
             let coordinates = &message.coordinates;

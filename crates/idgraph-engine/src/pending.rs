@@ -111,7 +111,6 @@ pub struct ReadThrough<'a, R> {
 impl<R: StateRead> ReadThrough<'_, R> {
     /// What the pending writes say about `key`: `Some(value)` if they decide it (`None`
     /// inside for a delete), `None` if the store must be asked.
-    #[allow(clippy::option_option)]
     fn pending_value(&self, table: Table, key: &[u8]) -> Option<Option<Vec<u8>>> {
         let pending = self.pending?;
         if let Some(record) = pending.profile_record(table, key) {
