@@ -60,7 +60,10 @@ fn generated_data_resolves_with_high_precision_and_recall() {
     let dir = tempfile::tempdir().unwrap();
     let (input, truth) = generate(dir.path(), 30_000, 11);
     let out = dir.path().join("out");
-    ok(&["resolve", "--input", p(&input), "--output-dir", p(&out)]);
+    let summary = ok(&["resolve", "--input", p(&input), "--output-dir", p(&out)]);
+    if cfg!(target_os = "linux") {
+        assert_cpu_split_adds_up(&summary);
+    }
     for file in [
         "enriched.jsonl",
         "profiles.jsonl",
@@ -96,6 +99,39 @@ fn generated_data_resolves_with_high_precision_and_recall() {
     assert!(
         quality["blocked_identifiers"].as_object().unwrap().len() > 1,
         "junk values are counted: {quality}"
+    );
+}
+
+/// The run summary's CPU line names each part's seconds, and they add up to the total.
+fn assert_cpu_split_adds_up(summary: &str) {
+    let line = summary
+        .lines()
+        .find(|line| line.starts_with("cpu "))
+        .unwrap_or_else(|| panic!("no cpu line in the summary:\n{summary}"));
+    let seconds_after = |label: &str| -> f64 {
+        let rest = &line[line
+            .find(label)
+            .unwrap_or_else(|| panic!("{label} in {line}"))
+            + label.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let total = seconds_after("cpu ");
+    let parts: Vec<f64> = [
+        "reader ",
+        "resolver ",
+        "committer ",
+        "storage background and other ",
+    ]
+    .iter()
+    .map(|label| seconds_after(label))
+    .collect();
+    assert!(
+        total > 0.0,
+        "a 30,000-event run takes measurable cpu: {line}"
+    );
+    assert!(
+        (parts.iter().sum::<f64>() - total).abs() < 0.03,
+        "the parts add up to the total: {line}"
     );
 }
 

@@ -17,6 +17,7 @@ use idgraph_synth::{evaluate, generate, Accuracy, GenConfig, GenSummary, TruthRe
 use serde::Deserialize;
 
 use crate::config::AppConfig;
+use crate::cpu::{process_cpu_seconds, since};
 use crate::resolve::{open_state, resolve_file, OutputFiles, RunSummary, PROCESSOR_VERSION};
 
 fn engine(config: &AppConfig) -> Result<Engine> {
@@ -277,16 +278,6 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// CPU seconds (user + system, every thread) this process has used, from /proc (Linux);
-/// `None` elsewhere. Assumes the usual 100 clock ticks per second.
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
 /// Resets the peak so the next reading covers only what follows (Linux ≥ 4.0).
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -403,15 +394,12 @@ pub fn bench(
         reset_peak_rss();
         let (mut store, _) = open_state(config, Some(&state))?;
         let outputs = OutputFiles::create(&dir.join("out"))?;
-        let cpu_before = cpu_seconds();
+        let cpu_before = process_cpu_seconds();
         let summary = resolve_file(config, &engine, &mut store, &input, outputs, None)?;
         // Every thread counts (the output writer, RocksDB's background jobs): this is the
         // rate per core actually used.
-        let per_cpu_second = cpu_seconds()
-            .zip(cpu_before)
-            .map_or(f64::NAN, |(after, before)| {
-                summary.lines as f64 / (after - before).max(1e-9)
-            });
+        let per_cpu_second = since(cpu_before, process_cpu_seconds())
+            .map_or(f64::NAN, |seconds| summary.lines as f64 / seconds.max(1e-9));
         drop(store);
         let peak = peak_rss_mib().unwrap_or(f64::NAN);
         let out = dir.join("out");
@@ -436,6 +424,9 @@ pub fn bench(
             accuracy.pairwise_precision,
             accuracy.pairwise_recall
         );
+        if let Some(cpu) = &summary.cpu {
+            println!("{:>10} {}", "", cpu.describe(summary.lines));
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 mod commands;
 mod config;
+mod cpu;
 mod http;
 mod resolve;
 mod streaming;

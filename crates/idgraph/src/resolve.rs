@@ -22,6 +22,7 @@ use idgraph_store_rocksdb::RocksStore;
 use serde::Serialize;
 
 use crate::config::AppConfig;
+use crate::cpu::{process_cpu_seconds, since, thread_cpu_seconds};
 
 /// The processor version written into dead letters.
 pub const PROCESSOR_VERSION: &str = concat!("idgraph ", env!("CARGO_PKG_VERSION"));
@@ -113,7 +114,8 @@ struct Committer<'scope> {
     committed: Receiver<()>,
     committed_count: u64,
     sent_count: u64,
-    thread: ScopedJoinHandle<'scope, Result<OutputFiles>>,
+    /// The files, and the thread's CPU seconds.
+    thread: ScopedJoinHandle<'scope, Result<(OutputFiles, Option<f64>)>>,
 }
 
 impl<'scope> Committer<'scope> {
@@ -126,6 +128,7 @@ impl<'scope> Committer<'scope> {
             std::sync::mpsc::sync_channel::<(Arc<WriteSet>, ResolvedBatch)>(2);
         let (committed_sender, committed) = std::sync::mpsc::channel();
         let thread = scope.spawn(move || {
+            let cpu_before = thread_cpu_seconds();
             for (writes, resolved) in receiver {
                 let (outcome, profile_writes) = resolved.encode_profiles();
                 store
@@ -136,7 +139,7 @@ impl<'scope> Committer<'scope> {
                 let _ = committed_sender.send(());
                 outputs.write_batch(&outcome)?;
             }
-            Ok(outputs)
+            Ok((outputs, since(cpu_before, thread_cpu_seconds())))
         });
         Committer {
             batches,
@@ -176,8 +179,9 @@ impl<'scope> Committer<'scope> {
             .unwrap_or_else(|| anyhow::anyhow!("the committer stopped without an error"))
     }
 
-    /// Waits until every queued batch is committed and written and hands the files back.
-    fn finish(self) -> Result<OutputFiles> {
+    /// Waits until every queued batch is committed and written and hands the files back,
+    /// with the committer's CPU seconds.
+    fn finish(self) -> Result<(OutputFiles, Option<f64>)> {
         drop(self.batches);
         self.thread
             .join()
@@ -197,8 +201,47 @@ pub struct RunSummary {
     pub fuzzy_links: u64,
     pub elapsed_secs: f64,
     pub events_per_sec: f64,
+    /// Where the CPU time went; `None` where /proc cannot tell.
+    pub cpu: Option<StageCpu>,
     #[serde(skip)]
     pub stats: BatchStats,
+}
+
+/// CPU seconds each part of a file-mode run used.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StageCpu {
+    /// Reading lines, parsing and normalizing them.
+    pub reader: f64,
+    /// Resolving batches against the state.
+    pub resolver: f64,
+    /// Encoding changed profiles, committing batches to RocksDB, writing the output files.
+    pub committer: f64,
+    /// The rest of the process: RocksDB's flushes and compactions, mostly.
+    pub other: f64,
+}
+
+impl StageCpu {
+    pub fn total(&self) -> f64 {
+        self.reader + self.resolver + self.committer + self.other
+    }
+
+    /// One line: CPU seconds per part, and microseconds per input line.
+    pub fn describe(&self, lines: u64) -> String {
+        let per_line = |seconds: f64| seconds * 1e6 / (lines.max(1) as f64);
+        format!(
+            "cpu {:.2} s ({:.1} us/line): reader {:.2} s ({:.1}), resolver {:.2} s ({:.1}), committer {:.2} s ({:.1}), storage background and other {:.2} s ({:.1})",
+            self.total(),
+            per_line(self.total()),
+            self.reader,
+            per_line(self.reader),
+            self.resolver,
+            per_line(self.resolver),
+            self.committer,
+            per_line(self.committer),
+            self.other,
+            per_line(self.other)
+        )
+    }
 }
 
 /// Reads `input` line by line in batches of `batch_size`, resolving each batch against `store`
@@ -231,7 +274,9 @@ pub fn resolve_file(
     let mut cache = StateCache::new(config.engine.cache.max_entries);
     let mut line_number = 0u64;
     let reader = store.reader();
-    let outputs = std::thread::scope(|scope| -> Result<OutputFiles> {
+    let process_cpu_before = process_cpu_seconds();
+    let resolver_cpu_before = thread_cpu_seconds();
+    let (outputs, reader_cpu, committer_cpu) = std::thread::scope(|scope| {
         // One prepared batch waits while the next is being prepared: enough to keep the
         // resolver busy without holding more than two batches of parsed events.
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<PreparedBatch>>(1);
@@ -265,13 +310,17 @@ pub fn resolve_file(
                 }
             }
         }
-        preparer
+        let reader_cpu = preparer
             .join()
             .map_err(|_| anyhow::anyhow!("the input reader panicked"))?;
-        committer.finish()
+        let (outputs, committer_cpu) = committer.finish()?;
+        anyhow::Ok((outputs, reader_cpu, committer_cpu))
     })?;
+    let resolver_cpu = since(resolver_cpu_before, thread_cpu_seconds());
+    let process_cpu = since(process_cpu_before, process_cpu_seconds());
     outputs.finish(&QualityReport::from_stats(&stats))?;
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = stage_cpu(process_cpu, reader_cpu, resolver_cpu, committer_cpu);
     Ok(RunSummary {
         lines: line_number,
         events: stats.total_events(),
@@ -282,7 +331,25 @@ pub fn resolve_file(
         fuzzy_links: stats.fuzzy_links,
         elapsed_secs: elapsed,
         events_per_sec: line_number as f64 / elapsed.max(1e-9),
+        cpu,
         stats,
+    })
+}
+
+/// The split of a run's CPU time, if every reading was taken. The threads' clocks tick in
+/// hundredths of a second, so "other" is only as exact as that.
+fn stage_cpu(
+    process: Option<f64>,
+    reader: Option<f64>,
+    resolver: Option<f64>,
+    committer: Option<f64>,
+) -> Option<StageCpu> {
+    let (reader, resolver, committer) = (reader?, resolver?, committer?);
+    Some(StageCpu {
+        reader,
+        resolver,
+        committer,
+        other: (process? - reader - resolver - committer).max(0.0),
     })
 }
 
@@ -304,9 +371,20 @@ struct LineBatches<'c> {
 
 impl LineBatches<'_> {
     /// Prepares batch after batch and hands them to `sender` until the input ends, a read
-    /// fails (the error is handed on) or the receiver hangs up.
+    /// fails (the error is handed on) or the receiver hangs up. Returns the thread's CPU
+    /// seconds.
     fn prepare_all(
         mut self,
+        engine: &Engine,
+        sender: std::sync::mpsc::SyncSender<Result<PreparedBatch>>,
+    ) -> Option<f64> {
+        let cpu_before = thread_cpu_seconds();
+        self.prepare_until_done(engine, sender);
+        since(cpu_before, thread_cpu_seconds())
+    }
+
+    fn prepare_until_done(
+        &mut self,
         engine: &Engine,
         sender: std::sync::mpsc::SyncSender<Result<PreparedBatch>>,
     ) {
@@ -407,5 +485,8 @@ impl RunSummary {
             "elapsed {:.2} s  throughput {:.0} lines/s",
             self.elapsed_secs, self.events_per_sec
         );
+        if let Some(cpu) = &self.cpu {
+            println!("{}", cpu.describe(self.lines));
+        }
     }
 }
