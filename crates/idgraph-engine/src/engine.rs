@@ -17,7 +17,7 @@ use crate::batch::Batch;
 use crate::cache::{CacheDelta, StateCache};
 use crate::config::{ConfigProblem, EngineConfig};
 use crate::matching::{blocking_keys, score, score_known, MatchScore, MATCH_FIELDS};
-use crate::profile::{add_identifier, apply_event, blocking_traits, merge_into, new_profile};
+use crate::profile::{add_identifier, apply_event, merge_into, new_profile, profile_blocking_keys};
 use crate::state::{
     encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, RootInfo,
 };
@@ -581,7 +581,7 @@ impl Engine {
         let history_len = self.config.fuzzy.trait_history;
         let state = batch.profile_mut(&primary)?;
         apply_event(state, event, &ctx.timestamp, history_len);
-        let keys = blocking_keys(&blocking_traits(state, event));
+        let keys = profile_blocking_keys(state, event);
         self.add_to_blocks(batch, &primary, keys)?;
         batch.record_event(key, &primary);
         if matches!(rule, LinkRule::Fuzzy { .. })

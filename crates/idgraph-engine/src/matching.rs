@@ -66,12 +66,14 @@ pub fn soundex(name: &str) -> String {
 /// combines fields that rarely change together, so a typo, a move or a new surname still
 /// leaves at least one key shared with the old record.
 pub fn blocking_keys(traits: &BTreeMap<String, String>) -> Vec<String> {
-    let get = |name: &str| {
-        traits
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
-    };
+    blocking_keys_from(|name| traits.get(name).map(String::as_str))
+}
+
+/// [`blocking_keys`] over trait values looked up by `value_of` (normalized values; an empty
+/// one counts as missing), so a caller that combines several sources of values need not
+/// copy them into a map first.
+pub fn blocking_keys_from<'a>(value_of: impl Fn(&str) -> Option<&'a str>) -> Vec<String> {
+    let get = |name: &str| value_of(name).filter(|v| !v.is_empty());
     let first_initial = get("first_name").and_then(|f| f.chars().next());
     let last_sound = get("last_name").map(soundex).filter(|s| !s.is_empty());
     let dob = get(DATE_OF_BIRTH);

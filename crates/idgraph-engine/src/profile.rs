@@ -14,7 +14,7 @@ use idgraph_model::{
 };
 use serde_json::Value;
 
-use crate::matching::MATCH_FIELDS;
+use crate::matching::{blocking_keys_from, MATCH_FIELDS};
 use crate::state::ProfileState;
 
 /// Event types that count as an order, whatever the source.
@@ -301,20 +301,14 @@ fn merge_computed(into: &mut ComputedTraits, other: ComputedTraits) {
     }
 }
 
-/// The normalized values blocking should use for a profile: the event's values, with the
-/// profile's remembered values filling fields the event lacks.
-pub fn blocking_traits(state: &ProfileState, event: &NormalizedEvent) -> BTreeMap<String, String> {
-    let mut traits = BTreeMap::new();
-    for field in MATCH_FIELDS {
-        let value = event.traits.get(field).cloned().or_else(|| {
-            state
-                .trait_history
-                .get(field)
-                .and_then(|h| h.first().cloned())
-        });
-        if let Some(value) = value {
-            traits.insert(field.to_owned(), value);
-        }
-    }
-    traits
+/// The blocking keys of a profile after `event`: from the event's values, with the profile's
+/// remembered values filling fields the event lacks.
+pub fn profile_blocking_keys(state: &ProfileState, event: &NormalizedEvent) -> Vec<String> {
+    blocking_keys_from(|field| {
+        event
+            .traits
+            .get(field)
+            .or_else(|| state.trait_history.get(field).and_then(|h| h.first()))
+            .map(String::as_str)
+    })
 }
