@@ -411,16 +411,26 @@ impl LineBatches<'_> {
     }
 
     /// Fills `payloads` and `coordinates` with the next batch of lines (none at the end).
+    /// The line buffers of the last batch are reused: a fresh buffer per line grew through
+    /// half a dozen reallocations on every line.
     fn read_batch(
         &mut self,
         payloads: &mut Vec<Vec<u8>>,
         coordinates: &mut Vec<InputCoordinates>,
     ) -> Result<()> {
-        payloads.clear();
         coordinates.clear();
-        while payloads.len() < self.batch_size {
-            let mut line = Vec::new();
-            let read = self.reader.read_until(b'\n', &mut line).with_context(|| {
+        let mut filled = 0;
+        while filled < self.batch_size {
+            if filled == payloads.len() {
+                payloads.push(Vec::new());
+            }
+            let line = &mut payloads[filled];
+            if line.capacity() > KEEP_LINE_BUFFER_BYTES {
+                // One huge line must not pin its memory for the rest of the run.
+                *line = Vec::new();
+            }
+            line.clear();
+            let read = self.reader.read_until(b'\n', line).with_context(|| {
                 format!(
                     "cannot read {} after line {}",
                     self.input_name, self.line_number
@@ -436,15 +446,19 @@ impl LineBatches<'_> {
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            payloads.push(line);
+            filled += 1;
             coordinates.push(InputCoordinates::File {
                 file: self.input_name.clone(),
                 line: self.line_number,
             });
         }
+        payloads.truncate(filled);
         Ok(())
     }
 }
+
+/// Line buffers up to this size are kept from batch to batch.
+const KEEP_LINE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Opens the state directory, or a temporary one that is removed when the guard drops.
 pub fn open_state(
