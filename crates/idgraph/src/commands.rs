@@ -17,7 +17,6 @@ use idgraph_synth::{evaluate, generate, Accuracy, GenConfig, GenSummary, TruthRe
 use serde::Deserialize;
 
 use crate::config::AppConfig;
-use crate::cpu::{process_cpu_seconds, since};
 use crate::resolve::{open_state, resolve_file, OutputFiles, RunSummary, PROCESSOR_VERSION};
 
 fn engine(config: &AppConfig) -> Result<Engine> {
@@ -394,12 +393,12 @@ pub fn bench(
         reset_peak_rss();
         let (mut store, _) = open_state(config, Some(&state))?;
         let outputs = OutputFiles::create(&dir.join("out"))?;
-        let cpu_before = process_cpu_seconds();
         let summary = resolve_file(config, &engine, &mut store, &input, outputs, None)?;
         // Every thread counts (the output writer, RocksDB's background jobs): this is the
         // rate per core actually used.
-        let per_cpu_second = since(cpu_before, process_cpu_seconds())
-            .map_or(f64::NAN, |seconds| summary.lines as f64 / seconds.max(1e-9));
+        let per_cpu_second = summary
+            .cpu
+            .map_or(f64::NAN, |cpu| summary.lines as f64 / cpu.total().max(1e-9));
         drop(store);
         let peak = peak_rss_mib().unwrap_or(f64::NAN);
         let out = dir.join("out");

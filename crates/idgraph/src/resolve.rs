@@ -316,9 +316,11 @@ pub fn resolve_file(
         let (outputs, committer_cpu) = committer.finish()?;
         anyhow::Ok((outputs, reader_cpu, committer_cpu))
     })?;
+    // Flushing the files and writing the quality report happen on this thread: they count
+    // as resolver time, and the process total covers the whole run.
+    outputs.finish(&QualityReport::from_stats(&stats))?;
     let resolver_cpu = since(resolver_cpu_before, thread_cpu_seconds());
     let process_cpu = since(process_cpu_before, process_cpu_seconds());
-    outputs.finish(&QualityReport::from_stats(&stats))?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = stage_cpu(process_cpu, reader_cpu, resolver_cpu, committer_cpu);
     Ok(RunSummary {
