@@ -188,7 +188,6 @@ fn outputs_of_run(
         let mut resolved = engine
             .resolve_prepared(&view, &mut cache, prepared)
             .unwrap();
-        cache.absorb(std::mem::take(&mut resolved.outcome.cache_delta));
         if commit_late {
             let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
             let next = PendingWrites::new(writes).with_profiles(resolved.profiles());

@@ -11,7 +11,7 @@ use idgraph_model::InputCoordinates;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::cache::{CacheDelta, Cached, StateCache};
+use crate::cache::{Cached, StateCache};
 use crate::state::{
     decode, encode, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord, ProfileState,
     RootInfo,
@@ -69,16 +69,13 @@ impl Cached {
 
 pub(crate) struct Batch<'s, S: StateRead> {
     store: &'s S,
-    /// Records are taken out of the cache (not copied) so the batch owns them outright; what
-    /// the batch holds goes back through [`CacheDelta`] once it is committed.
-    cache: &'s mut StateCache,
-    nodes: FxHashMap<String, Option<NodeRecord>>,
-    dirty_nodes: DirtyKeys,
-    /// Profiles are shared with callers and the cache through `Arc`, so reading one costs no
+    /// Nodes, customer entries and blocking records are read into and changed in the cache's
+    /// current generation in place (see [`StateCache`]); the dirty sets say which of them the
+    /// batch changed. Profiles are shared with callers through `Arc`, so reading one costs no
     /// copy; a write copies only when someone still holds the old version.
-    customers: FxHashMap<String, Option<Cached>>,
+    cache: &'s mut StateCache,
+    dirty_nodes: DirtyKeys,
     dirty_customers: DirtyKeys,
-    blocks: FxHashMap<String, Arc<BlockRecord>>,
     dirty_blocks: DirtyKeys,
     events: FxHashMap<String, String>,
     /// What the store held for the batch's event keys when it started (see
@@ -93,18 +90,16 @@ pub(crate) struct Batch<'s, S: StateRead> {
 }
 
 impl<'s, S: StateRead> Batch<'s, S> {
-    /// An empty overlay for a batch of about `messages` messages. Its maps are sized for a
-    /// typical event (a few identifiers, one or two profiles and blocking keys) up front:
+    /// An empty overlay for a batch of about `messages` messages. Its sets and maps are sized
+    /// for a typical event (a few identifiers, one or two profiles and blocking keys) up front:
     /// growing them step by step rehashed every key several times per batch.
     pub(crate) fn new(store: &'s S, cache: &'s mut StateCache, messages: usize) -> Self {
+        cache.begin_batch();
         Batch {
             store,
             cache,
-            nodes: sized_map(messages * 2),
             dirty_nodes: DirtyKeys::with_capacity(messages),
-            customers: sized_map(messages * 2),
             dirty_customers: DirtyKeys::with_capacity(messages),
-            blocks: sized_map(messages),
             dirty_blocks: DirtyKeys::with_capacity(messages),
             events: sized_map(messages),
             stored_events: sized_map(messages),
@@ -132,14 +127,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
     fn prefetch_nodes(&mut self, keys: &[&str]) -> Result<(), StoreError> {
         let mut missing = Vec::with_capacity(keys.len());
         for &key in keys {
-            if self.nodes.contains_key(key) {
-                continue;
-            }
-            match self.cache.take_node(key) {
-                Some((owned_key, node)) => {
-                    self.nodes.insert(owned_key, node);
-                }
-                None => missing.push(key),
+            if !self.cache.has_node(key) {
+                missing.push(key);
             }
         }
         missing.sort_unstable();
@@ -151,7 +140,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
                 None => None,
             };
-            self.nodes.insert(key.to_owned(), node);
+            self.cache.current.nodes.insert(key.to_owned(), node);
         }
         Ok(())
     }
@@ -180,28 +169,23 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// The node under `key`, borrowed: most lookups only look at one field, and a clone
     /// costs an allocation per string in the record.
     pub(crate) fn node_ref(&mut self, key: &str) -> Result<Option<&NodeRecord>, StoreError> {
-        if !self.nodes.contains_key(key) {
-            let (owned_key, node) = match self.cache.take_node(key) {
-                Some(cached) => cached,
-                None => match self.store.get(Table::Nodes, key.as_bytes())? {
-                    Some(bytes) => (
-                        key.to_owned(),
-                        Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
-                    ),
-                    None => (key.to_owned(), None),
-                },
+        if !self.cache.has_node(key) {
+            let node = match self.store.get(Table::Nodes, key.as_bytes())? {
+                Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
+                None => None,
             };
-            self.nodes.insert(owned_key, node);
+            self.cache.current.nodes.insert(key.to_owned(), node);
         }
-        Ok(self.nodes.get(key).and_then(Option::as_ref))
+        Ok(self.cache.current.nodes.get(key).and_then(Option::as_ref))
     }
 
     pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) {
         // A node is nearly always read before it is written: reuse its key.
-        match self.nodes.get_mut(key) {
+        let nodes = &mut self.cache.current.nodes;
+        match nodes.get_mut(key) {
             Some(slot) => *slot = Some(node),
             None => {
-                self.nodes.insert(key.to_owned(), Some(node));
+                nodes.insert(key.to_owned(), Some(node));
             }
         }
         self.dirty_nodes.mark(key);
@@ -244,20 +228,18 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     /// Loads a customer entry into the overlay if it is not there yet.
     fn load(&mut self, id: &str) -> Result<Option<&Cached>, StoreError> {
-        if !self.customers.contains_key(id) {
-            let (owned_id, entry) = match self.cache.take_customer(id) {
-                Some(cached) => cached,
-                None => match self.store.get(Table::Customers, id.as_bytes())? {
-                    Some(bytes) => {
-                        let entry = decode(Table::Customers, id.as_bytes(), &bytes)?;
-                        (id.to_owned(), Some(Cached::from_entry(entry)))
-                    }
-                    None => (id.to_owned(), None),
-                },
+        if !self.cache.has_customer(id) {
+            let entry = match self.store.get(Table::Customers, id.as_bytes())? {
+                Some(bytes) => Some(Cached::from_entry(decode(
+                    Table::Customers,
+                    id.as_bytes(),
+                    &bytes,
+                )?)),
+                None => None,
             };
-            self.customers.insert(owned_id, entry);
+            self.cache.current.customers.insert(id.to_owned(), entry);
         }
-        Ok(self.customers[id].as_ref())
+        Ok(self.cache.current.customers[id].as_ref())
     }
 
     /// The live id that `id` resolves to, following merge redirects.
@@ -281,7 +263,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     pub(crate) fn profile_mut(&mut self, id: &str) -> Result<&mut ProfileState, StoreError> {
         self.load(id)?;
         self.dirty_customers.mark(id);
-        match self.customers.get_mut(id) {
+        match self.cache.current.customers.get_mut(id) {
             Some(Some(Cached::Live(state))) => Ok(Arc::make_mut(state)),
             _ => Err(not_live(id)),
         }
@@ -298,39 +280,40 @@ impl<'s, S: StateRead> Batch<'s, S> {
     pub(crate) fn put_profile(&mut self, state: ProfileState) {
         let id = state.profile.customer_id.clone();
         self.dirty_customers.insert(id.clone());
-        self.customers
+        self.cache
+            .current
+            .customers
             .insert(id, Some(Cached::Live(Arc::new(state))));
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
         self.dirty_customers.mark(id);
-        self.customers
+        self.cache
+            .current
+            .customers
             .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
 
     pub(crate) fn block(&mut self, key: &str) -> Result<Arc<BlockRecord>, StoreError> {
-        if let Some(block) = self.blocks.get(key) {
-            return Ok(Arc::clone(block));
+        if !self.cache.has_block(key) {
+            let block = match self.store.get(Table::Blocks, key.as_bytes())? {
+                Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
+                None => BlockRecord::default(),
+            };
+            self.cache
+                .current
+                .blocks
+                .insert(key.to_owned(), Arc::new(block));
         }
-        let (owned_key, block) = match self.cache.take_block(key) {
-            Some(cached) => cached,
-            None => {
-                let block = match self.store.get(Table::Blocks, key.as_bytes())? {
-                    Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
-                    None => BlockRecord::default(),
-                };
-                (key.to_owned(), Arc::new(block))
-            }
-        };
-        self.blocks.insert(owned_key, Arc::clone(&block));
-        Ok(block)
+        Ok(Arc::clone(&self.cache.current.blocks[key]))
     }
 
     pub(crate) fn put_block(&mut self, key: &str, block: BlockRecord) {
-        match self.blocks.get_mut(key) {
+        let blocks = &mut self.cache.current.blocks;
+        match blocks.get_mut(key) {
             Some(slot) => *slot = Arc::new(block),
             None => {
-                self.blocks.insert(key.to_owned(), Arc::new(block));
+                blocks.insert(key.to_owned(), Arc::new(block));
             }
         }
         self.dirty_blocks.mark(key);
@@ -391,17 +374,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// Ends the batch: every change except the live profiles' records as a write set, the
     /// live profiles that changed (sorted by id; encoding them is left to
     /// [`crate::ResolvedBatch::encode_profiles`], off the resolving thread if the caller
-    /// wishes), and
-    /// every record it holds for the cache.
-    pub(crate) fn finish(mut self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>, CacheDelta) {
+    /// wishes). What the batch read and wrote stays in the cache.
+    pub(crate) fn finish(mut self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>) {
         self.settle_current_stream();
-        let (writes, live) = self.write_set();
-        let delta = CacheDelta {
-            nodes: self.nodes,
-            customers: self.customers,
-            blocks: self.blocks,
-        };
-        (writes, live, delta)
+        self.write_set()
     }
 
     fn write_set(&self) -> (WriteSet, Vec<(String, Arc<ProfileState>)>) {
@@ -416,12 +392,12 @@ impl<'s, S: StateRead> Batch<'s, S> {
         );
         let mut live = Vec::new();
         for key in self.dirty_nodes.sorted() {
-            if let Some(Some(node)) = self.nodes.get(key) {
+            if let Some(Some(node)) = self.cache.current.nodes.get(key) {
                 writes.put(Table::Nodes, key.as_bytes(), encode(node));
             }
         }
         for key in self.dirty_customers.sorted() {
-            match self.customers.get(key) {
+            match self.cache.current.customers.get(key) {
                 Some(Some(Cached::Live(state))) => live.push((key.clone(), Arc::clone(state))),
                 Some(Some(Cached::Redirect(to))) => {
                     let entry = CustomerEntry::Redirect { to: to.clone() };
@@ -431,7 +407,11 @@ impl<'s, S: StateRead> Batch<'s, S> {
             }
         }
         for key in self.dirty_blocks.sorted() {
-            writes.put(Table::Blocks, key.as_bytes(), encode(&*self.blocks[key]));
+            writes.put(
+                Table::Blocks,
+                key.as_bytes(),
+                encode(&*self.cache.current.blocks[key]),
+            );
         }
         let mut events: Vec<(&String, &String)> = self.events.iter().collect();
         events.sort_unstable();

@@ -2,10 +2,15 @@
 //!
 //! Reading a profile from the store means a RocksDB lookup and a decode; with a hot
 //! customer touched in every batch that is most of the cost of an event. The cache keeps the
-//! decoded records that committed batches read or wrote, so the next batch finds them ready.
-//! It never changes a result: it only ever holds what the store holds, because the caller
-//! feeds it a batch's records only after that batch's write set is durable. It assumes one
-//! writer per state directory, which SPEC §7 guarantees.
+//! decoded records that batches read or wrote, so the next batch finds them ready.
+//!
+//! A batch works on the cache in place: what it reads is loaded into the cache and what it
+//! changes is changed there, so a record is never copied or moved between the batch and the
+//! cache. The cache therefore holds the newest batch's changes before they are committed.
+//! That never changes a result as long as every batch is either committed or followed by
+//! [`StateCache::clear`]: a caller whose batch fails (in the engine or in the commit) must clear
+//! the cache before it resolves anything else. It assumes one writer per state directory,
+//! which SPEC §7 guarantees.
 
 use std::sync::Arc;
 
@@ -20,21 +25,12 @@ pub(crate) enum Cached {
     Redirect(String),
 }
 
-/// Records a batch read or wrote, handed back to be cached once the batch is committed. They
-/// are the batch's own maps, moved rather than copied into lists.
-#[derive(Debug, Clone, Default)]
-pub struct CacheDelta {
+/// One generation of cached records (`None` means known to be absent from the store).
+#[derive(Debug, Default)]
+pub(crate) struct Generation {
     pub(crate) nodes: FxHashMap<String, Option<NodeRecord>>,
     pub(crate) customers: FxHashMap<String, Option<Cached>>,
     pub(crate) blocks: FxHashMap<String, Arc<BlockRecord>>,
-}
-
-/// One generation of cached records.
-#[derive(Debug, Default)]
-struct Generation {
-    nodes: FxHashMap<String, Option<NodeRecord>>,
-    customers: FxHashMap<String, Option<Cached>>,
-    blocks: FxHashMap<String, Arc<BlockRecord>>,
 }
 
 impl Generation {
@@ -43,22 +39,26 @@ impl Generation {
     }
 }
 
-/// Decoded nodes, profiles and blocking records known to equal the stored ones (`None` means
-/// known to be absent).
+/// Decoded nodes, profiles and blocking records, equal to the stored ones once the newest
+/// batch is committed.
 ///
-/// Two generations bound memory without a per-entry clock: new records go to the current
-/// one; when it holds half of `max_entries` it becomes the previous one and the old previous
-/// is dropped. A record read from the previous generation moves back into the current one
-/// through the batch that used it, so hot records survive every turnover.
+/// Two generations bound memory without a per-entry clock: records a batch uses live in the
+/// current one; when a batch starts and the current one holds more than half of
+/// `max_entries`, it becomes the previous one and the old previous is dropped. A record a
+/// batch finds in the previous generation moves into the current one, so hot records survive
+/// every turnover, and a key is in one generation only, so an older copy never shadows a
+/// newer one.
 #[derive(Debug, Default)]
 pub struct StateCache {
-    current: Generation,
+    /// The generation a batch reads and writes; the batch's own overlay.
+    pub(crate) current: Generation,
     previous: Generation,
     max_entries: usize,
 }
 
 impl StateCache {
-    /// A cache that holds at most `max_entries` records; 0 disables it.
+    /// A cache that keeps at most about `max_entries` records between batches (it may exceed
+    /// that by one batch's records); 0 keeps nothing between batches.
     pub fn new(max_entries: usize) -> Self {
         StateCache {
             max_entries,
@@ -74,58 +74,101 @@ impl StateCache {
         self.len() == 0
     }
 
-    /// Takes a node out with its key (the batch owns both until it hands them back through a
-    /// delta, so the key is not allocated again).
-    pub(crate) fn take_node(&mut self, key: &str) -> Option<(String, Option<NodeRecord>)> {
-        self.current
-            .nodes
-            .remove_entry(key)
-            .or_else(|| self.previous.nodes.remove_entry(key))
-    }
-
-    pub(crate) fn take_customer(&mut self, id: &str) -> Option<(String, Option<Cached>)> {
-        self.current
-            .customers
-            .remove_entry(id)
-            .or_else(|| self.previous.customers.remove_entry(id))
-    }
-
-    pub(crate) fn take_block(&mut self, key: &str) -> Option<(String, Arc<BlockRecord>)> {
-        self.current
-            .blocks
-            .remove_entry(key)
-            .or_else(|| self.previous.blocks.remove_entry(key))
-    }
-
-    /// Takes in what a batch read and wrote. Call it only after that batch's write set has
-    /// been committed, or the cache would run ahead of the store.
-    pub fn absorb(&mut self, delta: CacheDelta) {
-        if self.max_entries == 0 {
-            return;
-        }
-        let incoming = delta.nodes.len() + delta.customers.len() + delta.blocks.len();
-        if self.current.len() + incoming > self.max_entries / 2 {
-            self.previous = std::mem::take(&mut self.current);
-        }
-        // A key lives in one generation only, so an older copy can never shadow a newer one
-        // (a batch normally took it out already; removing again costs little).
-        for (key, node) in delta.nodes {
-            self.previous.nodes.remove(&key);
-            self.current.nodes.insert(key, node);
-        }
-        for (id, customer) in delta.customers {
-            self.previous.customers.remove(&id);
-            self.current.customers.insert(id, customer);
-        }
-        for (key, block) in delta.blocks {
-            self.previous.blocks.remove(&key);
-            self.current.blocks.insert(key, block);
-        }
-    }
-
-    /// Forgets everything, e.g. after a failed commit left the caller unsure of the store.
+    /// Forgets everything. Required after a batch that failed or was not committed: the cache
+    /// may hold its changes.
     pub fn clear(&mut self) {
         self.current = Generation::default();
         self.previous = Generation::default();
+    }
+
+    /// Called as a batch starts: turns the generations over if the current one is full, and
+    /// with a cache of size 0 drops what the last batch left.
+    pub(crate) fn begin_batch(&mut self) {
+        if self.max_entries == 0 {
+            self.clear();
+        } else if self.current.len() > self.max_entries / 2 {
+            self.previous = std::mem::take(&mut self.current);
+        }
+    }
+
+    /// Whether the node under `key` is cached; if it is, it is in the current generation.
+    pub(crate) fn has_node(&mut self, key: &str) -> bool {
+        promote(&mut self.current.nodes, &mut self.previous.nodes, key)
+    }
+
+    /// Whether the customer entry `id` is cached; if it is, it is in the current generation.
+    pub(crate) fn has_customer(&mut self, id: &str) -> bool {
+        promote(
+            &mut self.current.customers,
+            &mut self.previous.customers,
+            id,
+        )
+    }
+
+    /// Whether the blocking record `key` is cached; if it is, it is in the current generation.
+    pub(crate) fn has_block(&mut self, key: &str) -> bool {
+        promote(&mut self.current.blocks, &mut self.previous.blocks, key)
+    }
+}
+
+/// Moves `key`'s entry from `previous` into `current` if it is there, with its key (so the key
+/// is not allocated again); true if `current` now holds it.
+fn promote<V>(
+    current: &mut FxHashMap<String, V>,
+    previous: &mut FxHashMap<String, V>,
+    key: &str,
+) -> bool {
+    if current.contains_key(key) {
+        return true;
+    }
+    match previous.remove_entry(key) {
+        Some((key, value)) => {
+            current.insert(key, value);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One batch's use of the cache: a hot node used by every batch and a node of its own.
+    fn run_batch(cache: &mut StateCache, batch: usize) {
+        cache.begin_batch();
+        if !cache.has_node("hot") {
+            cache.current.nodes.insert("hot".into(), None);
+        }
+        cache.current.nodes.insert(format!("cold-{batch}"), None);
+    }
+
+    #[test]
+    fn hot_records_survive_turnover_while_the_size_stays_bounded() {
+        let mut cache = StateCache::new(6);
+        for batch in 0..20 {
+            run_batch(&mut cache, batch);
+            // At most a full generation of each kind plus one batch's records.
+            assert!(cache.len() <= 6 + 2, "{} records cached", cache.len());
+            assert_eq!(
+                cache.current.nodes.contains_key("hot") as usize
+                    + cache.previous.nodes.contains_key("hot") as usize,
+                1,
+                "a key lives in one generation only"
+            );
+        }
+        cache.begin_batch();
+        assert!(cache.has_node("hot"));
+        assert!(cache.has_node("cold-19"));
+        assert!(!cache.has_node("cold-0"), "cold records are dropped");
+    }
+
+    #[test]
+    fn a_cache_of_size_zero_keeps_nothing_between_batches() {
+        let mut cache = StateCache::new(0);
+        run_batch(&mut cache, 0);
+        assert!(cache.has_node("hot"), "the batch itself works in the cache");
+        cache.begin_batch();
+        assert!(cache.is_empty());
     }
 }

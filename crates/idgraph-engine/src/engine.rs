@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::batch::Batch;
-use crate::cache::{CacheDelta, StateCache};
+use crate::cache::StateCache;
 use crate::config::{ConfigProblem, EngineConfig};
 use crate::matching::{blocking_keys, score, score_known, MatchScore, MATCH_FIELDS};
 use crate::profile::{add_identifier, apply_event, merge_into, new_profile, profile_blocking_keys};
@@ -108,15 +108,13 @@ pub struct BatchOutcome {
     pub changes: Vec<IdentityChange>,
     pub dead_letters: Vec<DeadLetter>,
     pub stats: BatchStats,
-    /// Decoded records for the [`StateCache`], valid once `writes` is committed.
-    pub cache_delta: CacheDelta,
 }
 
 /// A resolved batch whose changed profiles are not encoded yet.
 ///
 /// Encoding a profile (its JSON for the output record, which the state record embeds) is a
 /// large share of a batch's work and needs no state, so [`Engine::resolve_prepared`] leaves it
-/// here: the caller may absorb the cache delta and the statistics, hand the write set to a
+/// here: the caller may absorb the statistics, hand the write set to a
 /// committer and start on the next batch (reading through [`ResolvedBatch::profiles`] with
 /// [`crate::PendingWrites::with_profiles`]) while another thread encodes this one.
 #[derive(Debug)]
@@ -297,8 +295,9 @@ impl Engine {
     }
 
     /// [`Engine::process_batch`] that takes decoded records from `cache` before reading the
-    /// store. The outcome's `cache_delta` goes back into the cache once `writes` is committed;
-    /// if the commit fails, dropping it just leaves the cache with fewer records.
+    /// store and leaves what the batch read and wrote there. The cache then runs ahead of the
+    /// store until `writes` is committed: if this fails, or the commit does, clear the cache
+    /// before resolving anything else.
     pub fn process_batch_cached<S: StateRead>(
         &self,
         store: &S,
@@ -437,8 +436,8 @@ impl Engine {
             let meta = meta(&last_touch[&id], &["profile:", &id], 0);
             profile_records.push((id, state, meta));
         }
-        let (writes, profile_writes, cache_delta) = batch.finish();
-        (outcome.writes, outcome.cache_delta) = (writes, cache_delta);
+        let (writes, profile_writes) = batch.finish();
+        outcome.writes = writes;
         Ok(ResolvedBatch {
             outcome,
             profile_records,

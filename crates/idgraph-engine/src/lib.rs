@@ -25,7 +25,7 @@ pub mod state;
 pub mod stats;
 pub mod store;
 
-pub use cache::{CacheDelta, StateCache};
+pub use cache::StateCache;
 pub use config::{EngineConfig, DEFAULT_CONFIG_TOML};
 pub use engine::{
     customer_id_for, BatchOutcome, Engine, EngineError, InputMessage, Prepared, PreparedMessage,

@@ -483,9 +483,19 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 .inc();
         }
         let started = Instant::now();
+        // The cache holds the batch's changes from here on: if it cannot be resolved or
+        // committed, the cache no longer matches the store and must go.
         let mut outcome =
-            self.engine
-                .process_batch_cached(&self.store, &mut self.cache, &messages)?;
+            match self
+                .engine
+                .process_batch_cached(&self.store, &mut self.cache, &messages)
+            {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    self.cache.clear();
+                    return Err(error.into());
+                }
+            };
         let records = wire_records(&outcome, self.sink.topics());
         let resolved = Instant::now();
         let number = self.next_batch;
@@ -493,9 +503,11 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let mut writes = std::mem::take(&mut outcome.writes);
         writes.put(Table::Meta, outbox_key(number), encode_outbox(&records));
         self.delete_delivered(&mut writes);
-        self.commit(&writes, stop)?;
+        if let Err(error) = self.commit(&writes, stop) {
+            self.cache.clear();
+            return Err(error);
+        }
         let committed = Instant::now();
-        self.cache.absorb(std::mem::take(&mut outcome.cache_delta));
         self.advance_positions(&batch);
         self.sink.enqueue(number, &records);
         let sent = Instant::now();

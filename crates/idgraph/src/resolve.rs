@@ -293,10 +293,9 @@ pub fn resolve_file(
                 pending: latest.as_ref(),
                 store: &reader,
             };
-            let mut resolved = engine.resolve_prepared(&view, &mut cache, prepared.messages)?;
-            // The cache may run one batch ahead of the store: if that batch fails to commit,
+            // The cache runs one batch ahead of the store: if that batch fails to commit,
             // the run stops and the cache goes with it.
-            cache.absorb(std::mem::take(&mut resolved.outcome.cache_delta));
+            let mut resolved = engine.resolve_prepared(&view, &mut cache, prepared.messages)?;
             stats.absorb(std::mem::take(&mut resolved.outcome.stats));
             let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
             latest =
