@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use chrono::SecondsFormat;
 use idgraph_model::{
-    parse_event, parse_mapped, ChangeKind, DeadLetter, EnrichedEvent, FailureKind, Identifier,
-    IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer, ParseError,
-    ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
+    parse_event, parse_mapped, ChangeKind, CompactString, DeadLetter, EnrichedEvent, FailureKind,
+    Identifier, IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer,
+    ParseError, ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
     ResolutionAction, SCHEMA_VERSION,
 };
 use rustc_hash::FxHashMap;
@@ -1242,7 +1242,7 @@ impl Engine {
             return Ok(None);
         }
         stats.candidates_per_event.push(candidates.len() as u32);
-        let mut best: Option<(String, MatchScore, String)> = None;
+        let mut best: Option<(String, MatchScore, CompactString)> = None;
         for id in candidates {
             let state = batch.profile(&id)?;
             let result = score(fuzzy, &event.traits, &state.trait_history);

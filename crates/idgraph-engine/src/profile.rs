@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use idgraph_model::normalize::NAME_TRAITS;
 use idgraph_model::{
-    ComputedTraits, Identifier, NormalizedEvent, Profile, ProfileIdentifier, TimedNumber,
-    TraitValue,
+    CompactString, ComputedTraits, Identifier, NormalizedEvent, Profile, ProfileIdentifier,
+    TimedNumber, TraitValue,
 };
 use serde_json::Value;
 
@@ -31,13 +31,13 @@ pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
     ProfileState {
         profile: Arc::new(Profile {
             customer_id,
-            created_at: timestamp.to_owned(),
+            created_at: timestamp.into(),
             version: 0,
             identifiers: Vec::new(),
             traits: BTreeMap::new(),
             computed: ComputedTraits {
-                first_seen: timestamp.to_owned(),
-                last_seen: timestamp.to_owned(),
+                first_seen: timestamp.into(),
+                last_seen: timestamp.into(),
                 ..ComputedTraits::default()
             },
             absorbed_ids: Vec::new(),
@@ -69,11 +69,11 @@ pub fn add_identifier(
     list.insert(
         position,
         ProfileIdentifier {
-            kind: identifier.kind.clone(),
-            value: identifier.value.clone(),
-            first_seen: timestamp.to_owned(),
-            last_seen: timestamp.to_owned(),
-            source: source.to_owned(),
+            kind: identifier.kind.as_str().into(),
+            value: identifier.value.as_str().into(),
+            first_seen: timestamp.into(),
+            last_seen: timestamp.into(),
+            source: source.into(),
         },
     );
 }
@@ -104,7 +104,7 @@ pub fn apply_event(
     }
     for (name, normalized) in &event.traits {
         let shown = display_value(event, name, normalized);
-        match profile.traits.get_mut(name) {
+        match profile.traits.get_mut(name.as_str()) {
             Some(current) => {
                 if (timestamp, shown) > (current.updated_at.as_str(), current.value.as_str()) {
                     overwrite(&mut current.value, shown);
@@ -114,11 +114,11 @@ pub fn apply_event(
             }
             None => {
                 let value = TraitValue {
-                    value: shown.to_owned(),
-                    source: source.clone(),
-                    updated_at: timestamp.to_owned(),
+                    value: shown.into(),
+                    source: source.as_str().into(),
+                    updated_at: timestamp.into(),
                 };
-                profile.traits.insert(name.clone(), value);
+                profile.traits.insert(name.as_str().into(), value);
             }
         }
         if MATCH_FIELDS.contains(&name.as_str()) {
@@ -143,9 +143,9 @@ fn display_value<'a>(event: &'a NormalizedEvent, name: &str, normalized: &'a str
 }
 
 /// Replaces a string's contents in its own buffer. Profile fields are rewritten by almost
-/// every event, mostly with a value of the same length (a timestamp), so this saves an
-/// allocation and a free each time.
-fn overwrite(slot: &mut String, value: &str) {
+/// every event, mostly with a value of the same length (a timestamp), so a value too long to
+/// be stored inline still costs no allocation.
+fn overwrite(slot: &mut CompactString, value: &str) {
     slot.clear();
     slot.push_str(value);
 }
@@ -175,14 +175,17 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
     let raw = &event.raw;
     computed.event_count += 1;
     // Most events repeat a source and type the profile has seen: look before allocating keys.
-    let by_type = match computed.events.get_mut(&raw.source) {
+    let by_type = match computed.events.get_mut(raw.source.as_str()) {
         Some(by_type) => by_type,
-        None => computed.events.entry(raw.source.clone()).or_default(),
+        None => computed
+            .events
+            .entry(raw.source.as_str().into())
+            .or_default(),
     };
-    match by_type.get_mut(&raw.event_type) {
+    match by_type.get_mut(raw.event_type.as_str()) {
         Some(count) => *count += 1,
         None => {
-            by_type.insert(raw.event_type.clone(), 1);
+            by_type.insert(raw.event_type.as_str().into(), 1);
         }
     }
     if computed.first_seen.is_empty() || timestamp < computed.first_seen.as_str() {
@@ -191,8 +194,8 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
     if timestamp > computed.last_seen.as_str() {
         overwrite(&mut computed.last_seen, timestamp);
     }
-    if !computed.channels.contains(&raw.source) {
-        computed.channels.insert(raw.source.clone());
+    if !computed.channels.contains(raw.source.as_str()) {
+        computed.channels.insert(raw.source.as_str().into());
     }
     let amount = raw.properties.get("amount").and_then(Value::as_f64);
     let is_order = ORDER_EVENT_TYPES.contains(&raw.event_type.as_str())
@@ -204,8 +207,8 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
                 .properties
                 .get("currency")
                 .and_then(Value::as_str)
-                .map(str::to_ascii_uppercase)
-                .unwrap_or_else(|| "XXX".to_owned());
+                .map(|code| CompactString::from(code.to_ascii_uppercase()))
+                .unwrap_or_else(|| "XXX".into());
             *computed.lifetime_value_minor.entry(currency).or_default() +=
                 (amount * 100.0).round() as i64;
         }
@@ -226,7 +229,7 @@ fn keep_latest(slot: &mut Option<TimedNumber>, value: f64, at: &str) {
     if newer {
         *slot = Some(TimedNumber {
             value,
-            at: at.to_owned(),
+            at: at.into(),
         });
     }
 }

@@ -66,7 +66,7 @@ impl ProfileState {
         self.profile
             .identifiers
             .iter()
-            .any(|i| !weak_kinds.contains(&i.kind))
+            .any(|i| !weak_kinds.iter().any(|weak| weak == i.kind.as_str()))
     }
 
     pub fn count_of_kind(&self, kind: &str) -> usize {

@@ -85,14 +85,17 @@ fn write_array<T>(
 }
 
 /// Appends a JSON array of strings.
-fn write_str_list<'a>(out: &mut Vec<u8>, values: impl IntoIterator<Item = &'a String>) {
-    write_array(out, values, |out, value| write_str(out, value));
+fn write_str_list<'a, S: AsRef<str> + 'a>(
+    out: &mut Vec<u8>,
+    values: impl IntoIterator<Item = &'a S>,
+) {
+    write_array(out, values, |out, value| write_str(out, value.as_ref()));
 }
 
 /// Appends a JSON object, writing each value with `write_value`.
-fn write_map<V>(
+fn write_map<K: AsRef<str>, V>(
     out: &mut Vec<u8>,
-    map: &BTreeMap<String, V>,
+    map: &BTreeMap<K, V>,
     mut write_value: impl FnMut(&mut Vec<u8>, &V),
 ) {
     out.push(b'{');
@@ -100,7 +103,7 @@ fn write_map<V>(
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, key);
+        write_str(out, key.as_ref());
         out.push(b':');
         write_value(out, value);
     }
@@ -368,6 +371,7 @@ mod tests {
 
     use super::*;
     use crate::normalize::{IssueKind, QualityIssue};
+    use crate::records::CompactString;
     use crate::records::{
         FieldScore, ProfileIdentifier, ProfileJson, RefusalRule, ResolutionAction, TraitValue,
         SCHEMA_VERSION,
@@ -430,19 +434,24 @@ mod tests {
         ]
     }
 
+    /// Text for the profile's compact strings.
+    fn short_text() -> impl Strategy<Value = CompactString> {
+        text().prop_map(CompactString::from)
+    }
+
     fn profile() -> impl Strategy<Value = Profile> {
         (
             text(),
-            prop::collection::vec((text(), text(), text()), 0..4),
-            prop::collection::btree_map(text(), (text(), text()), 0..4),
+            prop::collection::vec((short_text(), short_text(), short_text()), 0..4),
+            prop::collection::btree_map(short_text(), (short_text(), short_text()), 0..4),
             prop::collection::btree_map(
-                text(),
-                prop::collection::btree_map(text(), any::<u64>(), 0..3),
+                short_text(),
+                prop::collection::btree_map(short_text(), any::<u64>(), 0..3),
                 0..3,
             ),
-            prop::collection::btree_map(text(), any::<i64>(), 0..3),
-            prop::collection::btree_set(text(), 0..3),
-            prop::option::of((-1e9f64..1e9, text())),
+            prop::collection::btree_map(short_text(), any::<i64>(), 0..3),
+            prop::collection::btree_set(short_text(), 0..3),
+            prop::option::of((-1e9f64..1e9, short_text())),
             prop::collection::vec(text(), 0..3),
         )
             .prop_map(
@@ -463,7 +472,7 @@ mod tests {
                     traits: traits
                         .into_iter()
                         .map(|(name, (value, source))| {
-                            let updated_at = id.clone();
+                            let updated_at = CompactString::from(&id);
                             (
                                 name,
                                 TraitValue {

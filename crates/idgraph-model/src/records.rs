@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use base64::Engine as _;
+pub use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -239,22 +240,27 @@ pub struct EnrichedEvent {
 }
 
 /// An identifier held by a profile.
+///
+/// The profile types hold their strings as [`CompactString`]s: nearly all of them (kinds,
+/// sources, timestamps, trait names and values, event types) fit in its 24 inline bytes, so a
+/// profile is a few allocations instead of hundreds, and comparing map keys does not chase a
+/// pointer to another cache line. They serialize exactly as `String`s do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProfileIdentifier {
-    pub kind: String,
-    pub value: String,
-    pub first_seen: String,
-    pub last_seen: String,
+    pub kind: CompactString,
+    pub value: CompactString,
+    pub first_seen: CompactString,
+    pub last_seen: CompactString,
     /// The source of the event that first brought it.
-    pub source: String,
+    pub source: CompactString,
 }
 
 /// The most recent non-empty value of a trait.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraitValue {
-    pub value: String,
-    pub source: String,
-    pub updated_at: String,
+    pub value: CompactString,
+    pub source: CompactString,
+    pub updated_at: CompactString,
 }
 
 /// Traits computed from the profile's events (SPEC §3.6).
@@ -262,14 +268,14 @@ pub struct TraitValue {
 pub struct ComputedTraits {
     pub event_count: u64,
     /// Events per source, then per event type.
-    pub events: BTreeMap<String, BTreeMap<String, u64>>,
-    pub first_seen: String,
-    pub last_seen: String,
+    pub events: BTreeMap<CompactString, BTreeMap<CompactString, u64>>,
+    pub first_seen: CompactString,
+    pub last_seen: CompactString,
     pub order_count: u64,
     /// Sum of transaction amounts per currency, in minor units (cents), so that the sum does
     /// not depend on the order events arrive in.
-    pub lifetime_value_minor: BTreeMap<String, i64>,
-    pub channels: BTreeSet<String>,
+    pub lifetime_value_minor: BTreeMap<CompactString, i64>,
+    pub channels: BTreeSet<CompactString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_sentiment: Option<TimedNumber>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -280,7 +286,7 @@ pub struct ComputedTraits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimedNumber {
     pub value: f64,
-    pub at: String,
+    pub at: CompactString,
 }
 
 /// A unified customer profile.
@@ -289,12 +295,12 @@ pub struct Profile {
     pub customer_id: String,
     /// Event time of the event that created the profile; with the id, decides which profile
     /// is older when two merge.
-    pub created_at: String,
+    pub created_at: CompactString,
     /// Bumped on every change; lets consumers order profile records.
     pub version: u64,
     /// Sorted by (kind, value).
     pub identifiers: Vec<ProfileIdentifier>,
-    pub traits: BTreeMap<String, TraitValue>,
+    pub traits: BTreeMap<CompactString, TraitValue>,
     pub computed: ComputedTraits,
     /// Ids absorbed into this profile; each redirects here.
     pub absorbed_ids: Vec<String>,
