@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use idgraph_engine::matching::{blocking_keys, score};
 use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
-use idgraph_model::{parse_event, InputCoordinates};
+use idgraph_model::{parse_event, CompactString, InputCoordinates};
 use idgraph_synth::{generate, GenConfig};
 
 fn generated_lines(events: usize) -> Vec<Vec<u8>> {
@@ -46,7 +46,7 @@ fn normalization(c: &mut Criterion) {
 
 fn scoring(c: &mut Criterion) {
     let config = EngineConfig::defaults().fuzzy;
-    let event: BTreeMap<String, String> = [
+    let event: BTreeMap<CompactString, CompactString> = [
         ("first_name", "bob"),
         ("last_name", "smyth"),
         ("date_of_birth", "1975-06-01"),
@@ -55,9 +55,9 @@ fn scoring(c: &mut Criterion) {
         ("postcode", "62701"),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .map(|(k, v)| (CompactString::from(k), CompactString::from(v)))
     .collect();
-    let known: BTreeMap<String, Vec<String>> = [
+    let known: BTreeMap<CompactString, Vec<CompactString>> = [
         ("first_name", vec!["robert", "rob"]),
         ("last_name", vec!["smith"]),
         ("date_of_birth", vec!["1975-06-01"]),
@@ -66,7 +66,7 @@ fn scoring(c: &mut Criterion) {
         ("postcode", vec!["62701", "62704"]),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.into_iter().map(str::to_owned).collect()))
+    .map(|(k, v)| (k.into(), v.into_iter().map(CompactString::from).collect()))
     .collect();
     c.bench_function("score_candidate", |b| {
         b.iter(|| black_box(score(&config, &event, &known)))

@@ -72,7 +72,7 @@ pub enum Prepared {
 pub struct PreparedEvent {
     pub event: NormalizedEvent,
     /// The event time as outputs write it (RFC 3339, milliseconds, UTC).
-    pub timestamp: String,
+    pub timestamp: CompactString,
     /// The metadata of the event's enriched record.
     enriched_meta: RecordMeta,
     /// The event's key in [`Table::Events`] (replay protection).
@@ -86,7 +86,8 @@ impl PreparedEvent {
         let timestamp = event
             .raw
             .time()
-            .to_rfc3339_opts(SecondsFormat::Millis, true);
+            .to_rfc3339_opts(SecondsFormat::Millis, true)
+            .into();
         let event_key = event_key(&event.raw.source, &event.raw.event_id);
         let node_keys = event.identifiers.iter().map(Identifier::node_key).collect();
         PreparedEvent {
@@ -207,7 +208,7 @@ struct Group {
 /// Per-event output being assembled.
 struct EventContext<'e> {
     event: &'e NormalizedEvent,
-    timestamp: String,
+    timestamp: CompactString,
     changes: Vec<ChangeKind>,
     changes_customer: Vec<String>,
     refused: Vec<RefusedMerge>,
@@ -249,9 +250,9 @@ impl EventContext<'_> {
 
     fn evidence(&self, link: EvidenceLink) -> Evidence {
         Evidence {
-            event_id: self.event.raw.event_id.clone(),
-            source: self.event.raw.source.clone(),
-            at: self.timestamp.clone(),
+            event_id: self.event.raw.event_id.as_str().to_owned(),
+            source: self.event.raw.source.as_str().to_owned(),
+            at: self.timestamp.as_str().to_owned(),
             link,
         }
     }
@@ -552,8 +553,8 @@ impl Engine {
                 continue;
             }
             let link_rule = LinkRule::SharedIdentifier {
-                kind: group.linking[0].kind.clone(),
-                value: group.linking[0].value.clone(),
+                kind: group.linking[0].kind.as_str().to_owned(),
+                value: group.linking[0].value.as_str().to_owned(),
             };
             let via = primary_link
                 .clone()
@@ -620,9 +621,9 @@ impl Engine {
             outcome.changes.push(IdentityChange {
                 schema_version: SCHEMA_VERSION,
                 customer_id,
-                event_id: raw.event_id.clone(),
-                source: raw.source.clone(),
-                at: ctx.timestamp.clone(),
+                event_id: raw.event_id.as_str().to_owned(),
+                source: raw.source.as_str().to_owned(),
+                at: ctx.timestamp.as_str().to_owned(),
                 meta: meta(coordinates, &["change:", change.type_name()], ordinal),
                 change,
             });
@@ -711,8 +712,8 @@ impl Engine {
         if let Some(best) = groups.first() {
             let link = &best.linking[0];
             let rule = LinkRule::SharedIdentifier {
-                kind: link.kind.clone(),
-                value: link.value.clone(),
+                kind: link.kind.as_str().to_owned(),
+                value: link.value.as_str().to_owned(),
             };
             let state = batch.profile(&best.customer_id)?;
             let outranked_and_blocked = match new_identifiers.first() {
@@ -767,7 +768,10 @@ impl Engine {
         );
         if let Some(group) = refused_link {
             let linking_kind = &group.linking[0].kind;
-            let (other, kind) = (Some(group.customer_id.clone()), Some(linking_kind.clone()));
+            let (other, kind) = (
+                Some(group.customer_id.clone()),
+                Some(linking_kind.as_str().to_owned()),
+            );
             ctx.refuse(
                 &customer_id,
                 RefusalRule::ConflictingTraits,
@@ -814,7 +818,7 @@ impl Engine {
         if agreement.is_some_and(|score| score < protection.conflict_score) {
             return Some((
                 RefusalRule::ConflictingTraits,
-                linking.first().map(|i| i.kind.clone()),
+                linking.first().map(|i| i.kind.as_str().to_owned()),
             ));
         }
         if !linking.is_empty()
@@ -823,7 +827,10 @@ impl Engine {
             && other.has_strong_identifier(weak)
             && agreement.is_none_or(|score| score < protection.weak_link_min_score)
         {
-            return Some((RefusalRule::WeakIdentifier, Some(linking[0].kind.clone())));
+            return Some((
+                RefusalRule::WeakIdentifier,
+                Some(linking[0].kind.as_str().to_owned()),
+            ));
         }
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for identifier in primary
@@ -866,7 +873,7 @@ impl Engine {
         let mut known = primary.trait_history.clone();
         for field in MATCH_FIELDS {
             if let Some(value) = event.traits.get(field) {
-                let values = known.entry(field.to_owned()).or_default();
+                let values = known.entry(field.into()).or_default();
                 if !values.contains(value) {
                     values.push(value.clone());
                 }
@@ -898,7 +905,7 @@ impl Engine {
         let primary_state = batch.profile(primary)?;
         let other_state = batch.profile(&other_id)?;
         let agreement = self.profile_agreement(ctx.event, &primary_state, &other_state);
-        let linking_kind = group.linking[0].kind.clone();
+        let linking_kind = group.linking[0].kind.as_str().to_owned();
         let refusal = if self.all_generic(batch, &group.linking)? {
             Some((RefusalRule::GenericValue, Some(linking_kind.clone())))
         } else {
@@ -966,8 +973,8 @@ impl Engine {
                 ctx.change(
                     &root.customer_id,
                     ChangeKind::IdentifierGeneric {
-                        kind: identifier.kind.clone(),
-                        value: identifier.value.clone(),
+                        kind: identifier.kind.as_str().to_owned(),
+                        value: identifier.value.as_str().to_owned(),
                         profiles_seen: (node.conflicts.len() + 1) as u32,
                     },
                 );
@@ -1107,7 +1114,7 @@ impl Engine {
         for identifier in new_identifiers {
             let state = batch.profile(primary)?;
             if let Some(refusal) = self.addition_refusal(&state, identifier, 1) {
-                let kind = Some(identifier.kind.clone());
+                let kind = Some(identifier.kind.as_str().to_owned());
                 ctx.refuse(primary, refusal, None, kind, &identifier.kind, stats);
                 continue;
             }
@@ -1160,8 +1167,8 @@ impl Engine {
             ctx.change(
                 primary,
                 ChangeKind::IdentifierAdded {
-                    kind: identifier.kind.clone(),
-                    value: identifier.value.clone(),
+                    kind: identifier.kind.as_str().to_owned(),
+                    value: identifier.value.as_str().to_owned(),
                     rule: if is_creation {
                         LinkRule::Created
                     } else {
@@ -1327,7 +1334,7 @@ fn resolution(action: ResolutionAction, rule: LinkRule) -> Resolution {
 /// copying them: the event is dropped right after.
 fn enriched(
     event: NormalizedEvent,
-    timestamp: String,
+    timestamp: CompactString,
     customer_id: String,
     resolution: Resolution,
     meta: RecordMeta,
@@ -1338,7 +1345,7 @@ fn enriched(
         traits,
         issues,
     } = event;
-    let mut identifiers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut identifiers: BTreeMap<CompactString, Vec<CompactString>> = BTreeMap::new();
     for Identifier { kind, value } in normalized {
         identifiers.entry(kind).or_default().push(value);
     }
@@ -1395,9 +1402,12 @@ fn record_quality(stats: &mut BatchStats, event: &NormalizedEvent) {
         };
         bump(map, name);
     }
-    let present = match stats.trait_present.get_mut(source) {
+    let present = match stats.trait_present.get_mut(source.as_str()) {
         Some(present) => present,
-        None => stats.trait_present.entry(source.clone()).or_default(),
+        None => stats
+            .trait_present
+            .entry(source.as_str().to_owned())
+            .or_default(),
     };
     for name in event.traits.keys() {
         bump(present, name);

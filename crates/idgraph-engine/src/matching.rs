@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use idgraph_model::normalize::DATE_OF_BIRTH;
-use idgraph_model::FieldScore;
+use idgraph_model::{CompactString, FieldScore};
 
 use crate::config::{FieldWeights, FuzzyConfig};
 
@@ -65,8 +65,8 @@ pub fn soundex(name: &str) -> String {
 /// Blocking keys for a set of normalized traits. Each key needs all its parts, and each
 /// combines fields that rarely change together, so a typo, a move or a new surname still
 /// leaves at least one key shared with the old record.
-pub fn blocking_keys(traits: &BTreeMap<String, String>) -> Vec<String> {
-    blocking_keys_from(|name| traits.get(name).map(String::as_str))
+pub fn blocking_keys(traits: &BTreeMap<CompactString, CompactString>) -> Vec<String> {
+    blocking_keys_from(|name| traits.get(name).map(CompactString::as_str))
 }
 
 /// [`blocking_keys`] over trait values looked up by `value_of` (normalized values; an empty
@@ -221,8 +221,8 @@ impl Level {
 /// best agreement counts.
 fn field_level<'a>(
     field: &str,
-    values: impl IntoIterator<Item = &'a String>,
-    known: &[String],
+    values: impl IntoIterator<Item = &'a CompactString>,
+    known: &[CompactString],
     weights: &FieldWeights,
 ) -> (Level, f64) {
     let mut best = (Level::Disagree, 0.0f64);
@@ -265,8 +265,8 @@ pub struct MatchScore {
 /// Scores `event_traits` against a candidate's `known` values (current and past, per field).
 pub fn score(
     config: &FuzzyConfig,
-    event_traits: &BTreeMap<String, String>,
-    known: &BTreeMap<String, Vec<String>>,
+    event_traits: &BTreeMap<CompactString, CompactString>,
+    known: &BTreeMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     score_fields(
         config,
@@ -279,8 +279,8 @@ pub fn score(
 /// the best agreement per field.
 pub fn score_known(
     config: &FuzzyConfig,
-    left: &BTreeMap<String, Vec<String>>,
-    right: &BTreeMap<String, Vec<String>>,
+    left: &BTreeMap<CompactString, Vec<CompactString>>,
+    right: &BTreeMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     score_fields(
         config,
@@ -295,8 +295,8 @@ pub fn score_known(
 
 fn score_fields<'a>(
     config: &FuzzyConfig,
-    values_of: impl Fn(&str) -> Vec<&'a String>,
-    known: &BTreeMap<String, Vec<String>>,
+    values_of: impl Fn(&str) -> Vec<&'a CompactString>,
+    known: &BTreeMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     let mut total = 0.0;
     let mut fields = Vec::with_capacity(MATCH_FIELDS.len());
@@ -304,7 +304,7 @@ fn score_fields<'a>(
         let Some(weights) = config.fields.get(field) else {
             continue;
         };
-        let values: Vec<&String> = values_of(field)
+        let values: Vec<&CompactString> = values_of(field)
             .into_iter()
             .filter(|v| !v.is_empty())
             .collect();
@@ -352,17 +352,17 @@ mod tests {
     use super::*;
     use crate::EngineConfig;
 
-    fn traits(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn traits(pairs: &[(&str, &str)]) -> BTreeMap<CompactString, CompactString> {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (CompactString::from(*k), CompactString::from(*v)))
             .collect()
     }
 
-    fn known(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<String>> {
+    fn known(pairs: &[(&str, &str)]) -> BTreeMap<CompactString, Vec<CompactString>> {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+            .map(|(k, v)| (CompactString::from(*k), vec![CompactString::from(*v)]))
             .collect()
     }
 

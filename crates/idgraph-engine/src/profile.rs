@@ -159,7 +159,7 @@ fn is_newer(candidate: &TraitValue, current: &TraitValue) -> bool {
 
 /// Keeps a value in a short history: a value already there is left where it is, a new one is
 /// appended, and the list is kept sorted so the history does not depend on arrival order.
-fn remember(history: &mut Vec<String>, value: &str, limit: usize) {
+fn remember(history: &mut Vec<CompactString>, value: &str, limit: usize) {
     if limit == 0 || history.iter().any(|v| v == value) {
         return;
     }
@@ -168,7 +168,7 @@ fn remember(history: &mut Vec<String>, value: &str, limit: usize) {
         return;
     }
     let position = history.partition_point(|v| v.as_str() < value);
-    history.insert(position, value.to_owned());
+    history.insert(position, value.into());
 }
 
 fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, timestamp: &str) {
@@ -312,6 +312,6 @@ pub fn profile_blocking_keys(state: &ProfileState, event: &NormalizedEvent) -> V
             .traits
             .get(field)
             .or_else(|| state.trait_history.get(field).and_then(|h| h.first()))
-            .map(String::as_str)
+            .map(CompactString::as_str)
     })
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idgraph_model::{Identifier, LinkRule, Profile, ProfileJson};
+use idgraph_model::{CompactString, Identifier, LinkRule, Profile, ProfileJson};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +53,7 @@ pub struct ProfileState {
     /// The root node of the profile's identifier set, if it has identifiers.
     pub root: Option<String>,
     /// Recent normalized values per matching trait, newest last.
-    pub trait_history: BTreeMap<String, Vec<String>>,
+    pub trait_history: BTreeMap<CompactString, Vec<CompactString>>,
     /// Blocking keys this profile is listed under.
     pub blocking_keys: Vec<String>,
     /// Number of evidence records written under this id.
@@ -155,7 +155,7 @@ pub fn encode_live(state: &ProfileState, profile_json: Option<&ProfileJson>) -> 
     struct StateRef<'a> {
         profile: JsonBytes<'a>,
         root: &'a Option<String>,
-        trait_history: &'a BTreeMap<String, Vec<String>>,
+        trait_history: &'a BTreeMap<CompactString, Vec<CompactString>>,
         blocking_keys: &'a [String],
         evidence_count: u32,
     }

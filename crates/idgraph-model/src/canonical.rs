@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
@@ -28,18 +29,18 @@ pub(crate) fn parse(text: &str, default_source: &str) -> Option<RawEvent> {
 /// The envelope's fields as read, before the checks the general parser makes.
 #[derive(Default)]
 struct EnvelopeFields {
-    event_id: Option<String>,
-    event_type: Option<String>,
-    timestamp: Option<String>,
-    source: Option<Option<String>>,
-    identifiers: Option<Vec<(String, String)>>,
+    event_id: Option<CompactString>,
+    event_type: Option<CompactString>,
+    timestamp: Option<CompactString>,
+    source: Option<Option<CompactString>>,
+    identifiers: Option<Vec<(CompactString, CompactString)>>,
     traits: Option<Map<String, Value>>,
     properties: Option<Option<Map<String, Value>>>,
 }
 
 impl EnvelopeFields {
     fn into_event(self, default_source: &str) -> Option<RawEvent> {
-        let required = |value: Option<String>| value.filter(|text| !text.trim().is_empty());
+        let required = |value: Option<CompactString>| value.filter(|text| !text.trim().is_empty());
         Some(RawEvent {
             event_id: required(self.event_id)?,
             event_type: required(self.event_type)?,
@@ -47,7 +48,7 @@ impl EnvelopeFields {
             source: self
                 .source
                 .flatten()
-                .unwrap_or_else(|| default_source.to_owned()),
+                .unwrap_or_else(|| default_source.into()),
             identifiers: self.identifiers.unwrap_or_default(),
             traits: self
                 .traits
@@ -151,7 +152,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
 struct IdentifiersVisitor;
 
 impl<'de> DeserializeSeed<'de> for IdentifiersVisitor {
-    type Value = Vec<(String, String)>;
+    type Value = Vec<(CompactString, CompactString)>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_map(self)
@@ -159,15 +160,15 @@ impl<'de> DeserializeSeed<'de> for IdentifiersVisitor {
 }
 
 impl<'de> Visitor<'de> for IdentifiersVisitor {
-    type Value = Vec<(String, String)>;
+    type Value = Vec<(CompactString, CompactString)>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
         formatter.write_str("an object of identifier values")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut by_kind: BTreeMap<String, IdentifierValues> = BTreeMap::new();
-        while let Some(kind) = map.next_key::<String>()? {
+        let mut by_kind: BTreeMap<CompactString, IdentifierValues> = BTreeMap::new();
+        while let Some(kind) = map.next_key::<CompactString>()? {
             by_kind.insert(kind, map.next_value()?);
         }
         let mut identifiers = Vec::with_capacity(by_kind.len());
@@ -186,8 +187,8 @@ impl<'de> Visitor<'de> for IdentifiersVisitor {
 /// One identifier kind's value: a string or an array of strings; nulls, numbers and nesting
 /// are left to the general parser.
 enum IdentifierValues {
-    One(String),
-    Many(Vec<String>),
+    One(CompactString),
+    Many(Vec<CompactString>),
 }
 
 impl<'de> de::Deserialize<'de> for IdentifierValues {
@@ -206,16 +207,16 @@ impl<'de> Visitor<'de> for IdentifierValuesVisitor {
     }
 
     fn visit_str<E: de::Error>(self, value: &str) -> Result<IdentifierValues, E> {
-        Ok(IdentifierValues::One(value.to_owned()))
+        Ok(IdentifierValues::One(value.into()))
     }
 
     fn visit_string<E: de::Error>(self, value: String) -> Result<IdentifierValues, E> {
-        Ok(IdentifierValues::One(value))
+        Ok(IdentifierValues::One(value.into()))
     }
 
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<IdentifierValues, A::Error> {
         let mut values = Vec::new();
-        while let Some(value) = seq.next_element::<String>()? {
+        while let Some(value) = seq.next_element::<CompactString>()? {
             values.push(value);
         }
         Ok(IdentifierValues::Many(values))

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -14,15 +15,15 @@ use crate::error::{FailureKind, ParseError};
 /// forms that the identity graph stores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawEvent {
-    pub event_id: String,
-    pub source: String,
-    pub event_type: String,
+    pub event_id: CompactString,
+    pub source: CompactString,
+    pub event_type: CompactString,
     /// The event time as sent, in RFC 3339.
-    pub timestamp: String,
+    pub timestamp: CompactString,
     /// Raw identifier values in input order, as `(kind, value)`; a kind may repeat.
-    pub identifiers: Vec<(String, String)>,
+    pub identifiers: Vec<(CompactString, CompactString)>,
     /// Raw trait values by trait name.
-    pub traits: BTreeMap<String, String>,
+    pub traits: BTreeMap<CompactString, CompactString>,
     /// Free-form event properties, passed through to the enriched event.
     pub properties: Map<String, Value>,
 }
@@ -181,7 +182,7 @@ pub fn parse_mapped(
     let mut traits = BTreeMap::new();
     for (pointer, name) in &mapping.traits {
         if let Some(text) = object.pointer(pointer).and_then(scalar_text) {
-            traits.insert(name.clone(), text);
+            traits.insert(name.as_str().into(), text.into());
         }
     }
     let properties = mapping
@@ -193,10 +194,10 @@ pub fn parse_mapped(
         .unwrap_or_default();
     validate_timestamp(&timestamp)?;
     Ok(RawEvent {
-        event_id,
-        source: source.to_owned(),
-        event_type,
-        timestamp,
+        event_id: event_id.into(),
+        source: source.into(),
+        event_type: event_type.into(),
+        timestamp: timestamp.into(),
         identifiers,
         traits,
         properties,
@@ -220,7 +221,7 @@ fn parse_canonical(
         };
         for (kind, value) in ids {
             match value {
-                Value::String(text) => identifiers.push((kind, text)),
+                Value::String(text) => identifiers.push((kind.into(), text.into())),
                 other => collect_identifier_values(&kind, &other, &mut identifiers)?,
             }
         }
@@ -235,10 +236,10 @@ fn parse_canonical(
         Some(other) => return Err(not_an_object(&other, "properties")),
     };
     Ok(RawEvent {
-        event_id,
-        source,
-        event_type,
-        timestamp,
+        event_id: event_id.into(),
+        source: source.into(),
+        event_type: event_type.into(),
+        timestamp: timestamp.into(),
         identifiers,
         traits,
         properties,
@@ -299,10 +300,10 @@ fn parse_segment(
         .cloned()
         .unwrap_or_default();
     Ok(RawEvent {
-        event_id,
-        source,
-        event_type,
-        timestamp,
+        event_id: event_id.into(),
+        source: source.into(),
+        event_type: event_type.into(),
+        timestamp: timestamp.into(),
         identifiers,
         traits,
         properties,
@@ -390,16 +391,16 @@ fn not_an_object(value: &Value, field: &str) -> ParseError {
 fn collect_identifier_values(
     kind: &str,
     value: &Value,
-    out: &mut Vec<(String, String)>,
+    out: &mut Vec<(CompactString, CompactString)>,
 ) -> Result<(), ParseError> {
     match value {
         Value::Null => Ok(()),
         Value::String(s) => {
-            out.push((kind.to_owned(), s.clone()));
+            out.push((kind.into(), s.as_str().into()));
             Ok(())
         }
         Value::Number(n) => {
-            out.push((kind.to_owned(), n.to_string()));
+            out.push((kind.into(), n.to_string().into()));
             Ok(())
         }
         Value::Array(items) => items.iter().try_for_each(|item| match item {
@@ -426,7 +427,7 @@ fn wrong_identifier_type(kind: &str, value: &Value) -> ParseError {
 pub(crate) fn collect_traits(
     object: &Map<String, Value>,
     skip: &[&str],
-) -> BTreeMap<String, String> {
+) -> BTreeMap<CompactString, CompactString> {
     let mut traits = BTreeMap::new();
     for (key, value) in object {
         if skip.contains(&key.as_str()) {
@@ -436,13 +437,13 @@ pub(crate) fn collect_traits(
             Value::Object(inner) => {
                 for (inner_key, inner_value) in inner {
                     if let Some(text) = scalar_text(inner_value) {
-                        traits.insert(map_segment_trait(inner_key), text);
+                        traits.insert(map_segment_trait(inner_key).into(), text.into());
                     }
                 }
             }
             other => {
                 if let Some(text) = scalar_text(other) {
-                    traits.insert(map_segment_trait(key), text);
+                    traits.insert(map_segment_trait(key).into(), text.into());
                 }
             }
         }
@@ -517,9 +518,9 @@ mod tests {
         assert_eq!(
             event.identifiers,
             vec![
-                ("email".to_owned(), "Ann@X.com".to_owned()),
-                ("email".to_owned(), "ann@y.com".to_owned()),
-                ("crm_id".to_owned(), "77".to_owned()),
+                ("email".into(), "Ann@X.com".into()),
+                ("email".into(), "ann@y.com".into()),
+                ("crm_id".into(), "77".into()),
             ]
         );
         assert_eq!(event.traits["first_name"], "Ann");
@@ -549,9 +550,9 @@ mod tests {
         assert_eq!(
             event.identifiers,
             vec![
-                ("crm_id".to_owned(), "77".to_owned()),
-                ("email".to_owned(), "a@x.com".to_owned()),
-                ("email".to_owned(), "b@x.com".to_owned()),
+                ("crm_id".into(), "77".into()),
+                ("email".into(), "a@x.com".into()),
+                ("email".into(), "b@x.com".into()),
             ]
         );
         assert_eq!(event.traits["first_name"], "Ann");

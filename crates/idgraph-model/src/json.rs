@@ -523,8 +523,8 @@ mod tests {
         #[test]
         fn enriched_events_encode_as_serde_does(
             id in text(),
-            identifiers in prop::collection::btree_map(text(), prop::collection::vec(text(), 0..3), 0..4),
-            traits in prop::collection::btree_map(text(), text(), 0..4),
+            identifiers in prop::collection::btree_map(short_text(), prop::collection::vec(short_text(), 0..3), 0..4),
+            traits in prop::collection::btree_map(short_text(), short_text(), 0..4),
             rule in rule(),
             merged_ids in prop::collection::vec(text(), 0..3),
             refused_kind in prop::option::of(text()),
@@ -534,10 +534,10 @@ mod tests {
             let properties = json!({"amount": 19.99, "note": id.clone(), "n": [1, null, true]});
             let event = EnrichedEvent {
                 schema_version: SCHEMA_VERSION,
-                event_id: id.clone(),
+                event_id: id.as_str().into(),
                 customer_id: "c-1".into(),
                 source: "web".into(),
-                event_type: id.clone(),
+                event_type: id.as_str().into(),
                 timestamp: "2026-03-01T12:00:00Z".into(),
                 identifiers,
                 traits,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
 use chrono::NaiveDate;
+use compact_str::CompactString;
 use regex::RegexSet;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -43,12 +44,12 @@ pub enum DateOrder {
 /// A normalized, non-blocked identifier: a node of the identity graph.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Identifier {
-    pub kind: String,
-    pub value: String,
+    pub kind: CompactString,
+    pub value: CompactString,
 }
 
 impl Identifier {
-    pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn new(kind: impl Into<CompactString>, value: impl Into<CompactString>) -> Self {
         Identifier {
             kind: kind.into(),
             value: value.into(),
@@ -96,7 +97,7 @@ pub struct NormalizedEvent {
     /// Usable identifiers, de-duplicated, in (kind, value) order.
     pub identifiers: Vec<Identifier>,
     /// Traits with the matching fields normalized; other traits trimmed.
-    pub traits: BTreeMap<String, String>,
+    pub traits: BTreeMap<CompactString, CompactString>,
     pub issues: Vec<QualityIssue>,
 }
 
@@ -300,9 +301,9 @@ impl Normalizer {
 
     fn traits(
         &self,
-        raw: &BTreeMap<String, String>,
+        raw: &BTreeMap<CompactString, CompactString>,
         issues: &mut Vec<QualityIssue>,
-    ) -> BTreeMap<String, String> {
+    ) -> BTreeMap<CompactString, CompactString> {
         let mut traits = BTreeMap::new();
         for (name, value) in raw {
             let normalized = match name.as_str() {
@@ -335,7 +336,7 @@ impl Normalizer {
                 _ => value.trim().to_owned(),
             };
             if !normalized.is_empty() && !is_junk(&normalized) {
-                traits.insert(name.clone(), normalized);
+                traits.insert(name.clone(), normalized.into());
             }
         }
         traits
@@ -674,7 +675,7 @@ mod tests {
         let event = normalizer().normalize(raw);
         assert_eq!(event.identifiers, vec![Identifier::new("email", "a@b.co")]);
         assert_eq!(
-            event.traits.get("first_name").map(String::as_str),
+            event.traits.get("first_name").map(CompactString::as_str),
             Some("ann")
         );
         assert!(!event.traits.contains_key("date_of_birth"));

@@ -224,13 +224,13 @@ pub struct RecordMeta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrichedEvent {
     pub schema_version: u32,
-    pub event_id: String,
+    pub event_id: CompactString,
     pub customer_id: String,
-    pub source: String,
-    pub event_type: String,
-    pub timestamp: String,
-    pub identifiers: BTreeMap<String, Vec<String>>,
-    pub traits: BTreeMap<String, String>,
+    pub source: CompactString,
+    pub event_type: CompactString,
+    pub timestamp: CompactString,
+    pub identifiers: BTreeMap<CompactString, Vec<CompactString>>,
+    pub traits: BTreeMap<CompactString, CompactString>,
     pub properties: Map<String, Value>,
     pub resolution: Resolution,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
