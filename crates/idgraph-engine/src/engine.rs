@@ -227,7 +227,7 @@ impl EventContext<'_> {
         customer_id: &str,
         rule: RefusalRule,
         other_customer_id: Option<String>,
-        kind: Option<String>,
+        kind: Option<CompactString>,
         linking_kind: &str,
         stats: &mut BatchStats,
     ) {
@@ -243,16 +243,16 @@ impl EventContext<'_> {
                 rule,
                 other_customer_id,
                 kind,
-                linking_kind: linking_kind.to_owned(),
+                linking_kind: linking_kind.into(),
             },
         );
     }
 
     fn evidence(&self, link: EvidenceLink) -> Evidence {
         Evidence {
-            event_id: self.event.raw.event_id.as_str().to_owned(),
-            source: self.event.raw.source.as_str().to_owned(),
-            at: self.timestamp.as_str().to_owned(),
+            event_id: self.event.raw.event_id.clone(),
+            source: self.event.raw.source.clone(),
+            at: self.timestamp.clone(),
             link,
         }
     }
@@ -553,8 +553,8 @@ impl Engine {
                 continue;
             }
             let link_rule = LinkRule::SharedIdentifier {
-                kind: group.linking[0].kind.as_str().to_owned(),
-                value: group.linking[0].value.as_str().to_owned(),
+                kind: group.linking[0].kind.clone(),
+                value: group.linking[0].value.clone(),
             };
             let via = primary_link
                 .clone()
@@ -621,9 +621,9 @@ impl Engine {
             outcome.changes.push(IdentityChange {
                 schema_version: SCHEMA_VERSION,
                 customer_id,
-                event_id: raw.event_id.as_str().to_owned(),
-                source: raw.source.as_str().to_owned(),
-                at: ctx.timestamp.as_str().to_owned(),
+                event_id: raw.event_id.clone(),
+                source: raw.source.clone(),
+                at: ctx.timestamp.clone(),
                 meta: meta(coordinates, &["change:", change.type_name()], ordinal),
                 change,
             });
@@ -712,8 +712,8 @@ impl Engine {
         if let Some(best) = groups.first() {
             let link = &best.linking[0];
             let rule = LinkRule::SharedIdentifier {
-                kind: link.kind.as_str().to_owned(),
-                value: link.value.as_str().to_owned(),
+                kind: link.kind.clone(),
+                value: link.value.clone(),
             };
             let state = batch.profile(&best.customer_id)?;
             let outranked_and_blocked = match new_identifiers.first() {
@@ -768,10 +768,7 @@ impl Engine {
         );
         if let Some(group) = refused_link {
             let linking_kind = &group.linking[0].kind;
-            let (other, kind) = (
-                Some(group.customer_id.clone()),
-                Some(linking_kind.as_str().to_owned()),
-            );
+            let (other, kind) = (Some(group.customer_id.clone()), Some(linking_kind.clone()));
             ctx.refuse(
                 &customer_id,
                 RefusalRule::ConflictingTraits,
@@ -812,13 +809,13 @@ impl Engine {
         other: &ProfileState,
         linking: &[Identifier],
         agreement: Option<f64>,
-    ) -> Option<(RefusalRule, Option<String>)> {
+    ) -> Option<(RefusalRule, Option<CompactString>)> {
         let weak = &self.config.identifiers.weak_kinds;
         let protection = &self.config.protection;
         if agreement.is_some_and(|score| score < protection.conflict_score) {
             return Some((
                 RefusalRule::ConflictingTraits,
-                linking.first().map(|i| i.kind.as_str().to_owned()),
+                linking.first().map(|i| i.kind.clone()),
             ));
         }
         if !linking.is_empty()
@@ -827,10 +824,7 @@ impl Engine {
             && other.has_strong_identifier(weak)
             && agreement.is_none_or(|score| score < protection.weak_link_min_score)
         {
-            return Some((
-                RefusalRule::WeakIdentifier,
-                Some(linking[0].kind.as_str().to_owned()),
-            ));
+            return Some((RefusalRule::WeakIdentifier, Some(linking[0].kind.clone())));
         }
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for identifier in primary
@@ -845,7 +839,7 @@ impl Engine {
             .iter()
             .find(|(kind, count)| **count > self.kind_limit(kind))
         {
-            return Some((RefusalRule::KindLimit, Some((*kind).to_owned())));
+            return Some((RefusalRule::KindLimit, Some((*kind).into())));
         }
         let size = primary.profile.identifiers.len() + other.profile.identifiers.len();
         if size > protection.max_profile_identifiers as usize {
@@ -905,7 +899,7 @@ impl Engine {
         let primary_state = batch.profile(primary)?;
         let other_state = batch.profile(&other_id)?;
         let agreement = self.profile_agreement(ctx.event, &primary_state, &other_state);
-        let linking_kind = group.linking[0].kind.as_str().to_owned();
+        let linking_kind = group.linking[0].kind.clone();
         let refusal = if self.all_generic(batch, &group.linking)? {
             Some((RefusalRule::GenericValue, Some(linking_kind.clone())))
         } else {
@@ -973,8 +967,8 @@ impl Engine {
                 ctx.change(
                     &root.customer_id,
                     ChangeKind::IdentifierGeneric {
-                        kind: identifier.kind.as_str().to_owned(),
-                        value: identifier.value.as_str().to_owned(),
+                        kind: identifier.kind.clone(),
+                        value: identifier.value.clone(),
                         profiles_seen: (node.conflicts.len() + 1) as u32,
                     },
                 );
@@ -1114,7 +1108,7 @@ impl Engine {
         for identifier in new_identifiers {
             let state = batch.profile(primary)?;
             if let Some(refusal) = self.addition_refusal(&state, identifier, 1) {
-                let kind = Some(identifier.kind.as_str().to_owned());
+                let kind = Some(identifier.kind.clone());
                 ctx.refuse(primary, refusal, None, kind, &identifier.kind, stats);
                 continue;
             }
@@ -1167,8 +1161,8 @@ impl Engine {
             ctx.change(
                 primary,
                 ChangeKind::IdentifierAdded {
-                    kind: identifier.kind.as_str().to_owned(),
-                    value: identifier.value.as_str().to_owned(),
+                    kind: identifier.kind.clone(),
+                    value: identifier.value.clone(),
                     rule: if is_creation {
                         LinkRule::Created
                     } else {

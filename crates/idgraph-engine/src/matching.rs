@@ -323,8 +323,8 @@ fn score_fields<'a>(
         };
         total += weight;
         fields.push(FieldScore {
-            field: field.to_owned(),
-            level: level_name.to_owned(),
+            field: field.into(),
+            level: level_name.into(),
             similarity: round3(similarity),
             weight,
         });

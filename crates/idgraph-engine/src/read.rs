@@ -139,7 +139,7 @@ fn member_paths(live_id: &str, evidence: &[(String, Evidence)]) -> Vec<MemberPat
     let anchor = node(&mut graph, profile_name(live_id));
     for (owner, item) in evidence {
         let owner_node = node(&mut graph, profile_name(owner));
-        let edge = |rule: &LinkRule| (item.event_id.clone(), rule_name(rule));
+        let edge = |rule: &LinkRule| (item.event_id.to_string(), rule_name(rule));
         match &item.link {
             EvidenceLink::Created { identifiers } => {
                 for identifier in identifiers {

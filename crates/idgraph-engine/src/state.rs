@@ -99,9 +99,9 @@ pub struct BlockRecord {
 /// One stored reason why something belongs to a profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
-    pub event_id: String,
-    pub source: String,
-    pub at: String,
+    pub event_id: CompactString,
+    pub source: CompactString,
+    pub at: CompactString,
     #[serde(flatten)]
     pub link: EvidenceLink,
 }

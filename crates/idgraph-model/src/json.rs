@@ -419,8 +419,9 @@ mod tests {
     fn rule() -> impl Strategy<Value = LinkRule> {
         prop_oneof![
             Just(LinkRule::Created),
-            (text(), text()).prop_map(|(kind, value)| LinkRule::SharedIdentifier { kind, value }),
-            (-5.0f64..30.0, text()).prop_map(|(score, field)| LinkRule::Fuzzy {
+            (short_text(), short_text())
+                .prop_map(|(kind, value)| LinkRule::SharedIdentifier { kind, value }),
+            (-5.0f64..30.0, short_text()).prop_map(|(score, field)| LinkRule::Fuzzy {
                 score,
                 fields: vec![FieldScore {
                     field,
@@ -551,7 +552,7 @@ mod tests {
                         .map(|kind| RefusedMerge {
                             rule: RefusalRule::KindLimit,
                             other_customer_id: Some(kind.clone()),
-                            kind: Some(kind),
+                            kind: Some(kind.into()),
                         })
                         .collect(),
                 },
@@ -579,19 +580,19 @@ mod tests {
                     identifiers: vec![Identifier::new(kind.clone(), value.clone())],
                 },
                 1 => ChangeKind::Merged { survivor: value.clone(), absorbed: vec![kind.clone()], rule },
-                2 => ChangeKind::IdentifierAdded { kind: kind.clone(), value: value.clone(), rule },
+                2 => ChangeKind::IdentifierAdded { kind: kind.as_str().into(), value: value.as_str().into(), rule },
                 3 => ChangeKind::MergeRefused {
                     rule: RefusalRule::GenericValue,
                     other_customer_id: other.clone(),
-                    kind: other,
-                    linking_kind: kind.clone(),
+                    kind: other.map(CompactString::from),
+                    linking_kind: kind.as_str().into(),
                 },
-                _ => ChangeKind::IdentifierGeneric { kind: kind.clone(), value: value.clone(), profiles_seen: 12 },
+                _ => ChangeKind::IdentifierGeneric { kind: kind.as_str().into(), value: value.as_str().into(), profiles_seen: 12 },
             };
             let record = IdentityChange {
                 schema_version: SCHEMA_VERSION,
                 customer_id: value.clone(),
-                event_id: kind,
+                event_id: kind.into(),
                 source: "mobile".into(),
                 at: "2026-03-01T12:00:00Z".into(),
                 change,

@@ -137,7 +137,10 @@ pub enum LinkRule {
     /// The first event of a new profile.
     Created,
     /// A normalized identifier shared with the profile.
-    SharedIdentifier { kind: String, value: String },
+    SharedIdentifier {
+        kind: CompactString,
+        value: CompactString,
+    },
     /// Fuzzy trait match with a candidate, with the total and per-field scores.
     Fuzzy { score: f64, fields: Vec<FieldScore> },
     /// The same source and event id were processed before.
@@ -149,9 +152,9 @@ pub enum LinkRule {
 /// One field's contribution to a fuzzy score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FieldScore {
-    pub field: String,
+    pub field: CompactString,
     /// `exact`, `close`, `disagree` or `missing`.
-    pub level: String,
+    pub level: CompactString,
     pub similarity: f64,
     pub weight: f64,
 }
@@ -209,7 +212,7 @@ pub struct RefusedMerge {
     pub other_customer_id: Option<String>,
     /// The identifier kind whose rule was broken, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
+    pub kind: Option<CompactString>,
 }
 
 /// Metadata carried by every output record: the input message it came from and a key that
@@ -377,10 +380,10 @@ pub struct IdentityChange {
     pub schema_version: u32,
     pub customer_id: String,
     /// The event that caused the change.
-    pub event_id: String,
-    pub source: String,
+    pub event_id: CompactString,
+    pub source: CompactString,
     /// The event time of that event.
-    pub at: String,
+    pub at: CompactString,
     #[serde(flatten)]
     pub change: ChangeKind,
     #[serde(flatten)]
@@ -400,8 +403,8 @@ pub enum ChangeKind {
         rule: LinkRule,
     },
     IdentifierAdded {
-        kind: String,
-        value: String,
+        kind: CompactString,
+        value: CompactString,
         #[serde(flatten)]
         rule: LinkRule,
     },
@@ -411,14 +414,14 @@ pub enum ChangeKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         other_customer_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        kind: Option<String>,
+        kind: Option<CompactString>,
         /// The identifier that would have linked the two profiles.
-        linking_kind: String,
+        linking_kind: CompactString,
     },
     /// An identifier value was seen on so many profiles that it stopped linking.
     IdentifierGeneric {
-        kind: String,
-        value: String,
+        kind: CompactString,
+        value: CompactString,
         profiles_seen: u32,
     },
 }
