@@ -347,13 +347,23 @@ fn is_junk(value: &str) -> bool {
     if value.is_empty() {
         return true;
     }
+    if value.is_ascii() {
+        // Nearly every value: compared case-insensitively in place rather than lower-cased
+        // into a copy (the junk list is lower case, and `to_lowercase` of ASCII text is its
+        // ASCII lower case, so the answer is the same).
+        return BUILT_IN_JUNK
+            .iter()
+            .any(|junk| junk.eq_ignore_ascii_case(value))
+            || is_one_repeated_character(value.chars().map(|c| c.to_ascii_lowercase()));
+    }
     let lower = value.to_lowercase();
-    BUILT_IN_JUNK.contains(&lower.as_str()) || is_one_repeated_character(&lower)
+    BUILT_IN_JUNK.contains(&lower.as_str()) || is_one_repeated_character(lower.chars())
 }
 
-/// "aaaaaa", "111111", "xxxxxx@xxxxxx": six or more of one character, ignoring punctuation.
-fn is_one_repeated_character(value: &str) -> bool {
-    let mut significant = value.chars().filter(|c| c.is_alphanumeric());
+/// "aaaaaa", "111111", "xxxxxx@xxxxxx": six or more of one character, ignoring punctuation;
+/// `chars` are the value's characters, lower-cased.
+fn is_one_repeated_character(chars: impl Iterator<Item = char>) -> bool {
+    let mut significant = chars.filter(|c| c.is_alphanumeric());
     let Some(first) = significant.next() else {
         return false;
     };
@@ -635,6 +645,26 @@ mod tests {
             Err(IssueKind::Blocked)
         );
         assert_eq!(n.identifier_value("crm_id", " 77 ", None), Ok("77".into()));
+    }
+
+    #[test]
+    fn junk_is_recognized_in_any_case_and_script() {
+        for junk in [
+            "NULL",
+            "Test@Test.COM",
+            "N/A",
+            "AAAAAA",
+            "x-X-x-X-x-X",
+            "ÄÄÄäää",
+            "ÉÉÉÉÉÉ",
+        ] {
+            assert!(is_junk(junk), "{junk} is junk");
+        }
+        // Greek capital sigma lower-cases to a final sigma at the end of a word, so the
+        // word's characters differ once lower-cased: not one repeated character.
+        for value in ["ΣΣΣΣΣΣ", "nulls", "Ann", "AAAAAb", "ÄÄÄÄÄ"] {
+            assert!(!is_junk(value), "{value} is not junk");
+        }
     }
 
     #[test]
