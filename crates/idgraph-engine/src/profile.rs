@@ -69,8 +69,8 @@ pub fn add_identifier(
     list.insert(
         position,
         ProfileIdentifier {
-            kind: identifier.kind.as_str().into(),
-            value: identifier.value.as_str().into(),
+            kind: identifier.kind.clone(),
+            value: identifier.value.clone(),
             first_seen: timestamp.into(),
             last_seen: timestamp.into(),
             source: source.into(),
@@ -104,7 +104,7 @@ pub fn apply_event(
     }
     for (name, normalized) in &event.traits {
         let shown = display_value(event, name, normalized);
-        match profile.traits.get_mut(name.as_str()) {
+        match profile.traits.get_mut(name) {
             Some(current) => {
                 if (timestamp, shown) > (current.updated_at.as_str(), current.value.as_str()) {
                     overwrite(&mut current.value, shown);
@@ -115,10 +115,10 @@ pub fn apply_event(
             None => {
                 let value = TraitValue {
                     value: shown.into(),
-                    source: source.as_str().into(),
+                    source: source.clone(),
                     updated_at: timestamp.into(),
                 };
-                profile.traits.insert(name.as_str().into(), value);
+                profile.traits.insert(name.clone(), value);
             }
         }
         if MATCH_FIELDS.contains(&name.as_str()) {
@@ -175,17 +175,14 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
     let raw = &event.raw;
     computed.event_count += 1;
     // Most events repeat a source and type the profile has seen: look before allocating keys.
-    let by_type = match computed.events.get_mut(raw.source.as_str()) {
+    let by_type = match computed.events.get_mut(&raw.source) {
         Some(by_type) => by_type,
-        None => computed
-            .events
-            .entry(raw.source.as_str().into())
-            .or_default(),
+        None => computed.events.entry(raw.source.clone()).or_default(),
     };
-    match by_type.get_mut(raw.event_type.as_str()) {
+    match by_type.get_mut(&raw.event_type) {
         Some(count) => *count += 1,
         None => {
-            by_type.insert(raw.event_type.as_str().into(), 1);
+            by_type.insert(raw.event_type.clone(), 1);
         }
     }
     if computed.first_seen.is_empty() || timestamp < computed.first_seen.as_str() {
@@ -194,8 +191,8 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
     if timestamp > computed.last_seen.as_str() {
         overwrite(&mut computed.last_seen, timestamp);
     }
-    if !computed.channels.contains(raw.source.as_str()) {
-        computed.channels.insert(raw.source.as_str().into());
+    if !computed.channels.contains(&raw.source) {
+        computed.channels.insert(raw.source.clone());
     }
     let amount = raw.properties.get("amount").and_then(Value::as_f64);
     let is_order = ORDER_EVENT_TYPES.contains(&raw.event_type.as_str())
