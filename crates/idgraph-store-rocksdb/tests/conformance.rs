@@ -12,6 +12,7 @@ fn config() -> StorageConfig {
         sync_writes: false,
         compression: Compression::Lz4,
         max_wal_mb: 64,
+        l0_compaction_trigger: 8,
     }
 }
 

@@ -108,6 +108,13 @@ impl AppConfig {
         if self.storage.block_cache_mb == 0 {
             bail!("storage.block_cache_mb must be at least 1");
         }
+        // RocksDB slows writes down at 20 level-0 files; a trigger near that would stall them.
+        if !(1..=16).contains(&self.storage.l0_compaction_trigger) {
+            bail!(
+                "storage.l0_compaction_trigger is {}; it must be between 1 and 16",
+                self.storage.l0_compaction_trigger
+            );
+        }
         if self.resolve.batch_size == 0 {
             bail!("resolve.batch_size must be at least 1");
         }
@@ -268,6 +275,22 @@ mod tests {
         );
         assert!(
             error.contains("generic_threshold") && error.contains("at least 2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_compaction_trigger_that_would_stall_writes_is_refused() {
+        let error = format!(
+            "{:#}",
+            AppConfig::load_with_env(
+                None,
+                env(&[("IDGRAPH__STORAGE__L0_COMPACTION_TRIGGER", "40")])
+            )
+            .unwrap_err()
+        );
+        assert!(
+            error.contains("storage.l0_compaction_trigger is 40") && error.contains("1 and 16"),
             "{error}"
         );
     }
