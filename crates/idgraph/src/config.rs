@@ -205,6 +205,14 @@ mod tests {
             .collect()
     }
 
+    /// The whole error message for the defaults with one environment override.
+    fn error_with_override(name: &str, value: &str) -> String {
+        format!(
+            "{:#}",
+            AppConfig::load_with_env(None, env(&[(name, value)])).unwrap_err()
+        )
+    }
+
     #[test]
     fn defaults_load_and_validate() {
         let config = AppConfig::load_with_env(None, env(&[])).unwrap();
@@ -237,10 +245,7 @@ mod tests {
             AppConfig::load_with_env(Some(&path), env(&[])).unwrap_err()
         );
         assert!(error.contains("engine.fuzzy.treshold"), "{error}");
-        let error = format!(
-            "{:#}",
-            AppConfig::load_with_env(None, env(&[("IDGRAPH__STORAGE__CACHE", "1")])).unwrap_err()
-        );
+        let error = error_with_override("IDGRAPH__STORAGE__CACHE", "1");
         assert!(
             error.contains("storage.cache") && error.contains("IDGRAPH__STORAGE__CACHE"),
             "{error}"
@@ -265,14 +270,7 @@ mod tests {
 
     #[test]
     fn invalid_values_get_an_actionable_message() {
-        let error = format!(
-            "{:#}",
-            AppConfig::load_with_env(
-                None,
-                env(&[("IDGRAPH__ENGINE__PROTECTION__GENERIC_THRESHOLD", "1")])
-            )
-            .unwrap_err()
-        );
+        let error = error_with_override("IDGRAPH__ENGINE__PROTECTION__GENERIC_THRESHOLD", "1");
         assert!(
             error.contains("generic_threshold") && error.contains("at least 2"),
             "{error}"
@@ -281,14 +279,7 @@ mod tests {
 
     #[test]
     fn a_compaction_trigger_that_would_stall_writes_is_refused() {
-        let error = format!(
-            "{:#}",
-            AppConfig::load_with_env(
-                None,
-                env(&[("IDGRAPH__STORAGE__L0_COMPACTION_TRIGGER", "40")])
-            )
-            .unwrap_err()
-        );
+        let error = error_with_override("IDGRAPH__STORAGE__L0_COMPACTION_TRIGGER", "40");
         assert!(
             error.contains("storage.l0_compaction_trigger is 40") && error.contains("1 and 16"),
             "{error}"
