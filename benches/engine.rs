@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use idgraph_engine::matching::{blocking_keys, score};
 use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
-use idgraph_model::{parse_event, CompactString, InputCoordinates};
+use idgraph_model::{parse_event, CompactString, InputCoordinates, SortedMap};
 use idgraph_synth::{generate, GenConfig};
 
 fn generated_lines(events: usize) -> Vec<Vec<u8>> {
@@ -57,7 +57,7 @@ fn scoring(c: &mut Criterion) {
     .into_iter()
     .map(|(k, v)| (CompactString::from(k), CompactString::from(v)))
     .collect();
-    let known: BTreeMap<CompactString, Vec<CompactString>> = [
+    let known: SortedMap<CompactString, Vec<CompactString>> = [
         ("first_name", vec!["robert", "rob"]),
         ("last_name", vec!["smith"]),
         ("date_of_birth", vec!["1975-06-01"]),

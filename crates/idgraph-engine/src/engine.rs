@@ -867,7 +867,7 @@ impl Engine {
         let mut known = primary.trait_history.clone();
         for field in MATCH_FIELDS {
             if let Some(value) = event.traits.get(field) {
-                let values = known.entry(field.into()).or_default();
+                let values = known.get_or_default(field.into());
                 if !values.contains(value) {
                     values.push(value.clone());
                 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use idgraph_model::normalize::DATE_OF_BIRTH;
-use idgraph_model::{CompactString, FieldScore};
+use idgraph_model::{CompactString, FieldScore, SortedMap};
 
 use crate::config::{FieldWeights, FuzzyConfig};
 
@@ -266,7 +266,7 @@ pub struct MatchScore {
 pub fn score(
     config: &FuzzyConfig,
     event_traits: &BTreeMap<CompactString, CompactString>,
-    known: &BTreeMap<CompactString, Vec<CompactString>>,
+    known: &SortedMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     score_fields(
         config,
@@ -279,8 +279,8 @@ pub fn score(
 /// the best agreement per field.
 pub fn score_known(
     config: &FuzzyConfig,
-    left: &BTreeMap<CompactString, Vec<CompactString>>,
-    right: &BTreeMap<CompactString, Vec<CompactString>>,
+    left: &SortedMap<CompactString, Vec<CompactString>>,
+    right: &SortedMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     score_fields(
         config,
@@ -296,7 +296,7 @@ pub fn score_known(
 fn score_fields<'a>(
     config: &FuzzyConfig,
     values_of: impl Fn(&str) -> Vec<&'a CompactString>,
-    known: &BTreeMap<CompactString, Vec<CompactString>>,
+    known: &SortedMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     let mut total = 0.0;
     let mut fields = Vec::with_capacity(MATCH_FIELDS.len());
@@ -359,7 +359,7 @@ mod tests {
             .collect()
     }
 
-    fn known(pairs: &[(&str, &str)]) -> BTreeMap<CompactString, Vec<CompactString>> {
+    fn known(pairs: &[(&str, &str)]) -> SortedMap<CompactString, Vec<CompactString>> {
         pairs
             .iter()
             .map(|(k, v)| (CompactString::from(*k), vec![CompactString::from(*v)]))

@@ -4,13 +4,12 @@
 //! is chosen by event time (ties by value), sums are integers, sets are ordered. That is what
 //! lets the property tests shuffle independent events and expect the same profiles.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use idgraph_model::normalize::NAME_TRAITS;
 use idgraph_model::{
     CompactString, ComputedTraits, Identifier, NormalizedEvent, Profile, ProfileIdentifier,
-    TimedNumber, TraitValue,
+    SortedMap, TimedNumber, TraitValue,
 };
 use serde_json::Value;
 
@@ -34,7 +33,7 @@ pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
             created_at: timestamp.into(),
             version: 0,
             identifiers: Vec::new(),
-            traits: BTreeMap::new(),
+            traits: SortedMap::new(),
             computed: ComputedTraits {
                 first_seen: timestamp.into(),
                 last_seen: timestamp.into(),
@@ -43,7 +42,7 @@ pub fn new_profile(customer_id: String, timestamp: &str) -> ProfileState {
             absorbed_ids: Vec::new(),
         }),
         root: None,
-        trait_history: BTreeMap::new(),
+        trait_history: SortedMap::new(),
         blocking_keys: Vec::new(),
         evidence_count: 0,
     }
@@ -124,7 +123,7 @@ pub fn apply_event(
         if MATCH_FIELDS.contains(&name.as_str()) {
             let history = match state.trait_history.get_mut(name) {
                 Some(history) => history,
-                None => state.trait_history.entry(name.clone()).or_default(),
+                None => state.trait_history.get_or_default(name.clone()),
             };
             remember(history, normalized, history_len);
         }
@@ -177,7 +176,7 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
     // Most events repeat a source and type the profile has seen: look before allocating keys.
     let by_type = match computed.events.get_mut(&raw.source) {
         Some(by_type) => by_type,
-        None => computed.events.entry(raw.source.clone()).or_default(),
+        None => computed.events.get_or_default(raw.source.clone()),
     };
     match by_type.get_mut(&raw.event_type) {
         Some(count) => *count += 1,
@@ -206,7 +205,7 @@ fn update_computed(computed: &mut ComputedTraits, event: &NormalizedEvent, times
                 .and_then(Value::as_str)
                 .map(|code| CompactString::from(code.to_ascii_uppercase()))
                 .unwrap_or_else(|| "XXX".into());
-            *computed.lifetime_value_minor.entry(currency).or_default() +=
+            *computed.lifetime_value_minor.get_or_default(currency) +=
                 (amount * 100.0).round() as i64;
         }
     }
@@ -258,7 +257,7 @@ pub fn merge_into(survivor: &mut ProfileState, absorbed: ProfileState, history_l
         }
     }
     for (name, values) in trait_history {
-        let history = survivor.trait_history.entry(name).or_default();
+        let history = survivor.trait_history.get_or_default(name);
         for value in values {
             remember(history, &value, history_len);
         }
@@ -277,9 +276,9 @@ pub fn merge_into(survivor: &mut ProfileState, absorbed: ProfileState, history_l
 fn merge_computed(into: &mut ComputedTraits, other: ComputedTraits) {
     into.event_count += other.event_count;
     for (source, types) in other.events {
-        let entry = into.events.entry(source).or_default();
+        let entry = into.events.get_or_default(source);
         for (event_type, count) in types {
-            *entry.entry(event_type).or_default() += count;
+            *entry.get_or_default(event_type) += count;
         }
     }
     if other.first_seen < into.first_seen {
@@ -290,7 +289,7 @@ fn merge_computed(into: &mut ComputedTraits, other: ComputedTraits) {
     }
     into.order_count += other.order_count;
     for (currency, minor) in other.lifetime_value_minor {
-        *into.lifetime_value_minor.entry(currency).or_default() += minor;
+        *into.lifetime_value_minor.get_or_default(currency) += minor;
     }
     into.channels.extend(other.channels);
     if let Some(s) = other.latest_sentiment {

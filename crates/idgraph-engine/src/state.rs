@@ -1,9 +1,8 @@
 //! Typed records kept in the [`StateStore`](crate::StateStore) tables, and their encoding.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idgraph_model::{CompactString, Identifier, LinkRule, Profile, ProfileJson};
+use idgraph_model::{CompactString, Identifier, LinkRule, Profile, ProfileJson, SortedMap};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +52,7 @@ pub struct ProfileState {
     /// The root node of the profile's identifier set, if it has identifiers.
     pub root: Option<String>,
     /// Recent normalized values per matching trait, newest last.
-    pub trait_history: BTreeMap<CompactString, Vec<CompactString>>,
+    pub trait_history: SortedMap<CompactString, Vec<CompactString>>,
     /// Blocking keys this profile is listed under.
     pub blocking_keys: Vec<String>,
     /// Number of evidence records written under this id.
@@ -155,7 +154,7 @@ pub fn encode_live(state: &ProfileState, profile_json: Option<&ProfileJson>) -> 
     struct StateRef<'a> {
         profile: JsonBytes<'a>,
         root: &'a Option<String>,
-        trait_history: &'a BTreeMap<CompactString, Vec<CompactString>>,
+        trait_history: &'a SortedMap<CompactString, Vec<CompactString>>,
         blocking_keys: &'a [String],
         evidence_count: u32,
     }

@@ -12,8 +12,6 @@
 //! derived `Serialize` implementations still define; the tests below check it for every
 //! record shape, including strings that need escaping.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
 use crate::records::{
@@ -93,13 +91,13 @@ fn write_str_list<'a, S: AsRef<str> + 'a>(
 }
 
 /// Appends a JSON object, writing each value with `write_value`.
-fn write_map<K: AsRef<str>, V>(
+fn write_map<'a, K: AsRef<str> + 'a, V: 'a>(
     out: &mut Vec<u8>,
-    map: &BTreeMap<K, V>,
+    map: impl IntoIterator<Item = (&'a K, &'a V)>,
     mut write_value: impl FnMut(&mut Vec<u8>, &V),
 ) {
     out.push(b'{');
-    for (i, (key, value)) in map.iter().enumerate() {
+    for (i, (key, value)) in map.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -364,7 +362,6 @@ impl WriteJson for DeadLetter {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
 
     use proptest::prelude::*;
     use serde_json::json;
@@ -486,12 +483,15 @@ mod tests {
                         .collect(),
                     computed: ComputedTraits {
                         event_count: 9,
-                        events,
+                        events: events
+                            .into_iter()
+                            .map(|(source, by_type)| (source, by_type.into_iter().collect()))
+                            .collect(),
                         first_seen: "a".into(),
                         last_seen: "b".into(),
                         order_count: 2,
-                        lifetime_value_minor: ltv,
-                        channels: channels.into_iter().collect::<BTreeSet<_>>(),
+                        lifetime_value_minor: ltv.into_iter().collect(),
+                        channels: channels.into_iter().collect(),
                         latest_sentiment: sentiment
                             .clone()
                             .map(|(value, at)| TimedNumber { value, at }),

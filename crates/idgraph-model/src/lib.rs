@@ -11,6 +11,7 @@ pub mod event;
 pub mod json;
 pub mod normalize;
 pub mod records;
+pub mod sorted;
 
 pub use error::{FailureKind, ParseError};
 pub use event::{parse_event, parse_mapped, FieldMapping, RawEvent};
@@ -19,3 +20,4 @@ pub use normalize::{
     Identifier, IssueKind, NormalizeConfig, NormalizedEvent, Normalizer, QualityIssue,
 };
 pub use records::*;
+pub use sorted::{SortedMap, SortedSet};

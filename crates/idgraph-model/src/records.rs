@@ -1,9 +1,9 @@
 //! Output record types (SPEC §4) and the profile they carry.
 //!
-//! Every record has a `schema_version`; maps are `BTreeMap`s so that serializing the same
-//! record always gives the same bytes.
+//! Every record has a `schema_version`; maps are ordered (`BTreeMap`, or the profile's
+//! [`SortedMap`]s) so that serializing the same record always gives the same bytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ParseError;
 use crate::json::WriteJson;
+use crate::sorted::{SortedMap, SortedSet};
 
 /// The version of every output record's layout. Bump it on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -271,14 +272,14 @@ pub struct TraitValue {
 pub struct ComputedTraits {
     pub event_count: u64,
     /// Events per source, then per event type.
-    pub events: BTreeMap<CompactString, BTreeMap<CompactString, u64>>,
+    pub events: SortedMap<CompactString, SortedMap<CompactString, u64>>,
     pub first_seen: CompactString,
     pub last_seen: CompactString,
     pub order_count: u64,
     /// Sum of transaction amounts per currency, in minor units (cents), so that the sum does
     /// not depend on the order events arrive in.
-    pub lifetime_value_minor: BTreeMap<CompactString, i64>,
-    pub channels: BTreeSet<CompactString>,
+    pub lifetime_value_minor: SortedMap<CompactString, i64>,
+    pub channels: SortedSet<CompactString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_sentiment: Option<TimedNumber>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -303,7 +304,7 @@ pub struct Profile {
     pub version: u64,
     /// Sorted by (kind, value).
     pub identifiers: Vec<ProfileIdentifier>,
-    pub traits: BTreeMap<CompactString, TraitValue>,
+    pub traits: SortedMap<CompactString, TraitValue>,
     pub computed: ComputedTraits,
     /// Ids absorbed into this profile; each redirects here.
     pub absorbed_ids: Vec<String>,
