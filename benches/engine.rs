@@ -2,8 +2,6 @@
 //! engine batches against the in-memory store. Run with `cargo bench -p idgraph`. The
 //! end-to-end figure with RocksDB on disk comes from `idgraph bench`.
 
-use std::collections::BTreeMap;
-
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use idgraph_engine::matching::{blocking_keys, score};
 use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
@@ -46,7 +44,7 @@ fn normalization(c: &mut Criterion) {
 
 fn scoring(c: &mut Criterion) {
     let config = EngineConfig::defaults().fuzzy;
-    let event: BTreeMap<CompactString, CompactString> = [
+    let event: SortedMap<CompactString, CompactString> = [
         ("first_name", "bob"),
         ("last_name", "smyth"),
         ("date_of_birth", "1975-06-01"),

@@ -8,7 +8,7 @@ use idgraph_model::{
     parse_event, parse_mapped, ChangeKind, CompactString, DeadLetter, EnrichedEvent, FailureKind,
     Identifier, IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer,
     ParseError, ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
-    ResolutionAction, SCHEMA_VERSION,
+    ResolutionAction, SortedMap, SCHEMA_VERSION,
 };
 use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_128;
@@ -1339,9 +1339,9 @@ fn enriched(
         traits,
         issues,
     } = event;
-    let mut identifiers: BTreeMap<CompactString, Vec<CompactString>> = BTreeMap::new();
+    let mut identifiers: SortedMap<CompactString, Vec<CompactString>> = SortedMap::new();
     for Identifier { kind, value } in normalized {
-        identifiers.entry(kind).or_default().push(value);
+        identifiers.get_or_default(kind).push(value);
     }
     EnrichedEvent {
         schema_version: SCHEMA_VERSION,

@@ -4,8 +4,6 @@
 //! traits against a candidate's known trait values field by field and sums the log2 Bayes
 //! factors from config. Everything here is a pure function of its inputs.
 
-use std::collections::BTreeMap;
-
 use idgraph_model::normalize::DATE_OF_BIRTH;
 use idgraph_model::{CompactString, FieldScore, SortedMap};
 
@@ -65,7 +63,7 @@ pub fn soundex(name: &str) -> String {
 /// Blocking keys for a set of normalized traits. Each key needs all its parts, and each
 /// combines fields that rarely change together, so a typo, a move or a new surname still
 /// leaves at least one key shared with the old record.
-pub fn blocking_keys(traits: &BTreeMap<CompactString, CompactString>) -> Vec<String> {
+pub fn blocking_keys(traits: &SortedMap<CompactString, CompactString>) -> Vec<String> {
     blocking_keys_from(|name| traits.get(name).map(CompactString::as_str))
 }
 
@@ -265,7 +263,7 @@ pub struct MatchScore {
 /// Scores `event_traits` against a candidate's `known` values (current and past, per field).
 pub fn score(
     config: &FuzzyConfig,
-    event_traits: &BTreeMap<CompactString, CompactString>,
+    event_traits: &SortedMap<CompactString, CompactString>,
     known: &SortedMap<CompactString, Vec<CompactString>>,
 ) -> MatchScore {
     score_fields(
@@ -352,7 +350,7 @@ mod tests {
     use super::*;
     use crate::EngineConfig;
 
-    fn traits(pairs: &[(&str, &str)]) -> BTreeMap<CompactString, CompactString> {
+    fn traits(pairs: &[(&str, &str)]) -> SortedMap<CompactString, CompactString> {
         pairs
             .iter()
             .map(|(k, v)| (CompactString::from(*k), CompactString::from(*v)))

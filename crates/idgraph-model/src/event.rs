@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{FailureKind, ParseError};
+use crate::sorted::SortedMap;
 
 /// One touchpoint as it arrived, before normalization.
 ///
@@ -23,7 +24,7 @@ pub struct RawEvent {
     /// Raw identifier values in input order, as `(kind, value)`; a kind may repeat.
     pub identifiers: Vec<(CompactString, CompactString)>,
     /// Raw trait values by trait name.
-    pub traits: BTreeMap<CompactString, CompactString>,
+    pub traits: SortedMap<CompactString, CompactString>,
     /// Free-form event properties, passed through to the enriched event.
     pub properties: Map<String, Value>,
 }
@@ -179,7 +180,7 @@ pub fn parse_mapped(
                 .map_err(|e| e.with_field(pointer))?;
         }
     }
-    let mut traits = BTreeMap::new();
+    let mut traits = SortedMap::new();
     for (pointer, name) in &mapping.traits {
         if let Some(text) = object.pointer(pointer).and_then(scalar_text) {
             traits.insert(name.as_str().into(), text.into());
@@ -228,7 +229,7 @@ fn parse_canonical(
     }
     let traits = match object.get("traits") {
         Some(traits) => collect_traits(expect_object(traits, "traits")?, &[]),
-        None => BTreeMap::new(),
+        None => SortedMap::new(),
     };
     let properties = match object.remove("properties") {
         Some(Value::Null) | None => Map::new(),
@@ -279,7 +280,7 @@ fn parse_segment(
     {
         collect_identifier_values("device_id", device_id, &mut identifiers)?;
     }
-    let mut traits = BTreeMap::new();
+    let mut traits = SortedMap::new();
     let trait_objects = [
         context
             .and_then(|c| c.get("traits"))
@@ -427,8 +428,8 @@ fn wrong_identifier_type(kind: &str, value: &Value) -> ParseError {
 pub(crate) fn collect_traits(
     object: &Map<String, Value>,
     skip: &[&str],
-) -> BTreeMap<CompactString, CompactString> {
-    let mut traits = BTreeMap::new();
+) -> SortedMap<CompactString, CompactString> {
+    let mut traits = SortedMap::new();
     for (key, value) in object {
         if skip.contains(&key.as_str()) {
             continue;

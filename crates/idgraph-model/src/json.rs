@@ -540,8 +540,8 @@ mod tests {
                 source: "web".into(),
                 event_type: id.as_str().into(),
                 timestamp: "2026-03-01T12:00:00Z".into(),
-                identifiers,
-                traits,
+                identifiers: identifiers.into_iter().collect(),
+                traits: traits.into_iter().collect(),
                 properties: properties.as_object().unwrap().clone(),
                 resolution: Resolution {
                     action: ResolutionAction::Merged,

@@ -3,7 +3,6 @@
 //! The normalized form is what the identity graph stores and compares, so every rule here is
 //! part of the matching contract: changing one changes which events link.
 
-use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
 use chrono::NaiveDate;
@@ -15,6 +14,7 @@ use unicode_normalization::char::is_combining_mark;
 use unicode_normalization::UnicodeNormalization;
 
 use crate::event::RawEvent;
+use crate::sorted::SortedMap;
 
 /// Settings for normalization; the `[engine.normalize]` table of the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,7 +97,7 @@ pub struct NormalizedEvent {
     /// Usable identifiers, de-duplicated, in (kind, value) order.
     pub identifiers: Vec<Identifier>,
     /// Traits with the matching fields normalized; other traits trimmed.
-    pub traits: BTreeMap<CompactString, CompactString>,
+    pub traits: SortedMap<CompactString, CompactString>,
     pub issues: Vec<QualityIssue>,
 }
 
@@ -301,10 +301,10 @@ impl Normalizer {
 
     fn traits(
         &self,
-        raw: &BTreeMap<CompactString, CompactString>,
+        raw: &SortedMap<CompactString, CompactString>,
         issues: &mut Vec<QualityIssue>,
-    ) -> BTreeMap<CompactString, CompactString> {
-        let mut traits = BTreeMap::new();
+    ) -> SortedMap<CompactString, CompactString> {
+        let mut traits = SortedMap::new();
         for (name, value) in raw {
             let normalized = match name.as_str() {
                 n if NAME_TRAITS.contains(&n) || TEXT_TRAITS.contains(&n) => {

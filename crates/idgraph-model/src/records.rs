@@ -3,7 +3,6 @@
 //! Every record has a `schema_version`; maps are ordered (`BTreeMap`, or the profile's
 //! [`SortedMap`]s) so that serializing the same record always gives the same bytes.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -233,8 +232,8 @@ pub struct EnrichedEvent {
     pub source: CompactString,
     pub event_type: CompactString,
     pub timestamp: CompactString,
-    pub identifiers: BTreeMap<CompactString, Vec<CompactString>>,
-    pub traits: BTreeMap<CompactString, CompactString>,
+    pub identifiers: SortedMap<CompactString, Vec<CompactString>>,
+    pub traits: SortedMap<CompactString, CompactString>,
     pub properties: Map<String, Value>,
     pub resolution: Resolution,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

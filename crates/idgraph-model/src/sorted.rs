@@ -7,7 +7,9 @@
 //! large share of the process's memory, and reading one meant chasing node pointers. These
 //! types hold exactly their entries, contiguously, in key order; they iterate, compare and
 //! serialize exactly like the `BTreeMap` and `BTreeSet` they replace (a map, or a sequence,
-//! in ascending key order), so stored and emitted bytes are unchanged.
+//! in ascending key order), so stored and emitted bytes are unchanged. Events use them too
+//! (their traits, and the identifiers of enriched events): one allocation of the right size
+//! per map instead of a node for eleven entries.
 //!
 //! Lookups are binary searches and inserts shift the tail: fine for the tens of entries these
 //! hold, wrong for large collections.
