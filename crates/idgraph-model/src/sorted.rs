@@ -18,7 +18,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A map ordered by key, stored as a vector of entries sorted by key, without duplicates.
@@ -336,25 +336,8 @@ impl<T: Serialize> Serialize for SortedSet<T> {
 
 impl<'de, T: Deserialize<'de> + Ord> Deserialize<'de> for SortedSet<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SetVisitor<T>(PhantomData<T>);
-
-        impl<'de, T: Deserialize<'de> + Ord> Visitor<'de> for SetVisitor<T> {
-            type Value = SortedSet<T>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a sequence")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
-                while let Some(item) = access.next_element()? {
-                    items.push(item);
-                }
-                Ok(items.into_iter().collect())
-            }
-        }
-
-        deserializer.deserialize_seq(SetVisitor(PhantomData))
+        // Read as the sequence it is written as; collecting sorts and drops duplicates.
+        Ok(Vec::<T>::deserialize(deserializer)?.into_iter().collect())
     }
 }
 

@@ -186,9 +186,7 @@ impl<'scope> Committer<'scope> {
 
     /// Drops the batches the committer has finished with, on the calling thread.
     fn drop_spent(&self) {
-        while let Ok(spent) = self.spent.try_recv() {
-            drop(spent);
-        }
+        while self.spent.try_recv().is_ok() {}
     }
 
     /// The error that stopped the committer.
