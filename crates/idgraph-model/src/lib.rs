@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod json;
 pub mod normalize;
+pub mod packed;
 pub mod records;
 pub mod sorted;
 
