@@ -1,15 +1,16 @@
 //! Engine invariants under generated input: replay changes nothing, the order of independent
 //! events does not matter, committing a batch late (as file mode's pipeline does) changes
-//! nothing, and links are transitive (the clusters are exactly the connected
+//! nothing, profiles stored by an older schema version resolve alike, and links are transitive (the clusters are exactly the connected
 //! components of shared identifiers when no protection rule fires).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use idgraph_engine::read::profile_by_id;
+use idgraph_engine::state::{decode_customer, encode, CustomerEntry};
 use idgraph_engine::{
     BatchOutcome, Engine, EngineConfig, InputMessage, MemoryStore, PendingWrites, ReadThrough,
-    ResolvedBatch, StateCache, StateStore, Table,
+    ResolvedBatch, StateCache, StateRead, StateStore, Table, WriteSet,
 };
 use idgraph_model::{InputCoordinates, ResolutionAction};
 use proptest::prelude::*;
@@ -154,18 +155,20 @@ fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
 
 /// Every output record of a run, as JSON lines, with the state cache of the given size.
 fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize) -> Vec<String> {
-    outputs_of_run(engine, events, cache_entries, false)
+    outputs_of_run(engine, events, cache_entries, false, false)
 }
 
 /// Every output record of a run, as JSON lines. With `commit_late`, each batch is committed
 /// only after the next one is resolved, which reads through it, and its changed profiles are
 /// encoded only then, after the next batch may have changed them again: as file mode's
-/// pipeline does.
+/// pipeline does. With `as_version_3`, every stored profile is rewritten after each batch in
+/// the form schema version 3 stored, as in a state directory written by an older build.
 fn outputs_of_run(
     engine: &Engine,
     events: &[GenEvent],
     cache_entries: usize,
     commit_late: bool,
+    as_version_3: bool,
 ) -> Vec<String> {
     let mut store = MemoryStore::new();
     let mut cache = StateCache::new(cache_entries);
@@ -199,11 +202,26 @@ fn outputs_of_run(
             store.write(&outcome.writes).unwrap();
             lines.extend(record_lines(&outcome));
         }
+        if as_version_3 {
+            store_profiles_as_version_3(&mut store);
+        }
     }
     if let Some((previous, previous_batch)) = pending.take() {
         commit(&mut store, &previous, previous_batch, &mut lines);
     }
     lines
+}
+
+/// Rewrites every live profile in the store in schema version 3's form (MessagePack, with the
+/// profile as its JSON).
+fn store_profiles_as_version_3(store: &mut MemoryStore) {
+    let mut rewrite = WriteSet::default();
+    for (key, bytes) in store.scan_prefix(Table::Customers, b"").unwrap() {
+        if let CustomerEntry::Live(state) = decode_customer(&key, &bytes).unwrap() {
+            rewrite.put(Table::Customers, key, encode(&CustomerEntry::Live(state)));
+        }
+    }
+    store.write(&rewrite).unwrap();
 }
 
 /// Encodes a batch's profiles, writes its state in one write and collects its records.
@@ -248,9 +266,18 @@ proptest! {
         // File mode commits a batch while the next one resolves, reading through the
         // uncommitted writes; with no cache every read goes through them.
         let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
-        let in_step = outputs_of_run(&engine, &events, 0, false);
-        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, 0, true));
-        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, small, true));
+        let in_step = outputs_of_run(&engine, &events, 0, false, false);
+        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, 0, true, false));
+        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, small, true, false));
+    }
+
+    #[test]
+    fn profiles_stored_by_schema_version_3_resolve_exactly_as_packed_ones(events in events_strategy(40)) {
+        // A state directory upgraded from version 3 keeps its old profile records until they
+        // change; with no cache every profile is read back from the store between batches.
+        let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
+        let packed = outputs_of_run(&engine, &events, 0, false, false);
+        prop_assert_eq!(&packed, &outputs_of_run(&engine, &events, 0, false, true));
     }
 
     #[test]

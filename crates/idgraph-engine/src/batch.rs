@@ -13,8 +13,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cache::{Cached, StateCache};
 use crate::state::{
-    decode, encode, evidence_key, BlockRecord, CustomerEntry, Evidence, NodeRecord, ProfileState,
-    RootInfo,
+    decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, Evidence,
+    NodeRecord, ProfileState, RootInfo,
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet};
 
@@ -230,11 +230,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     fn load(&mut self, id: &str) -> Result<Option<&Cached>, StoreError> {
         if !self.cache.has_customer(id) {
             let entry = match self.store.get(Table::Customers, id.as_bytes())? {
-                Some(bytes) => Some(Cached::from_entry(decode(
-                    Table::Customers,
-                    id.as_bytes(),
-                    &bytes,
-                )?)),
+                Some(bytes) => Some(Cached::from_entry(decode_customer(id.as_bytes(), &bytes)?)),
                 None => None,
             };
             self.cache.current.customers.insert(id.to_owned(), entry);

@@ -149,25 +149,20 @@ impl ResolvedBatch {
             profile_records,
             profile_writes,
         } = self;
-        let mut profile_json =
-            FxHashMap::with_capacity_and_hasher(profile_records.len(), Default::default());
         outcome.profiles.reserve(profile_records.len());
         for (id, state, meta) in profile_records {
-            let json = ProfileJson::encode(&state.profile);
             outcome.profiles.push(ProfileRecord {
                 schema_version: SCHEMA_VERSION,
-                customer_id: id.clone(),
-                profile: Some(json.clone()),
+                customer_id: id,
+                profile: Some(ProfileJson::encode(&state.profile)),
                 merged_into: None,
                 meta,
             });
-            profile_json.insert(id, json);
         }
         let mut writes = WriteSet::default();
         writes.ops.reserve(profile_writes.len());
         for (id, state) in profile_writes {
-            let value = encode_live(&state, profile_json.get(&id));
-            writes.put(Table::Customers, id, value);
+            writes.put(Table::Customers, id, encode_live(&state));
         }
         (outcome, writes)
     }

@@ -78,7 +78,7 @@ impl PendingWrites {
             return None;
         }
         let state = self.profiles.get(std::str::from_utf8(key).ok()?)?;
-        Some(encode_live(state, None))
+        Some(encode_live(state))
     }
 
     pub fn writes(&self) -> &Arc<WriteSet> {
@@ -175,7 +175,7 @@ impl<R: StateRead> StateRead for ReadThrough<'_, R> {
         if table == Table::Customers {
             for (id, state) in &pending.profiles {
                 if id.as_bytes().starts_with(prefix) {
-                    merged.insert(id.as_bytes().to_vec(), encode_live(state, None));
+                    merged.insert(id.as_bytes().to_vec(), encode_live(state));
                 }
             }
         }

@@ -6,7 +6,9 @@ use idgraph_model::{Identifier, LinkRule};
 use petgraph::graph::{NodeIndex, UnGraph};
 use serde::Serialize;
 
-use crate::state::{decode, CustomerEntry, Evidence, EvidenceLink, NodeRecord, ProfileState};
+use crate::state::{
+    decode, decode_customer, CustomerEntry, Evidence, EvidenceLink, NodeRecord, ProfileState,
+};
 use crate::store::{StateRead, StoreError, Table};
 use crate::Normalizer;
 
@@ -20,7 +22,7 @@ pub fn profile_by_id<S: StateRead>(
         let Some(bytes) = store.get(Table::Customers, current.as_bytes())? else {
             return Ok(None);
         };
-        match decode::<CustomerEntry>(Table::Customers, current.as_bytes(), &bytes)? {
+        match decode_customer(current.as_bytes(), &bytes)? {
             CustomerEntry::Live(state) => return Ok(Some(*state)),
             CustomerEntry::Redirect { to } => current = to,
         }

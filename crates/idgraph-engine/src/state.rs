@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use idgraph_model::{CompactString, Identifier, LinkRule, Profile, ProfileJson, SortedMap};
+use idgraph_model::packed::{pack_profile, unpack_profile, PackReader, PackWriter, PackedError};
+use idgraph_model::{CompactString, Identifier, LinkRule, Profile, SortedMap};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -45,8 +46,8 @@ pub enum CustomerEntry {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileState {
     /// Behind an `Arc` so that cloning a state is cheap; writers go through `Arc::make_mut`.
-    /// Stored as the profile's JSON (a MessagePack binary), the same bytes the profile output
-    /// record carries, so each change is encoded once.
+    /// The serde form (MessagePack with the profile's JSON in a binary field) is schema
+    /// version 3's record, which is still read; new records are written by [`encode_live`].
     #[serde(with = "profile_as_json_bytes")]
     pub profile: Arc<Profile>,
     /// The root node of the profile's identifier set, if it has identifiers.
@@ -145,50 +146,88 @@ pub fn evidence_key(customer_id: &str, seq: u32) -> Vec<u8> {
     key
 }
 
-/// Encodes a live profile exactly as `CustomerEntry::Live` would, without moving it into one.
-/// `profile_json`, when given, must be [`ProfileJson::encode`] of `state.profile`; it is used
-/// as is instead of encoding the profile again.
-pub fn encode_live(state: &ProfileState, profile_json: Option<&ProfileJson>) -> Vec<u8> {
-    // Field for field the serialized form of `ProfileState`; a test keeps the two in step.
-    #[derive(Serialize)]
-    struct StateRef<'a> {
-        profile: JsonBytes<'a>,
-        root: &'a Option<String>,
-        trait_history: &'a SortedMap<CompactString, Vec<CompactString>>,
-        blocking_keys: &'a [String],
-        evidence_count: u32,
-    }
-    #[derive(Serialize)]
-    #[serde(rename_all = "snake_case")]
-    enum LiveRef<'a> {
-        Live(StateRef<'a>),
-    }
-    struct JsonBytes<'a>(&'a [u8]);
-    impl Serialize for JsonBytes<'_> {
-        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            serializer.serialize_bytes(self.0)
+/// The first byte of a live profile's record in the packed form. MessagePack never uses this
+/// byte, so it tells a packed record from the MessagePack records of redirects and of
+/// profiles stored by schema version 3.
+const PACKED_LIVE: u8 = 0xc1;
+
+/// The layout version of packed live records, the second byte.
+const PACKED_LIVE_VERSION: u8 = 1;
+
+/// Encodes a live profile's record for [`Table::Customers`]: the profile in
+/// [`idgraph_model::packed`] form, then the rest of its state. A third of the bytes of the
+/// MessagePack-and-JSON form of schema version 3, which is still read (see
+/// [`decode_customer`]).
+pub fn encode_live(state: &ProfileState) -> Vec<u8> {
+    let mut writer = PackWriter::with_capacity(256 + 64 * state.profile.identifiers.len());
+    writer.byte(PACKED_LIVE);
+    writer.byte(PACKED_LIVE_VERSION);
+    pack_profile(&mut writer, &state.profile);
+    writer.optional_str(state.root.as_deref());
+    writer.count(state.trait_history.len());
+    for (name, values) in &state.trait_history {
+        writer.symbol(name);
+        writer.count(values.len());
+        for value in values {
+            writer.str(value);
         }
     }
-    let encoded;
-    let json = match profile_json {
-        Some(json) => json,
-        None => {
-            encoded = ProfileJson::encode(&state.profile);
-            &encoded
-        }
-    };
-    let record = LiveRef::Live(StateRef {
-        profile: JsonBytes(json.as_str().as_bytes()),
-        root: &state.root,
-        trait_history: &state.trait_history,
-        blocking_keys: &state.blocking_keys,
-        evidence_count: state.evidence_count,
-    });
-    // The profile's JSON is most of the record (often kilobytes): size the buffer for it
-    // up front instead of regrowing and copying it on the way.
-    let mut bytes = Vec::with_capacity(json.as_str().len() + 512);
-    rmp_serde::encode::write_named(&mut bytes, &record).expect("state records always serialize");
-    bytes
+    writer.count(state.blocking_keys.len());
+    for key in &state.blocking_keys {
+        writer.str(key);
+    }
+    writer.varint(u64::from(state.evidence_count));
+    writer.into_bytes()
+}
+
+/// Decodes a [`Table::Customers`] record: a packed live profile, or a MessagePack one (a
+/// redirect, or a live profile written by schema version 3).
+pub fn decode_customer(key: &[u8], bytes: &[u8]) -> Result<CustomerEntry, StoreError> {
+    if bytes.first() != Some(&PACKED_LIVE) {
+        return decode(Table::Customers, key, bytes);
+    }
+    decode_packed_live(bytes)
+        .map(|state| CustomerEntry::Live(Box::new(state)))
+        .map_err(|e| corrupt(Table::Customers, key, e.to_string()))
+}
+
+fn decode_packed_live(bytes: &[u8]) -> Result<ProfileState, PackedError> {
+    let mut reader = PackReader::new(bytes);
+    reader.byte()?;
+    if reader.byte()? != PACKED_LIVE_VERSION {
+        return Err(PackedError {
+            offset: 1,
+            reason: "unknown layout version of a live profile record",
+        });
+    }
+    let profile = unpack_profile(&mut reader)?;
+    let root = reader.optional_string()?;
+    let count = reader.count()?;
+    let mut trait_history = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name = reader.symbol()?;
+        let values = reader.count()?;
+        let values = (0..values)
+            .map(|_| reader.compact())
+            .collect::<Result<Vec<_>, _>>()?;
+        trait_history.push((name, values));
+    }
+    let count = reader.count()?;
+    let blocking_keys = (0..count)
+        .map(|_| reader.string())
+        .collect::<Result<Vec<_>, _>>()?;
+    let evidence_count = u32::try_from(reader.varint()?).map_err(|_| PackedError {
+        offset: bytes.len(),
+        reason: "the evidence count is too large",
+    })?;
+    reader.finish()?;
+    Ok(ProfileState {
+        profile: Arc::new(profile),
+        root,
+        trait_history: SortedMap::from_iter(trait_history),
+        blocking_keys,
+        evidence_count,
+    })
 }
 
 /// Serde adapter that stores a profile as its JSON in a binary field.
@@ -242,11 +281,15 @@ pub fn decode<T: DeserializeOwned>(
     key: &[u8],
     bytes: &[u8],
 ) -> Result<T, StoreError> {
-    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+    rmp_serde::from_slice(bytes).map_err(|e| corrupt(table, key, e.to_string()))
+}
+
+fn corrupt(table: Table, key: &[u8], reason: String) -> StoreError {
+    StoreError::Corrupt {
         table: table.name(),
         key: String::from_utf8_lossy(key).replace('\0', "/"),
-        reason: e.to_string(),
-    })
+        reason,
+    }
 }
 
 #[cfg(test)]
@@ -266,25 +309,52 @@ mod tests {
     }
 
     #[test]
-    fn a_live_profile_encoded_from_its_output_json_equals_the_plain_encoding() {
+    fn a_live_profile_decodes_to_what_was_encoded() {
         let state = sample_state();
-        let plain = encode(&CustomerEntry::Live(Box::new(state.clone())));
-        let json = ProfileJson::encode(&state.profile);
-        assert_eq!(encode_live(&state, Some(&json)), plain);
-        assert_eq!(encode_live(&state, None), plain);
-        let decoded: CustomerEntry = decode(Table::Customers, b"cus_1", &plain).unwrap();
+        let packed = encode_live(&state);
+        let decoded = decode_customer(b"cus_1", &packed).unwrap();
         assert_eq!(decoded, CustomerEntry::Live(Box::new(state)));
+    }
+
+    #[test]
+    fn records_of_schema_version_3_are_still_read() {
+        let state = sample_state();
+        let legacy = encode(&CustomerEntry::Live(Box::new(state.clone())));
+        assert_eq!(legacy[0] & 0xf0, 0x80, "a MessagePack map");
+        assert!(legacy.len() > 2 * encode_live(&state).len());
+        let decoded = decode_customer(b"cus_1", &legacy).unwrap();
+        assert_eq!(decoded, CustomerEntry::Live(Box::new(state)));
+        let redirect = encode(&CustomerEntry::Redirect { to: "cus_2".into() });
+        assert_eq!(
+            decode_customer(b"cus_1", &redirect).unwrap(),
+            CustomerEntry::Redirect { to: "cus_2".into() }
+        );
     }
 
     #[test]
     fn a_damaged_profile_is_reported_with_its_key() {
         let state = sample_state();
-        let mut bytes = encode_live(&state, None);
+        let bytes = encode_live(&state);
+        let error = decode_customer(b"cus_1", &bytes[..bytes.len() - 1]).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("cus_1") && message.contains("ends early"),
+            "{message}"
+        );
+        let mut future = bytes.clone();
+        future[1] = PACKED_LIVE_VERSION + 1;
+        let message = decode_customer(b"cus_1", &future).unwrap_err().to_string();
+        assert!(message.contains("unknown layout version"), "{message}");
+    }
+
+    #[test]
+    fn a_damaged_legacy_profile_is_reported_with_its_key() {
+        let state = sample_state();
+        let mut bytes = encode(&CustomerEntry::Live(Box::new(state)));
         // Break the JSON inside the binary field: its first byte is the profile's `{`.
         let brace = bytes.iter().position(|&b| b == b'{').unwrap();
         bytes[brace] = b'[';
-        let error = decode::<CustomerEntry>(Table::Customers, b"cus_1", &bytes).unwrap_err();
-        let message = error.to_string();
+        let message = decode_customer(b"cus_1", &bytes).unwrap_err().to_string();
         assert!(
             message.contains("cus_1") && message.contains("profile JSON"),
             "{message}"

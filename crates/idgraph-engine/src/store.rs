@@ -6,10 +6,18 @@
 
 use std::collections::BTreeMap;
 
-/// The version of the stored state's layout; a store refuses to open state of another version.
+/// The version of the stored state's layout; a store refuses to open state of a version that
+/// is neither this one nor in [`UPGRADABLE_STATE_SCHEMA_VERSIONS`].
 /// Version 2 stores records as MessagePack instead of JSON; version 3 keeps a profile inside
-/// its record as the JSON bytes of its output record.
-pub const STATE_SCHEMA_VERSION: &str = "3";
+/// its record as the JSON bytes of its output record; version 4 writes live profiles in the
+/// packed form (`idgraph_model::packed`), a third of the bytes.
+pub const STATE_SCHEMA_VERSION: &str = "4";
+
+/// Older versions this build still reads. A store opened on one of them records
+/// [`STATE_SCHEMA_VERSION`] and goes on: old records stay readable, and each is rewritten in
+/// the current form when it next changes. Builds that predate the current version then
+/// refuse the state instead of misreading it.
+pub const UPGRADABLE_STATE_SCHEMA_VERSIONS: &[&str] = &["3"];
 
 /// The key under which [`STATE_SCHEMA_VERSION`] is stored in [`Table::Meta`].
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";

@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use idgraph_engine::store::{Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION};
+use idgraph_engine::store::{
+    Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION, UPGRADABLE_STATE_SCHEMA_VERSIONS,
+};
 use idgraph_engine::{StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
@@ -110,19 +112,35 @@ impl RocksStore {
         Ok(store)
     }
 
+    /// Accepts state of the current schema version, upgrades the marker of an older version
+    /// this build still reads, and refuses anything else.
     fn check_schema_version(&mut self) -> Result<(), StoreError> {
         match self.get(Table::Meta, SCHEMA_VERSION_KEY)? {
             Some(found) if found == STATE_SCHEMA_VERSION.as_bytes() => Ok(()),
+            Some(found)
+                if UPGRADABLE_STATE_SCHEMA_VERSIONS
+                    .iter()
+                    .any(|old| found == old.as_bytes()) =>
+            {
+                tracing::info!(
+                    from = %String::from_utf8_lossy(&found),
+                    to = STATE_SCHEMA_VERSION,
+                    "upgrading the state's schema version; old records are rewritten as they change"
+                );
+                self.record_schema_version()
+            }
             Some(found) => Err(StoreError::SchemaMismatch {
                 found: String::from_utf8_lossy(&found).into_owned(),
                 expected: STATE_SCHEMA_VERSION.to_owned(),
             }),
-            None => {
-                let mut batch = WriteSet::default();
-                batch.put(Table::Meta, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION);
-                self.write(&batch)
-            }
+            None => self.record_schema_version(),
         }
+    }
+
+    fn record_schema_version(&mut self) -> Result<(), StoreError> {
+        let mut batch = WriteSet::default();
+        batch.put(Table::Meta, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION);
+        self.write(&batch)
     }
 
     pub fn path(&self) -> &Path {

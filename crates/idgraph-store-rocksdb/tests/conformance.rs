@@ -1,7 +1,10 @@
 //! The shared store conformance suite on a real RocksDB directory, plus what only a durable
-//! store can promise: reopening restores everything, and a foreign schema version is refused.
+//! store can promise: reopening restores everything, a foreign schema version is refused and
+//! an older one this build reads is upgraded.
 
-use idgraph_engine::store::SCHEMA_VERSION_KEY;
+use idgraph_engine::store::{
+    SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION, UPGRADABLE_STATE_SCHEMA_VERSIONS,
+};
 use idgraph_engine::{conformance, StateRead, StateStore, StoreError, Table, WriteSet};
 use idgraph_store_rocksdb::{Compression, RocksStore, StorageConfig};
 
@@ -62,6 +65,31 @@ fn a_foreign_schema_version_is_refused_with_both_versions_named() {
     let error = RocksStore::open(dir.path(), &config()).unwrap_err();
     assert!(matches!(error, StoreError::SchemaMismatch { .. }));
     assert!(error.to_string().contains("\"999\""), "{error}");
+}
+
+#[test]
+fn state_of_the_previous_schema_version_is_upgraded_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = RocksStore::open(dir.path(), &config()).unwrap();
+        let mut batch = WriteSet::default();
+        batch.put(
+            Table::Meta,
+            SCHEMA_VERSION_KEY,
+            UPGRADABLE_STATE_SCHEMA_VERSIONS[0],
+        );
+        batch.put(Table::Customers, "cus_1", "an old record");
+        store.write(&batch).unwrap();
+    }
+    let store = RocksStore::open(dir.path(), &config()).unwrap();
+    assert_eq!(
+        store.get(Table::Meta, SCHEMA_VERSION_KEY).unwrap(),
+        Some(STATE_SCHEMA_VERSION.as_bytes().to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Customers, b"cus_1").unwrap(),
+        Some(b"an old record".to_vec())
+    );
 }
 
 #[test]
