@@ -230,7 +230,8 @@ fn decode_packed_live(bytes: &[u8]) -> Result<ProfileState, PackedError> {
     })
 }
 
-/// Serde adapter that stores a profile as its JSON in a binary field.
+/// Serde adapter that stores a profile as its JSON in a binary field: the live records of
+/// schema version 3, which are still read.
 mod profile_as_json_bytes {
     use std::sync::Arc;
 

@@ -309,9 +309,9 @@ pub struct Profile {
     pub absorbed_ids: Vec<String>,
 }
 
-/// A profile serialized once as JSON. The profile record carries these bytes as they are and
-/// the state record stores the same bytes, so a changed profile is encoded once per batch,
-/// while its data is still in the cache of the thread that changed it.
+/// A profile serialized once as JSON: the profile record carries these bytes as they are, so
+/// a record can be cloned, queued and written without encoding the profile again. (The state
+/// store keeps profiles in [`crate::packed`] form instead, a third of the size.)
 ///
 /// An `Arc<String>`, not an `Arc<str>`: the latter would copy the kilobytes just written into
 /// a new allocation.
