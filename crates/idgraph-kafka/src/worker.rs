@@ -147,6 +147,15 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+/// Keeps the messages of `batch` whose partition is not in `revoked`.
+fn retain_unrevoked<T>(batch: &mut Vec<(OwnedMessage, T)>, revoked: &[(String, i32)]) {
+    batch.retain(|(message, _)| {
+        !revoked
+            .iter()
+            .any(|(topic, partition)| topic == message.topic() && *partition == message.partition())
+    });
+}
+
 /// What a worker run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WorkerSummary {
@@ -321,20 +330,24 @@ impl<'e, S: StateStore> Worker<'e, S> {
     /// second list has the time each was polled.
     fn poll_batch(&mut self, stop: &AtomicBool) -> (Vec<OwnedMessage>, Vec<Instant>) {
         let deadline = Instant::now() + Duration::from_millis(self.config.batch_timeout_ms);
-        let mut batch: Vec<OwnedMessage> = Vec::new();
-        let mut polled_at: Vec<Instant> = Vec::new();
+        let mut batch: Vec<(OwnedMessage, Instant)> = Vec::new();
         while batch.len() < self.config.batch_size && !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            match self.consumer.poll(deadline - now) {
+            let polled = self.consumer.poll(deadline - now);
+            // Rebalance callbacks run inside `poll`. A revocation voids what was collected
+            // before it from those partitions (they may now belong to another worker); what
+            // this poll returned comes after it, from a re-assignment that sought to the
+            // stored position, and must be kept, or the consumer would read on past it.
+            self.drop_revoked(&mut batch);
+            match polled {
                 None => {}
                 Some(Ok(message)) => {
                     let message = message.detach();
                     if !self.already_processed(&message) {
-                        batch.push(message);
-                        polled_at.push(Instant::now());
+                        batch.push((message, Instant::now()));
                     }
                 }
                 Some(Err(error)) => {
@@ -345,21 +358,15 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 }
             }
         }
-        let revoked: Vec<(String, i32)> =
-            std::mem::take(&mut *self.revoked.lock().expect("revoked lock"));
+        batch.into_iter().unzip()
+    }
+
+    /// Drops the collected messages of partitions revoked since the last call.
+    fn drop_revoked(&self, batch: &mut Vec<(OwnedMessage, Instant)>) {
+        let revoked = std::mem::take(&mut *self.revoked.lock().expect("revoked lock"));
         if !revoked.is_empty() {
-            let kept: Vec<(OwnedMessage, Instant)> = batch
-                .into_iter()
-                .zip(polled_at)
-                .filter(|(m, _)| {
-                    !revoked
-                        .iter()
-                        .any(|(t, p)| t == m.topic() && *p == m.partition())
-                })
-                .collect();
-            return kept.into_iter().unzip();
+            retain_unrevoked(batch, &revoked);
         }
-        (batch, polled_at)
     }
 
     fn set_ready(&self, ready: bool) {
@@ -848,4 +855,45 @@ fn load_positions<S: StateStore>(
         }
     }
     Ok(positions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn message(topic: &str, partition: i32, offset: i64) -> (OwnedMessage, u32) {
+        let message = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            topic.to_owned(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        );
+        (message, 0)
+    }
+
+    fn positions(batch: &[(OwnedMessage, u32)]) -> Vec<(String, i32, i64)> {
+        batch
+            .iter()
+            .map(|(m, _)| (m.topic().to_owned(), m.partition(), m.offset()))
+            .collect()
+    }
+
+    #[test]
+    fn a_revocation_drops_only_the_revoked_partitions_messages() {
+        let mut batch = vec![
+            message("web", 0, 300),
+            message("web", 1, 17),
+            message("mobile", 0, 5),
+            message("web", 0, 301),
+        ];
+        retain_unrevoked(&mut batch, &[("web".to_owned(), 0)]);
+        assert_eq!(
+            positions(&batch),
+            vec![("web".into(), 1, 17), ("mobile".into(), 0, 5)]
+        );
+    }
 }
