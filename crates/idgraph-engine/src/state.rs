@@ -202,20 +202,11 @@ fn decode_packed_live(bytes: &[u8]) -> Result<ProfileState, PackedError> {
     }
     let profile = unpack_profile(&mut reader)?;
     let root = reader.optional_string()?;
-    let count = reader.count()?;
-    let mut trait_history = Vec::with_capacity(count);
-    for _ in 0..count {
+    let trait_history = reader.list(|reader| {
         let name = reader.symbol()?;
-        let values = reader.count()?;
-        let values = (0..values)
-            .map(|_| reader.compact())
-            .collect::<Result<Vec<_>, _>>()?;
-        trait_history.push((name, values));
-    }
-    let count = reader.count()?;
-    let blocking_keys = (0..count)
-        .map(|_| reader.string())
-        .collect::<Result<Vec<_>, _>>()?;
+        Ok((name, reader.list(PackReader::compact)?))
+    })?;
+    let blocking_keys = reader.list(PackReader::string)?;
     let evidence_count = u32::try_from(reader.varint()?).map_err(|_| PackedError {
         offset: bytes.len(),
         reason: "the evidence count is too large",

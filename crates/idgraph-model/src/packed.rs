@@ -104,9 +104,7 @@ impl<'a> PackWriter<'a> {
         }
         self.varint((text.len() as u64) << 1);
         self.bytes.extend_from_slice(text.as_bytes());
-        if self.symbols.len() < MAX_SYMBOLS {
-            self.symbols.push(text);
-        }
+        remember(&mut self.symbols, text);
     }
 
     /// A timestamp: a varint whose lowest bit is 1 holds canonical milliseconds; with lowest
@@ -124,9 +122,7 @@ impl<'a> PackWriter<'a> {
                 self.bytes.extend_from_slice(text.as_bytes());
             }
         }
-        if self.times.len() < MAX_SYMBOLS {
-            self.times.push(text);
-        }
+        remember(&mut self.times, text);
     }
 }
 
@@ -251,17 +247,11 @@ impl<'b> PackReader<'b> {
     pub fn symbol(&mut self) -> Result<CompactString, PackedError> {
         let tag = self.varint()?;
         if tag & 1 == 1 {
-            let index = usize::try_from(tag >> 1).unwrap_or(usize::MAX);
-            return self
-                .symbols
-                .get(index)
-                .cloned()
+            return recall(&self.symbols, tag >> 1)
                 .ok_or_else(|| self.damaged("a symbol refers to one not yet defined"));
         }
         let symbol = CompactString::from(self.text(tag >> 1)?);
-        if self.symbols.len() < MAX_SYMBOLS {
-            self.symbols.push(symbol.clone());
-        }
+        remember(&mut self.symbols, symbol.clone());
         Ok(symbol)
     }
 
@@ -269,21 +259,41 @@ impl<'b> PackReader<'b> {
         let tag = self.varint()?;
         let time = match tag & 0b11 {
             0b10 => {
-                let index = usize::try_from(tag >> 2).unwrap_or(usize::MAX);
-                return self
-                    .times
-                    .get(index)
-                    .cloned()
+                return recall(&self.times, tag >> 2)
                     .ok_or_else(|| self.damaged("a time refers to one not yet read"));
             }
             0b00 => CompactString::from(self.text(tag >> 2)?),
             _ => canonical_text(tag >> 1).ok_or_else(|| self.damaged("a time is out of range"))?,
         };
-        if self.times.len() < MAX_SYMBOLS {
-            self.times.push(time.clone());
-        }
+        remember(&mut self.times, time.clone());
         Ok(time)
     }
+
+    /// A counted list, each item read by `item`.
+    pub fn list<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, PackedError>,
+    ) -> Result<Vec<T>, PackedError> {
+        let count = self.count()?;
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(item(self)?);
+        }
+        Ok(items)
+    }
+}
+
+/// Adds a new symbol or time to the record's table, while the table has room; writer and
+/// reader apply the same rule, so their numbering agrees.
+fn remember<T>(table: &mut Vec<T>, entry: T) {
+    if table.len() < MAX_SYMBOLS {
+        table.push(entry);
+    }
+}
+
+/// Entry `index` of a record's table of symbols or times, if it was defined.
+fn recall(table: &[CompactString], index: u64) -> Option<CompactString> {
+    table.get(usize::try_from(index).ok()?).cloned()
 }
 
 /// Appends `profile` to `writer`.
@@ -353,34 +363,26 @@ pub fn unpack_profile(reader: &mut PackReader) -> Result<Profile, PackedError> {
     let customer_id = reader.string()?;
     let created_at = reader.time()?;
     let version = reader.varint()?;
-    let count = reader.count()?;
-    let mut identifiers = Vec::with_capacity(count);
-    for _ in 0..count {
-        identifiers.push(ProfileIdentifier {
+    let identifiers = reader.list(|reader| {
+        Ok(ProfileIdentifier {
             kind: reader.symbol()?,
             value: reader.compact()?,
             first_seen: reader.time()?,
             last_seen: reader.time()?,
             source: reader.symbol()?,
-        });
-    }
-    let count = reader.count()?;
-    let mut traits = Vec::with_capacity(count);
-    for _ in 0..count {
+        })
+    })?;
+    let traits = reader.list(|reader| {
         let name = reader.symbol()?;
         let value = TraitValue {
             value: reader.compact()?,
             source: reader.symbol()?,
             updated_at: reader.time()?,
         };
-        traits.push((name, value));
-    }
+        Ok((name, value))
+    })?;
     let computed = unpack_computed(reader)?;
-    let count = reader.count()?;
-    let mut absorbed_ids = Vec::with_capacity(count);
-    for _ in 0..count {
-        absorbed_ids.push(reader.string()?);
-    }
+    let absorbed_ids = reader.list(PackReader::string)?;
     Ok(Profile {
         customer_id,
         created_at,
@@ -394,30 +396,16 @@ pub fn unpack_profile(reader: &mut PackReader) -> Result<Profile, PackedError> {
 
 fn unpack_computed(reader: &mut PackReader) -> Result<ComputedTraits, PackedError> {
     let event_count = reader.varint()?;
-    let count = reader.count()?;
-    let mut events = Vec::with_capacity(count);
-    for _ in 0..count {
+    let events = reader.list(|reader| {
         let source = reader.symbol()?;
-        let types = reader.count()?;
-        let mut by_type = Vec::with_capacity(types);
-        for _ in 0..types {
-            by_type.push((reader.symbol()?, reader.varint()?));
-        }
-        events.push((source, SortedMap::from_iter(by_type)));
-    }
+        let by_type = reader.list(|reader| Ok((reader.symbol()?, reader.varint()?)))?;
+        Ok((source, SortedMap::from_iter(by_type)))
+    })?;
     let first_seen = reader.time()?;
     let last_seen = reader.time()?;
     let order_count = reader.varint()?;
-    let count = reader.count()?;
-    let mut lifetime_value_minor = Vec::with_capacity(count);
-    for _ in 0..count {
-        lifetime_value_minor.push((reader.symbol()?, reader.signed()?));
-    }
-    let count = reader.count()?;
-    let mut channels = Vec::with_capacity(count);
-    for _ in 0..count {
-        channels.push(reader.symbol()?);
-    }
+    let lifetime_value_minor = reader.list(|reader| Ok((reader.symbol()?, reader.signed()?)))?;
+    let channels = reader.list(PackReader::symbol)?;
     let present = reader.byte()?;
     if present > 0b11 {
         return Err(reader.damaged("unknown optional computed traits"));
