@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod cpu;
 mod http;
+mod line_file;
 mod resolve;
 mod streaming;
 

@@ -5,7 +5,7 @@
 //! appended to the output files.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
@@ -17,91 +17,63 @@ use idgraph_engine::{
     BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage, QualityReport,
     ReadThrough, ResolvedBatch, StateCache, StateStore, WriteSet,
 };
-use idgraph_model::{InputCoordinates, WriteJson};
+use idgraph_model::InputCoordinates;
 use idgraph_store_rocksdb::RocksStore;
 use serde::Serialize;
 
 use crate::config::AppConfig;
 use crate::cpu::{process_cpu_seconds, since, thread_cpu_seconds};
+use crate::line_file::LineFile;
 
 /// The processor version written into dead letters.
 pub const PROCESSOR_VERSION: &str = concat!("idgraph ", env!("CARGO_PKG_VERSION"));
 
 /// The output files of one run.
 pub struct OutputFiles {
-    enriched: File,
-    profiles: File,
-    changes: File,
-    dead_letters: File,
+    enriched: LineFile,
+    profiles: LineFile,
+    changes: LineFile,
+    dead_letters: LineFile,
     quality_path: PathBuf,
-    /// Encoding buffer kept from batch to batch: a fresh one would fault in new zeroed pages
-    /// for every batch as it grows.
-    scratch: Vec<u8>,
 }
 
 impl OutputFiles {
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output directory {}", dir.display()))?;
-        // Unbuffered: [`write_lines`] hands the files whole chunks of encoded lines.
-        let open = |name: &str| -> Result<File> {
-            let path = dir.join(name);
-            File::create(&path).with_context(|| format!("cannot create {}", path.display()))
-        };
         Ok(OutputFiles {
-            enriched: open("enriched.jsonl")?,
-            profiles: open("profiles.jsonl")?,
-            changes: open("identity-changes.jsonl")?,
-            dead_letters: open("dead-letter.jsonl")?,
+            enriched: LineFile::create(&dir.join("enriched.jsonl"))?,
+            profiles: LineFile::create(&dir.join("profiles.jsonl"))?,
+            changes: LineFile::create(&dir.join("identity-changes.jsonl"))?,
+            dead_letters: LineFile::create(&dir.join("dead-letter.jsonl"))?,
             quality_path: dir.join("quality.json"),
-            scratch: Vec::new(),
         })
     }
 
     fn write_batch(&mut self, outcome: &BatchOutcome) -> Result<()> {
-        write_lines(&mut self.enriched, &mut self.scratch, &outcome.enriched)?;
-        write_lines(&mut self.profiles, &mut self.scratch, &outcome.profiles)?;
-        write_lines(&mut self.changes, &mut self.scratch, &outcome.changes)?;
-        write_lines(
-            &mut self.dead_letters,
-            &mut self.scratch,
-            &outcome.dead_letters,
-        )?;
+        self.enriched.write_lines(&outcome.enriched)?;
+        self.profiles.write_lines(&outcome.profiles)?;
+        self.changes.write_lines(&outcome.changes)?;
+        self.dead_letters.write_lines(&outcome.dead_letters)?;
         Ok(())
     }
 
-    /// Writes the quality report. The line files need no flushing: every batch's lines were
-    /// written whole.
-    fn finish(self, quality: &QualityReport) -> Result<()> {
+    /// Writes what the line files still hold, then the quality report.
+    fn finish(mut self, quality: &QualityReport) -> Result<()> {
+        for file in [
+            &mut self.enriched,
+            &mut self.profiles,
+            &mut self.changes,
+            &mut self.dead_letters,
+        ] {
+            file.finish()?;
+        }
         let mut text = serde_json::to_string_pretty(quality)?;
         text.push('\n');
         std::fs::write(&self.quality_path, text)
             .with_context(|| format!("cannot write {}", self.quality_path.display()))
     }
 }
-
-fn write_lines<T: WriteJson>(writer: &mut File, buffer: &mut Vec<u8>, records: &[T]) -> Result<()> {
-    // Encoding into one plain buffer is cheaper than many small writes through a buffered
-    // writer. The buffer goes to the kernel whenever it holds a chunk, so the kernel copies
-    // bytes that are still in the processor's cache rather than a whole batch's megabytes,
-    // and no second buffer copies them once more. (The copy's cost on this project's
-    // machines depends mostly on the page cache's state; no CPU difference was measurable.)
-    buffer.clear();
-    for record in records {
-        record.write_json(buffer);
-        buffer.push(b'\n');
-        if buffer.len() >= WRITE_CHUNK_BYTES {
-            writer.write_all(buffer)?;
-            buffer.clear();
-        }
-    }
-    writer.write_all(buffer)?;
-    Ok(())
-}
-
-/// How many encoded bytes [`write_lines`] collects before writing them: small enough to stay
-/// in a core's cache, large enough that the system calls cost nothing.
-const WRITE_CHUNK_BYTES: usize = 128 * 1024;
 
 /// Encodes each batch's changed profiles, commits the batch to the state store and then
 /// writes its records, on a thread of its own and in batch order, so that all of it overlaps

@@ -1,0 +1,282 @@
+//! JSON Lines output files written around the page cache.
+//!
+//! A 1M-event run writes about 2.6 GB of output lines. Through the page cache, the kernel
+//! copies every byte into freshly allocated cache pages, and on this project's machines that
+//! copy alone cost 5 to 6.5 s of system time per 2.6 GB (`dd`, buffered), against 0.3 s with
+//! `O_DIRECT`, which hands the disk the process's own memory. So on Linux the files are
+//! opened with `O_DIRECT` where the file system allows it (tmpfs, for one, does not), lines
+//! are encoded straight into a block-aligned buffer, and only whole blocks are written; the
+//! last partial block goes out through the page cache once the file is finished. Elsewhere,
+//! or where a file system refuses direct writes, the same type writes through the page cache.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use idgraph_model::WriteJson;
+
+/// Alignment of direct writes, in memory, in the file and in length: the largest logical
+/// block size of common disks.
+const BLOCK: usize = 4096;
+
+/// Encoded bytes collected before a write: large enough that a direct write's wait for the
+/// disk is paid rarely, small enough to be a negligible part of a worker's memory.
+const CHUNK: usize = 1 << 20;
+
+/// An output file of JSON lines. Call [`LineFile::finish`] at the end; dropping it without
+/// finishing writes what it holds but cannot report an error.
+pub struct LineFile {
+    file: File,
+    path: PathBuf,
+    /// Whether the file bypasses the page cache (only whole, aligned blocks may be written).
+    direct: bool,
+    /// Encoded lines not yet written are `buffer[start..]`; `start` puts them on a block
+    /// boundary in memory.
+    buffer: Vec<u8>,
+    start: usize,
+}
+
+impl LineFile {
+    /// Creates (or truncates) the file at `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let (file, direct) =
+            open_output(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let (buffer, start) = aligned_buffer(CHUNK);
+        Ok(LineFile {
+            file,
+            path: path.to_owned(),
+            direct,
+            buffer,
+            start,
+        })
+    }
+
+    /// Whether writes bypass the page cache.
+    #[cfg(test)]
+    fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Appends one line per record. Lines may stay in memory until [`LineFile::finish`].
+    pub fn write_lines<T: WriteJson>(&mut self, records: &[T]) -> Result<()> {
+        for record in records {
+            record.write_json(&mut self.buffer);
+            self.buffer.push(b'\n');
+            if self.buffer.len() - self.start >= CHUNK {
+                self.write_whole_blocks()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything still held. The file then holds every line written to it.
+    pub fn finish(&mut self) -> Result<()> {
+        self.write_whole_blocks()?;
+        if self.buffer.len() > self.start {
+            // What is left is shorter than a block, which a direct write cannot take.
+            if self.direct {
+                self.stop_direct()?;
+            }
+            self.write_pending(self.buffer.len() - self.start)?;
+        }
+        Ok(())
+    }
+
+    /// Writes all pending bytes, or with direct writes all whole blocks of them.
+    fn write_whole_blocks(&mut self) -> Result<()> {
+        let pending = self.buffer.len() - self.start;
+        if !self.direct {
+            return self.write_pending(pending);
+        }
+        self.realign();
+        let whole = pending / BLOCK * BLOCK;
+        if whole == 0 {
+            return Ok(());
+        }
+        let range = self.start..self.start + whole;
+        match self.file.write_all(&self.buffer[range]) {
+            Ok(()) => {}
+            // Some file systems accept O_DIRECT when the file is opened and refuse the write.
+            Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.stop_direct()?;
+                return self.write_pending(pending);
+            }
+            Err(error) => return Err(self.write_error(error)),
+        }
+        self.buffer.copy_within(self.start + whole.., self.start);
+        self.buffer.truncate(self.start + pending - whole);
+        Ok(())
+    }
+
+    /// Writes the first `count` pending bytes through whatever mode the file is in.
+    fn write_pending(&mut self, count: usize) -> Result<()> {
+        let range = self.start..self.start + count;
+        if let Err(error) = self.file.write_all(&self.buffer[range]) {
+            return Err(self.write_error(error));
+        }
+        self.buffer.drain(self.start..self.start + count);
+        Ok(())
+    }
+
+    /// A line longer than the buffer's capacity makes it grow, and the grown buffer may sit
+    /// elsewhere in memory, off a block boundary: move the pending bytes to a fresh aligned
+    /// buffer with room for them.
+    fn realign(&mut self) {
+        if (self.buffer.as_ptr() as usize + self.start) % BLOCK == 0 {
+            return;
+        }
+        let pending = &self.buffer[self.start..];
+        let (mut buffer, start) = aligned_buffer(CHUNK.max(pending.len()));
+        buffer.extend_from_slice(pending);
+        self.buffer = buffer;
+        self.start = start;
+    }
+
+    /// Switches the file to writes through the page cache for good.
+    fn stop_direct(&mut self) -> Result<()> {
+        self.direct = false;
+        clear_direct_flag(&self.file)
+            .with_context(|| format!("cannot switch {} to buffered writes", self.path.display()))
+    }
+
+    fn write_error(&self, error: std::io::Error) -> anyhow::Error {
+        anyhow::Error::new(error).context(format!("cannot write to {}", self.path.display()))
+    }
+}
+
+impl Drop for LineFile {
+    /// Lines of committed batches reach the file even when a run stops on an error.
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+/// An empty buffer with room for `capacity` bytes after the returned start offset, which is
+/// on a block boundary in memory (the bytes before it are padding).
+fn aligned_buffer(capacity: usize) -> (Vec<u8>, usize) {
+    // Room for a chunk plus the line that crosses the chunk's end, so a typical batch never
+    // makes the buffer grow and move.
+    let mut buffer: Vec<u8> = Vec::with_capacity(2 * capacity + BLOCK);
+    let start = buffer.as_ptr().align_offset(BLOCK);
+    buffer.resize(start, 0);
+    (buffer, start)
+}
+
+/// Opens `path` for writing, bypassing the page cache where the system allows it; the flag
+/// says whether it does.
+#[cfg(target_os = "linux")]
+fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    let direct = rustix::fs::OFlags::DIRECT.bits() as i32;
+    match options.clone().custom_flags(direct).open(path) {
+        Ok(file) => Ok((file, true)),
+        Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            Ok((options.open(path)?, false))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
+    Ok((File::create(path)?, false))
+}
+
+#[cfg(target_os = "linux")]
+fn clear_direct_flag(file: &File) -> std::io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    rustix::fs::fcntl_setfl(file, flags - rustix::fs::OFlags::DIRECT)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn clear_direct_flag(_file: &File) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record that encodes as a given text.
+    struct Line(String);
+
+    impl WriteJson for Line {
+        fn write_json(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(self.0.as_bytes());
+        }
+    }
+
+    /// Lines of every length from empty to well past a chunk, in batches of varying size.
+    fn sample_batches() -> Vec<Vec<Line>> {
+        let mut batches = Vec::new();
+        for batch in 0..40usize {
+            let lines = (0..batch * 7)
+                .map(|i| Line(format!("{batch}-{i}-{}", "x".repeat((i * 131) % 5000))))
+                .collect();
+            batches.push(lines);
+        }
+        batches.push(vec![Line("y".repeat(3 * CHUNK + 17))]);
+        batches.push(vec![
+            Line(String::new()),
+            Line("after the long line".into()),
+        ]);
+        batches
+    }
+
+    fn expected_text(batches: &[Vec<Line>]) -> Vec<u8> {
+        let mut text = Vec::new();
+        for line in batches.iter().flatten() {
+            text.extend_from_slice(line.0.as_bytes());
+            text.push(b'\n');
+        }
+        text
+    }
+
+    #[test]
+    fn the_file_holds_exactly_the_lines_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let batches = sample_batches();
+        let mut file = LineFile::create(&path).unwrap();
+        for batch in &batches {
+            file.write_lines(batch).unwrap();
+        }
+        file.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected_text(&batches));
+    }
+
+    #[test]
+    fn writes_through_the_page_cache_give_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let batches = sample_batches();
+        let mut file = LineFile::create(&path).unwrap();
+        if file.is_direct() {
+            file.stop_direct().unwrap();
+        }
+        for batch in &batches {
+            file.write_lines(batch).unwrap();
+        }
+        file.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected_text(&batches));
+    }
+
+    #[test]
+    fn dropping_an_unfinished_file_keeps_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let batches = sample_batches();
+        {
+            let mut file = LineFile::create(&path).unwrap();
+            file.write_lines(&batches[10]).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            expected_text(&batches[10..11])
+        );
+    }
+}
