@@ -123,7 +123,7 @@ impl LineFile {
     /// elsewhere in memory, off a block boundary: move the pending bytes to a fresh aligned
     /// buffer with room for them.
     fn realign(&mut self) {
-        if (self.buffer.as_ptr() as usize + self.start) % BLOCK == 0 {
+        if (self.buffer.as_ptr() as usize + self.start).is_multiple_of(BLOCK) {
             return;
         }
         let pending = &self.buffer[self.start..];
