@@ -236,33 +236,32 @@ mod tests {
         text
     }
 
-    #[test]
-    fn the_file_holds_exactly_the_lines_written() {
+    /// Writes every sample batch, through the page cache or not, and reads the file back.
+    fn write_samples_and_read_back(through_page_cache: bool) -> (Vec<u8>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         let batches = sample_batches();
         let mut file = LineFile::create(&path).unwrap();
-        for batch in &batches {
-            file.write_lines(batch).unwrap();
-        }
-        file.finish().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), expected_text(&batches));
-    }
-
-    #[test]
-    fn writes_through_the_page_cache_give_the_same_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.jsonl");
-        let batches = sample_batches();
-        let mut file = LineFile::create(&path).unwrap();
-        if file.is_direct() {
+        if through_page_cache && file.is_direct() {
             file.stop_direct().unwrap();
         }
         for batch in &batches {
             file.write_lines(batch).unwrap();
         }
         file.finish().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), expected_text(&batches));
+        (std::fs::read(&path).unwrap(), expected_text(&batches))
+    }
+
+    #[test]
+    fn the_file_holds_exactly_the_lines_written() {
+        let (written, expected) = write_samples_and_read_back(false);
+        assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn writes_through_the_page_cache_give_the_same_file() {
+        let (written, expected) = write_samples_and_read_back(true);
+        assert_eq!(written, expected);
     }
 
     #[test]
