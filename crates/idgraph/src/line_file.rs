@@ -104,8 +104,7 @@ impl LineFile {
             }
             Err(error) => return Err(self.write_error(error)),
         }
-        self.buffer.copy_within(self.start + whole.., self.start);
-        self.buffer.truncate(self.start + pending - whole);
+        self.consume(whole);
         Ok(())
     }
 
@@ -115,8 +114,14 @@ impl LineFile {
         if let Err(error) = self.file.write_all(&self.buffer[range]) {
             return Err(self.write_error(error));
         }
-        self.buffer.drain(self.start..self.start + count);
+        self.consume(count);
         Ok(())
+    }
+
+    /// Forgets the first `count` pending bytes, which are written; the rest move up to
+    /// `start`, still block-aligned.
+    fn consume(&mut self, count: usize) {
+        self.buffer.drain(self.start..self.start + count);
     }
 
     /// A line longer than the buffer's capacity makes it grow, and the grown buffer may sit
