@@ -451,3 +451,47 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// The benchmark prints, under each size, the floors that bound its per-core rate: their parts
+/// add up to the total, and the ceiling is the rate that total allows.
+#[test]
+fn the_benchmark_reports_its_floors_and_the_ceiling_they_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = ok(&["bench", "--sizes", "3000", "--work-dir", p(dir.path())]);
+    let row = printed
+        .lines()
+        .find(|line| line.trim_start().starts_with("3000 "))
+        .unwrap_or_else(|| panic!("no row for 3000 events:\n{printed}"));
+    let precision: f64 = row.split_whitespace().nth(8).unwrap().parse().unwrap();
+    assert!(precision > 0.99, "the bench scores its run: {row}");
+    let line = printed
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("floors "))
+        .unwrap_or_else(|| panic!("no floors line:\n{printed}"));
+    let number_after = |label: &str| -> f64 {
+        let rest = &line[line.find(label).unwrap_or_else(|| panic!("{label} in {line}"))
+            + label.len()..];
+        rest.trim_start()
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{label} in {line}: {e}"))
+    };
+    let total = number_after("floors ");
+    let parts = ["parse+normalize ", "output JSON ", "state written once "].map(number_after);
+    assert!(
+        parts.iter().all(|us| *us > 0.0),
+        "every floor is measured: {line}"
+    );
+    assert!(
+        (parts.iter().sum::<f64>() - total).abs() <= 0.15,
+        "the floors add up to their total: {line}"
+    );
+    let ceiling = number_after("at most ");
+    assert!(
+        (ceiling - 1e6 / total).abs() / ceiling < 0.05,
+        "the ceiling is the rate the floors allow: {line}"
+    );
+}

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use idgraph_engine::read::{customer_for_identifier, explain as explain_profile, profile_by_id};
-use idgraph_engine::Engine;
+use idgraph_engine::{Engine, StateRead, StateStore, Table, WriteSet};
+use idgraph_store_rocksdb::RocksStore;
 use idgraph_model::{
     parse_event, EnrichedEvent, IdentityChange, Profile, ProfileJson, ProfileRecord, WriteJson,
 };
@@ -17,6 +18,7 @@ use idgraph_synth::{evaluate, generate, Accuracy, GenConfig, GenSummary, TruthRe
 use serde::Deserialize;
 
 use crate::config::AppConfig;
+use crate::cpu;
 use crate::resolve::{open_state, resolve_file, OutputFiles, RunSummary, PROCESSOR_VERSION};
 
 fn engine(config: &AppConfig) -> Result<Engine> {
@@ -201,7 +203,7 @@ pub fn eval(truth: &Path, enriched: &Path, profiles: Option<&Path>, json: bool) 
 fn open_existing_state(
     config: &AppConfig,
     state: &Path,
-) -> Result<idgraph_store_rocksdb::RocksStore> {
+) -> Result<RocksStore> {
     if !state.join("CURRENT").exists() {
         bail!(
             "{} is not an idgraph state directory (no RocksDB CURRENT file)",
@@ -346,6 +348,56 @@ fn output_encoding_rate(out: &Path, lines: u64) -> Result<f64> {
     Ok(lines as f64 / seconds.max(1e-9))
 }
 
+/// A third floor: input lines per CPU-second at which RocksDB can merely store the state the
+/// run ended with, every record written once, in sorted batches of `resolve.batch_size`
+/// records, with the run's `[storage]` settings, then flushed. The run wrote at least that
+/// much (and rewrote every profile each time it changed, in key order it did not choose), so
+/// this is a lower bound on its storage cost. Process CPU time counts RocksDB's flush threads.
+fn state_write_rate(config: &AppConfig, state: &Path, scratch: &Path, lines: u64) -> Result<f64> {
+    let source = RocksStore::open(state, &config.storage)?;
+    let batch_size = config.resolve.batch_size;
+    let mut batches = Vec::new();
+    for table in Table::ALL {
+        let mut records = source.scan_prefix(table, b"")?.into_iter().peekable();
+        while records.peek().is_some() {
+            let mut batch = WriteSet::default();
+            for (key, value) in records.by_ref().take(batch_size) {
+                batch.put(table, key, value);
+            }
+            batches.push(batch);
+        }
+    }
+    drop(source);
+    let _ = std::fs::remove_dir_all(scratch);
+    let mut target = RocksStore::open(scratch, &config.storage)?;
+    let before = cpu::process_cpu_seconds();
+    for batch in &batches {
+        target.write(batch)?;
+    }
+    target.flush()?;
+    let seconds = cpu::since(before, cpu::process_cpu_seconds());
+    drop(target);
+    std::fs::remove_dir_all(scratch)?;
+    Ok(seconds.map_or(f64::NAN, |s| lines as f64 / s.max(0.01)))
+}
+
+/// The best rate per core the run could reach if resolving cost nothing: the three floors'
+/// costs per line added up. Parsing and encoding run on one thread each, so their rates are
+/// CPU rates too.
+fn floors_line(parse: f64, outputs: f64, state: f64) -> String {
+    let micros = |rate: f64| 1e6 / rate;
+    let total = micros(parse) + micros(outputs) + micros(state);
+    format!(
+        "floors {:.1} us/line: parse+normalize {:.1}, output JSON {:.1}, state written once {:.1}; \
+         at most {:.0} ev/cpu-s with resolution free",
+        total,
+        micros(parse),
+        micros(outputs),
+        micros(state),
+        1e6 / total
+    )
+}
+
 pub fn bench(
     config: &AppConfig,
     sizes: &[usize],
@@ -408,6 +460,8 @@ pub fn bench(
             Some(&out.join("profiles.jsonl")),
         )?;
         let output_rate = output_encoding_rate(&out, summary.lines)?;
+        let state_rate =
+            state_write_rate(config, &state, &dir.join("state-floor"), summary.lines)?;
         let rate = summary.events_per_sec;
         let first = *first_rate.get_or_insert(rate);
         println!(
@@ -426,6 +480,11 @@ pub fn bench(
         if let Some(cpu) = &summary.cpu {
             println!("{:>10} {}", "", cpu.describe(summary.lines));
         }
+        println!(
+            "{:>10} {}",
+            "",
+            floors_line(baseline, output_rate, state_rate)
+        );
     }
     Ok(())
 }
