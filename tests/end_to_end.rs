@@ -102,19 +102,28 @@ fn generated_data_resolves_with_high_precision_and_recall() {
     );
 }
 
+/// The number printed right after `label` in a summary line ("reader 0.52 s" gives 0.52).
+fn number_after(line: &str, label: &str) -> f64 {
+    let start = line
+        .find(label)
+        .unwrap_or_else(|| panic!("{label} in {line}"))
+        + label.len();
+    line[start..]
+        .trim_start()
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("{label} in {line}: {e}"))
+}
+
 /// The run summary's CPU line names each part's seconds, and they add up to the total.
 fn assert_cpu_split_adds_up(summary: &str) {
     let line = summary
         .lines()
         .find(|line| line.starts_with("cpu "))
         .unwrap_or_else(|| panic!("no cpu line in the summary:\n{summary}"));
-    let seconds_after = |label: &str| -> f64 {
-        let rest = &line[line
-            .find(label)
-            .unwrap_or_else(|| panic!("{label} in {line}"))
-            + label.len()..];
-        rest.split_whitespace().next().unwrap().parse().unwrap()
-    };
+    let seconds_after = |label: &str| number_after(line, label);
     let total = seconds_after("cpu ");
     let parts: Vec<f64> = [
         "reader ",
@@ -469,16 +478,7 @@ fn the_benchmark_reports_its_floors_and_the_ceiling_they_set() {
         .map(str::trim)
         .find(|line| line.starts_with("floors "))
         .unwrap_or_else(|| panic!("no floors line:\n{printed}"));
-    let number_after = |label: &str| -> f64 {
-        let rest = &line[line.find(label).unwrap_or_else(|| panic!("{label} in {line}"))
-            + label.len()..];
-        rest.trim_start()
-            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap_or_else(|e| panic!("{label} in {line}: {e}"))
-    };
+    let number_after = |label: &str| number_after(line, label);
     let total = number_after("floors ");
     let parts = ["parse+normalize ", "output JSON ", "state written once "].map(number_after);
     assert!(

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use idgraph_engine::read::{customer_for_identifier, explain as explain_profile, profile_by_id};
 use idgraph_engine::{Engine, StateRead, StateStore, Table, WriteSet};
-use idgraph_store_rocksdb::RocksStore;
 use idgraph_model::{
     parse_event, EnrichedEvent, IdentityChange, Profile, ProfileJson, ProfileRecord, WriteJson,
 };
+use idgraph_store_rocksdb::RocksStore;
 use idgraph_synth::{evaluate, generate, Accuracy, GenConfig, GenSummary, TruthRecord};
 use serde::Deserialize;
 
@@ -200,10 +200,7 @@ pub fn eval(truth: &Path, enriched: &Path, profiles: Option<&Path>, json: bool) 
     Ok(())
 }
 
-fn open_existing_state(
-    config: &AppConfig,
-    state: &Path,
-) -> Result<RocksStore> {
+fn open_existing_state(config: &AppConfig, state: &Path) -> Result<RocksStore> {
     if !state.join("CURRENT").exists() {
         bail!(
             "{} is not an idgraph state directory (no RocksDB CURRENT file)",
@@ -460,8 +457,7 @@ pub fn bench(
             Some(&out.join("profiles.jsonl")),
         )?;
         let output_rate = output_encoding_rate(&out, summary.lines)?;
-        let state_rate =
-            state_write_rate(config, &state, &dir.join("state-floor"), summary.lines)?;
+        let state_rate = state_write_rate(config, &state, &dir.join("state-floor"), summary.lines)?;
         let rate = summary.events_per_sec;
         let first = *first_rate.get_or_insert(rate);
         println!(
