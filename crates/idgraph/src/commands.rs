@@ -375,6 +375,7 @@ fn state_write_rate(config: &AppConfig, state: &Path, scratch: &Path, lines: u64
     let seconds = cpu::since(before, cpu::process_cpu_seconds());
     drop(target);
     std::fs::remove_dir_all(scratch)?;
+    // /proc counts in 10 ms ticks: a small run may read zero, which is at most one tick.
     Ok(seconds.map_or(f64::NAN, |s| lines as f64 / s.max(0.01)))
 }
 
