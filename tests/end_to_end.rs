@@ -478,9 +478,9 @@ fn the_benchmark_reports_its_floors_and_the_ceiling_they_set() {
         .map(str::trim)
         .find(|line| line.starts_with("floors "))
         .unwrap_or_else(|| panic!("no floors line:\n{printed}"));
-    let number_after = |label: &str| number_after(line, label);
-    let total = number_after("floors ");
-    let parts = ["parse+normalize ", "output JSON ", "state written once "].map(number_after);
+    let figure = |label: &str| number_after(line, label);
+    let total = figure("floors ");
+    let parts = ["parse+normalize ", "output JSON ", "state written once "].map(figure);
     assert!(
         parts.iter().all(|us| *us > 0.0),
         "every floor is measured: {line}"
@@ -489,7 +489,7 @@ fn the_benchmark_reports_its_floors_and_the_ceiling_they_set() {
         (parts.iter().sum::<f64>() - total).abs() <= 0.15,
         "the floors add up to their total: {line}"
     );
-    let ceiling = number_after("at most ");
+    let ceiling = figure("at most ");
     assert!(
         (ceiling - 1e6 / total).abs() / ceiling < 0.05,
         "the ceiling is the rate the floors allow: {line}"
