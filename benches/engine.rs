@@ -3,7 +3,7 @@
 //! end-to-end figure with RocksDB on disk comes from `idgraph bench`.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use idgraph_engine::matching::{blocking_keys, score};
+use idgraph_engine::matching::{blocking_keys, EventSide, MatchModel, ProfileSide};
 use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
 use idgraph_model::{parse_event, CompactString, InputCoordinates, SortedMap};
 use idgraph_synth::{generate, GenConfig};
@@ -43,7 +43,8 @@ fn normalization(c: &mut Criterion) {
 }
 
 fn scoring(c: &mut Criterion) {
-    let config = EngineConfig::defaults().fuzzy;
+    let config = EngineConfig::defaults();
+    let model = MatchModel::new(&config.fuzzy, &config.protection);
     let event: SortedMap<CompactString, CompactString> = [
         ("first_name", "bob"),
         ("last_name", "smyth"),
@@ -67,7 +68,15 @@ fn scoring(c: &mut Criterion) {
     .map(|(k, v)| (k.into(), v.into_iter().map(CompactString::from).collect()))
     .collect();
     c.bench_function("score_candidate", |b| {
-        b.iter(|| black_box(score(&config, &event, &known)))
+        let event_side = EventSide {
+            traits: &event,
+            identifiers: &[],
+        };
+        let profile_side = ProfileSide {
+            history: &known,
+            identifiers: &[],
+        };
+        b.iter(|| black_box(model.score(&event_side, &profile_side)))
     });
     c.bench_function("blocking_keys", |b| {
         b.iter(|| black_box(blocking_keys(&event)))

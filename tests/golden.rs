@@ -417,9 +417,11 @@ fn a_nickname_and_a_typo_still_link_by_fuzzy_match_with_the_scores_recorded() {
     assert_eq!(h.customer("e1"), h.customer("e2"));
     match &h.enriched("e2").resolution.rule {
         LinkRule::Fuzzy { score, fields } => {
-            assert!(*score >= 13.0, "score {score}");
+            assert!(*score >= 15.0, "score {score}");
             let first = fields.iter().find(|f| f.field == "first_name").unwrap();
-            assert_eq!(first.level, "close");
+            assert_eq!(first.level, "nickname");
+            let last = fields.iter().find(|f| f.field == "last_name").unwrap();
+            assert_eq!(last.level, "one_edit");
             let dob = fields.iter().find(|f| f.field == "date_of_birth").unwrap();
             assert_eq!(dob.level, "exact");
         }

@@ -6,6 +6,9 @@
 use std::collections::BTreeMap;
 
 use idgraph_model::NormalizeConfig;
+
+use crate::matching::comparison::ELSE;
+use crate::matching::{ComparisonKind, MATCH_FIELDS};
 use serde::{Deserialize, Serialize};
 
 /// `config/default.toml`, compiled in so that every build carries its documented defaults.
@@ -55,9 +58,13 @@ pub struct ProtectionConfig {
     pub generic_threshold: u32,
     /// Most identifiers a profile may hold.
     pub max_profile_identifiers: u32,
-    /// A trait score below this between the two sides of a link means two different people:
-    /// the link is refused as `conflicting_traits` and counted against the linking value.
+    /// Trait disagreement (the sum of the negative field weights) at or below which the two
+    /// sides of a link are different people, whatever else agrees: the link is refused as
+    /// `conflicting_traits` and counted against the linking value.
     pub conflict_score: f64,
+    /// The same for a pair whose compared identifiers all clearly differ (two accounts),
+    /// counting names and dates only: one clear disagreement there is enough.
+    pub distinct_identity_conflict_score: f64,
     /// Least trait score with which a device or cookie may merge two profiles that both hold
     /// strong identifiers.
     pub weak_link_min_score: f64,
@@ -69,25 +76,40 @@ pub struct FuzzyConfig {
     pub enabled: bool,
     /// Sum of field weights at or above which an event links to a candidate.
     pub threshold: f64,
-    /// Most candidate profiles scored per event.
+    /// Most candidate profiles scored per search.
     pub max_candidates: usize,
     /// A blocking key shared by more profiles than this stops producing candidates.
     pub max_block_size: usize,
     /// Past values kept per matching trait, so old addresses and name spellings still match.
     pub trait_history: usize,
-    /// Field name → weights.
-    pub fields: BTreeMap<String, FieldWeights>,
+    /// Most further profiles one event may merge by fuzzy match after it has joined one
+    /// (bridging two profiles of one person); bounds the work a single event can cause.
+    pub max_bridges: usize,
+    /// Trait name → how it is compared and what each level weighs.
+    pub fields: BTreeMap<String, ComparisonConfig>,
+    /// Identifier kind → how values of that kind are compared when both sides hold one.
+    pub identifiers: BTreeMap<String, ComparisonConfig>,
 }
 
-/// Log2 Bayes factors for one field's agreement levels, Fellegi–Sunter style.
+/// One compared field: its comparison kind and, per level, m (how often two records of the
+/// same person reach it) and u (how often two records of different people do). The level's
+/// weight is log2(m/u).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FieldWeights {
-    pub exact: f64,
-    pub close: f64,
-    pub disagree: f64,
-    /// Jaro-Winkler similarity at or above which two values are close.
-    pub close_similarity: f64,
+pub struct ComparisonConfig {
+    pub comparison: ComparisonKind,
+    pub m: BTreeMap<String, f64>,
+    pub u: BTreeMap<String, f64>,
+    /// The field this one is compared with for swapped values (first and last name).
+    pub swap_with: Option<String>,
+    /// Fields whose exact agreement implies agreement on this one (a postcode implies its
+    /// city): then this field's agreement adds nothing, as it is the same evidence.
+    #[serde(default)]
+    pub implied_by: Vec<String>,
+    /// Identifiers only: clearly different values refuse the link (a second national id).
+    pub refuse_when_different: Option<bool>,
+    /// Identifiers only: find candidates whose value is one edit or transposition away.
+    pub block_on_typos: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,22 +180,28 @@ impl EngineConfig {
                 "must be at least 1 when fuzzy matching is enabled".into(),
             );
         }
-        // Scoring compares exactly these fields, so each needs weights.
-        for required in crate::matching::MATCH_FIELDS {
-            if !self.fuzzy.fields.contains_key(required) {
+        for (field, comparison) in &self.fuzzy.fields {
+            let key = format!("fuzzy.fields.{field}");
+            if !MATCH_FIELDS.contains(&field.as_str()) {
                 return problem(
-                    "fuzzy.fields",
-                    format!("is missing weights for {required:?}"),
+                    &key,
+                    format!(
+                        "is not a trait fuzzy matching can compare; use one of {MATCH_FIELDS:?}"
+                    ),
                 );
+            }
+            comparison.validate(&key, false)?;
+            for other in comparison.swap_with.iter().chain(&comparison.implied_by) {
+                if !self.fuzzy.fields.contains_key(other) {
+                    return problem(
+                        &key,
+                        format!("names {other:?}, which has no [engine.fuzzy.fields.{other}]"),
+                    );
+                }
             }
         }
-        for (field, weights) in &self.fuzzy.fields {
-            if !(0.0..=1.0).contains(&weights.close_similarity) {
-                return problem(
-                    &format!("fuzzy.fields.{field}.close_similarity"),
-                    format!("must be between 0 and 1, got {}", weights.close_similarity),
-                );
-            }
+        for (kind, comparison) in &self.fuzzy.identifiers {
+            comparison.validate(&format!("fuzzy.identifiers.{kind}"), true)?;
         }
         for (source, mapping) in &self.mappings {
             if let Some(bad) = mapping
@@ -188,6 +216,54 @@ impl EngineConfig {
         }
         if self.dead_letter.max_payload_bytes == 0 {
             return problem("dead_letter.max_payload_bytes", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl ComparisonConfig {
+    /// Checks that m and u name exactly the comparison's levels, with probabilities in (0, 1].
+    fn validate(&self, key: &str, is_identifier: bool) -> Result<(), ConfigProblem> {
+        let problem = |problem: String| {
+            Err(ConfigProblem {
+                key: key.to_owned(),
+                problem,
+            })
+        };
+        let levels = self.comparison.levels();
+        for (name, table) in [("m", &self.m), ("u", &self.u)] {
+            for level in levels {
+                match table.get(*level) {
+                    None => {
+                        return problem(format!(
+                            "{name} has no probability for level {level:?}; the levels of {:?} are {levels:?}",
+                            self.comparison
+                        ))
+                    }
+                    Some(p) if !(*p > 0.0 && *p <= 1.0) => {
+                        return problem(format!(
+                            "{name}.{level} must be above 0 and at most 1, got {p}"
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(unknown) = table.keys().find(|level| !levels.contains(&level.as_str())) {
+                return problem(format!(
+                    "{name} names level {unknown:?}, which {:?} does not have; its levels are {levels:?}",
+                    self.comparison
+                ));
+            }
+        }
+        debug_assert_eq!(levels.last(), Some(&ELSE));
+        if !is_identifier && (self.refuse_when_different.is_some() || self.block_on_typos.is_some())
+        {
+            return problem(
+                "refuse_when_different and block_on_typos apply to identifiers only".into(),
+            );
+        }
+        if is_identifier && (self.swap_with.is_some() || !self.implied_by.is_empty()) {
+            return problem("swap_with and implied_by apply to traits only".into());
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! The resolution engine: input messages in, state mutations and output records out.
 
+mod fuzzy;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -16,8 +18,8 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::batch::Batch;
 use crate::cache::StateCache;
 use crate::config::{ConfigProblem, EngineConfig};
-use crate::matching::{blocking_keys, score, score_known, MatchScore, MATCH_FIELDS};
-use crate::profile::{add_identifier, apply_event, merge_into, new_profile, profile_blocking_keys};
+use crate::matching::{EventSide, MatchModel, MatchScore, Side, MATCH_FIELDS};
+use crate::profile::{add_identifier, apply_event, merge_into, new_profile};
 use crate::state::{
     encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, RootInfo,
 };
@@ -189,6 +191,7 @@ pub enum EngineError {
 #[derive(Debug, Clone)]
 pub struct Engine {
     config: EngineConfig,
+    model: MatchModel,
     normalizer: Normalizer,
     priority: FxHashMap<String, usize>,
     processor_version: String,
@@ -264,7 +267,9 @@ impl Engine {
             .enumerate()
             .map(|(rank, kind)| (kind.clone(), rank))
             .collect();
+        let model = MatchModel::new(&config.fuzzy, &config.protection);
         Ok(Engine {
+            model,
             config,
             normalizer,
             priority,
@@ -565,19 +570,16 @@ impl Engine {
             )?;
         }
 
-        if action != ResolutionAction::New && ctx.merged_ids.is_empty() {
-            if let Some(survivor) =
-                self.link_anonymous_profile(batch, &mut ctx, &primary, &mut outcome.stats)?
-            {
-                primary = survivor;
-            }
-        }
-
         let history_len = self.config.fuzzy.trait_history;
+        let brings_new_values = self.brings_new_values(&*batch.profile(&primary)?, event);
         let state = batch.profile_mut(&primary)?;
         apply_event(state, event, &ctx.timestamp, history_len);
-        let keys = profile_blocking_keys(state, event);
-        self.add_to_blocks(batch, &primary, keys)?;
+        self.add_to_blocks(batch, &primary, event)?;
+        // A profile that just grew may now match profiles of the same person that it did not
+        // match before (or that the event matched as well): bridge them.
+        if self.config.fuzzy.enabled && action != ResolutionAction::New && brings_new_values {
+            primary = self.bridge(batch, &mut ctx, primary, &mut outcome.stats)?;
+        }
         batch.record_event(key, &primary);
         if matches!(rule, LinkRule::Fuzzy { .. })
             && new_identifiers.is_empty()
@@ -704,6 +706,8 @@ impl Engine {
     ) -> Result<(String, ResolutionAction, LinkRule), EngineError> {
         // A link refused because the traits conflict; reported once the new profile exists.
         let mut refused_link: Option<&Group> = None;
+        // Fuzzy candidates above the threshold that a rule refused; the same.
+        let mut refused_candidates = Vec::new();
         if let Some(best) = groups.first() {
             let link = &best.linking[0];
             let rule = LinkRule::SharedIdentifier {
@@ -720,8 +724,10 @@ impl Engine {
             let agreement = self.event_agreement(ctx.event, &state);
             // A shared value with another person's name and birth date behind it is a shared
             // phone or tablet, not this customer.
-            let conflicting =
-                agreement.is_some_and(|score| score < self.config.protection.conflict_score);
+            let conflicting = agreement.as_ref().is_some_and(|s| self.traits_conflict(s));
+            // Corroboration of a weak link comes from the traits, not from identifiers that
+            // merely look alike.
+            let agreement = agreement.map(|s| s.trait_total);
             // Weak identifiers tie a new strong identifier to a known customer only when the
             // event's traits corroborate it: a shared tablet seeing a new email is a new person.
             let weak_link_to_known = best.linking.iter().all(|i| self.is_weak(&i.kind))
@@ -733,16 +739,18 @@ impl Engine {
             } else if !outranked_and_blocked && !weak_link_to_known {
                 return Ok((best.customer_id.clone(), ResolutionAction::Matched, rule));
             }
-        } else if let Some((candidate, matched)) =
-            self.fuzzy_candidate(batch, ctx.event, None, &mut outcome.stats)?
-        {
-            let state = batch.profile(&candidate)?;
-            let conflicts = new_identifiers
-                .iter()
-                .any(|identifier| self.addition_refusal(&state, identifier, 1).is_some());
-            if !conflicts {
+        } else {
+            let (best, refused) =
+                self.event_candidates(batch, ctx.event, new_identifiers, &mut outcome.stats)?;
+            refused_candidates = refused;
+            if let Some(candidate) = best {
                 outcome.stats.fuzzy_links += 1;
-                return Ok((candidate, ResolutionAction::Matched, fuzzy_rule(matched)));
+                // Profiles the event matched but a rule kept apart are reported on the one
+                // it joins.
+                let refused = std::mem::take(&mut refused_candidates);
+                self.report_refused_candidates(ctx, &candidate.id, refused, &mut outcome.stats);
+                let rule = fuzzy_rule(candidate.score);
+                return Ok((candidate.id, ResolutionAction::Matched, rule));
             }
         }
         let customer_id = customer_id_for(&ctx.event.raw.source, &ctx.event.raw.event_id);
@@ -774,6 +782,7 @@ impl Engine {
             );
             self.note_conflicts(batch, ctx, &group.linking, &customer_id, &mut outcome.stats)?;
         }
+        self.report_refused_candidates(ctx, &customer_id, refused_candidates, &mut outcome.stats);
         Ok((customer_id, ResolutionAction::New, LinkRule::Created))
     }
 
@@ -796,23 +805,25 @@ impl Engine {
     }
 
     /// Why two profiles must stay apart, if they must; `linking` are the identifiers on
-    /// `other`'s side that the event shares (empty for a fuzzy link), `agreement` the trait
-    /// score between the two sides (`None` when no trait can be compared).
+    /// `other`'s side that the event shares (empty for a fuzzy link, whose score was judged
+    /// already), `agreement` the score between the two sides (`None` when nothing could be
+    /// compared).
     fn merge_refusal(
         &self,
         primary: &ProfileState,
         other: &ProfileState,
         linking: &[Identifier],
-        agreement: Option<f64>,
+        agreement: Option<&MatchScore>,
     ) -> Option<(RefusalRule, Option<CompactString>)> {
         let weak = &self.config.identifiers.weak_kinds;
         let protection = &self.config.protection;
-        if agreement.is_some_and(|score| score < protection.conflict_score) {
+        if agreement.is_some_and(|score| self.traits_conflict(score)) {
             return Some((
                 RefusalRule::ConflictingTraits,
                 linking.first().map(|i| i.kind.clone()),
             ));
         }
+        let agreement = agreement.map(|score| score.trait_total);
         if !linking.is_empty()
             && linking.iter().all(|i| self.is_weak(&i.kind))
             && primary.has_strong_identifier(weak)
@@ -843,22 +854,38 @@ impl Engine {
         None
     }
 
-    /// The trait score between an event (with what its profile already knows) and a profile.
-    fn event_agreement(&self, event: &NormalizedEvent, profile: &ProfileState) -> Option<f64> {
+    /// Whether a scored pair's names and dates clearly say two people, whatever links them.
+    fn traits_conflict(&self, score: &MatchScore) -> bool {
+        matches!(
+            self.model.conflict(score),
+            Some((RefusalRule::ConflictingTraits, _))
+        )
+    }
+
+    /// The score between an event and a profile its identifier points at.
+    fn event_agreement(
+        &self,
+        event: &NormalizedEvent,
+        profile: &ProfileState,
+    ) -> Option<MatchScore> {
         if event.traits.is_empty() {
             return None;
         }
-        let result = score(&self.config.fuzzy, &event.traits, &profile.trait_history);
-        result.has_evidence().then_some(result.total)
+        let side = EventSide {
+            traits: &event.traits,
+            identifiers: &event.identifiers,
+        };
+        let result = self.model.score(&side, &fuzzy::profile_side(profile));
+        result.has_evidence().then_some(result)
     }
 
-    /// The trait score between two profiles, the first seen together with the current event.
+    /// The score between two profiles, the first seen together with the current event.
     fn profile_agreement(
         &self,
         event: &NormalizedEvent,
         primary: &ProfileState,
         other: &ProfileState,
-    ) -> Option<f64> {
+    ) -> Option<MatchScore> {
         let mut known = primary.trait_history.clone();
         for field in MATCH_FIELDS {
             if let Some(value) = event.traits.get(field) {
@@ -868,8 +895,13 @@ impl Engine {
                 }
             }
         }
-        let result = score_known(&self.config.fuzzy, &known, &other.trait_history);
-        result.has_evidence().then_some(result.total)
+        let side = WithEvent {
+            history: &known,
+            profile: primary,
+            event,
+        };
+        let result = self.model.score(&side, &fuzzy::profile_side(other));
+        result.has_evidence().then_some(result)
     }
 
     /// Merges `group`'s profile into `primary` or records why not. Returns the id the event
@@ -898,7 +930,12 @@ impl Engine {
         let refusal = if self.all_generic(batch, &group.linking)? {
             Some((RefusalRule::GenericValue, Some(linking_kind.clone())))
         } else {
-            self.merge_refusal(&primary_state, &other_state, &group.linking, agreement)
+            self.merge_refusal(
+                &primary_state,
+                &other_state,
+                &group.linking,
+                agreement.as_ref(),
+            )
         };
         if let Some((rule, kind)) = refusal {
             ctx.refuse(primary, rule, Some(other_id), kind, &linking_kind, stats);
@@ -1168,124 +1205,6 @@ impl Engine {
         }
         Ok(())
     }
-
-    /// An anonymous profile (only weak identifiers) whose event carries traits may belong to a
-    /// known customer: look for one by fuzzy match and merge if the rules allow.
-    fn link_anonymous_profile<S: StateRead>(
-        &self,
-        batch: &mut Batch<'_, S>,
-        ctx: &mut EventContext<'_>,
-        primary: &str,
-        stats: &mut BatchStats,
-    ) -> Result<Option<String>, EngineError> {
-        let state = batch.profile(primary)?;
-        if state.has_strong_identifier(&self.config.identifiers.weak_kinds)
-            || ctx.event.traits.is_empty()
-        {
-            return Ok(None);
-        }
-        let Some((candidate, matched)) =
-            self.fuzzy_candidate(batch, ctx.event, Some(primary), stats)?
-        else {
-            return Ok(None);
-        };
-        let candidate_state = batch.profile(&candidate)?;
-        if self
-            .merge_refusal(&state, &candidate_state, &[], None)
-            .is_some()
-        {
-            return Ok(None);
-        }
-        stats.fuzzy_links += 1;
-        let rule = fuzzy_rule(matched);
-        let survivor = self.merge(batch, ctx, state, candidate_state, None, None, rule, stats)?;
-        Ok(Some(survivor))
-    }
-
-    /// The best fuzzy candidate for an event's traits at or above the threshold.
-    fn fuzzy_candidate<S: StateRead>(
-        &self,
-        batch: &mut Batch<'_, S>,
-        event: &NormalizedEvent,
-        exclude: Option<&str>,
-        stats: &mut BatchStats,
-    ) -> Result<Option<(String, MatchScore)>, EngineError> {
-        let fuzzy = &self.config.fuzzy;
-        if !fuzzy.enabled || event.traits.is_empty() {
-            return Ok(None);
-        }
-        let keys = blocking_keys(&event.traits);
-        let mut candidates: Vec<String> = Vec::new();
-        'keys: for key in keys {
-            let block = batch.block(&key)?;
-            if block.oversize {
-                continue;
-            }
-            for id in &block.customers {
-                let Some(live) = batch.resolve_id(id)? else {
-                    continue;
-                };
-                if Some(live.as_str()) == exclude || candidates.contains(&live) {
-                    continue;
-                }
-                candidates.push(live);
-                if candidates.len() >= fuzzy.max_candidates {
-                    break 'keys;
-                }
-            }
-        }
-        if candidates.is_empty() {
-            return Ok(None);
-        }
-        stats.candidates_per_event.push(candidates.len() as u32);
-        let mut best: Option<(String, MatchScore, CompactString)> = None;
-        for id in candidates {
-            let state = batch.profile(&id)?;
-            let result = score(fuzzy, &event.traits, &state.trait_history);
-            let created_at = state.profile.created_at.clone();
-            let better = match &best {
-                None => true,
-                Some((best_id, best_score, best_created)) => {
-                    (result.total, std::cmp::Reverse((&created_at, &id)))
-                        > (best_score.total, std::cmp::Reverse((best_created, best_id)))
-                }
-            };
-            if better {
-                best = Some((id, result, created_at));
-            }
-        }
-        let (id, result, _) = best.expect("at least one candidate was scored");
-        stats.fuzzy_scores.push(result.total);
-        Ok((result.total >= fuzzy.threshold).then_some((id, result)))
-    }
-
-    fn add_to_blocks<S: StateRead>(
-        &self,
-        batch: &mut Batch<'_, S>,
-        customer_id: &str,
-        keys: Vec<String>,
-    ) -> Result<(), EngineError> {
-        for key in keys {
-            let state = batch.profile_mut(customer_id)?;
-            let Err(position) = state.blocking_keys.binary_search(&key) else {
-                continue;
-            };
-            state.blocking_keys.insert(position, key.clone());
-            let mut block = Arc::unwrap_or_clone(batch.block(&key)?);
-            if block.oversize {
-                continue;
-            }
-            if block.customers.len() >= self.config.fuzzy.max_block_size {
-                // Too common to narrow anything down; the list is dropped to save space.
-                block.oversize = true;
-                block.customers.clear();
-            } else {
-                block.customers.push(customer_id.to_owned());
-            }
-            batch.put_block(&key, block);
-        }
-        Ok(())
-    }
 }
 
 /// Reads the stored records of every event and identifier node of a batch in one go (see
@@ -1351,6 +1270,34 @@ fn enriched(
         resolution,
         quality_issues: issues,
         meta,
+    }
+}
+
+/// A profile's values with one event's added: the side a profile shows while that event is
+/// being resolved.
+struct WithEvent<'a> {
+    history: &'a SortedMap<CompactString, Vec<CompactString>>,
+    profile: &'a ProfileState,
+    event: &'a NormalizedEvent,
+}
+
+impl Side for WithEvent<'_> {
+    fn trait_values(&self, field: &str) -> &[CompactString] {
+        self.history.get(field).map_or(&[], Vec::as_slice)
+    }
+
+    fn identifier_values(&self, kind: &str) -> Vec<&str> {
+        let held = self.profile.profile.identifiers.iter();
+        let mut values: Vec<&str> = held
+            .filter(|i| i.kind == kind)
+            .map(|i| i.value.as_str())
+            .collect();
+        for identifier in &self.event.identifiers {
+            if identifier.kind == kind && !values.contains(&identifier.value.as_str()) {
+                values.push(&identifier.value);
+            }
+        }
+        values
     }
 }
 

@@ -132,9 +132,12 @@ pub fn apply_event(
     profile.version += 1;
 }
 
+/// Traits a profile shows as people wrote them (trimmed) rather than normalized.
+const SHOWN_AS_WRITTEN: [&str; 5] = ["first_name", "last_name", "street", "city", "postcode"];
+
 /// Profiles show names and addresses as people wrote them, dates of birth as ISO dates.
 fn display_value<'a>(event: &'a NormalizedEvent, name: &str, normalized: &'a str) -> &'a str {
-    let is_matching_text = NAME_TRAITS.contains(&name) || MATCH_FIELDS.contains(&name);
+    let is_matching_text = NAME_TRAITS.contains(&name) || SHOWN_AS_WRITTEN.contains(&name);
     match event.raw.traits.get(name) {
         Some(raw) if is_matching_text && name != "date_of_birth" => raw.trim(),
         _ => normalized,

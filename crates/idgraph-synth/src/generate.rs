@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::noise::{corrupt_identifier, corrupt_traits, Noise};
 use crate::people::{
     AREA_CODES, CITIES, EMAIL_DOMAINS, FIRST_NAMES, JUNK_IDENTIFIERS, LAST_NAMES, NICKNAMES,
     STREET_NAMES, STREET_TYPES,
@@ -30,6 +31,8 @@ pub struct GenConfig {
     pub segment_share: f64,
     /// Names written with a one-letter typo.
     pub typo_share: f64,
+    /// The corruption mix on top of the above (see [`Noise`]).
+    pub noise: Noise,
 }
 
 impl Default for GenConfig {
@@ -42,6 +45,7 @@ impl Default for GenConfig {
             junk_share: 0.02,
             segment_share: 0.3,
             typo_share: 0.05,
+            noise: Noise::Normal,
         }
     }
 }
@@ -454,13 +458,27 @@ fn draft_event(
     };
     used.sort_unstable();
     used.dedup();
+    // Hand-typed identifiers carry typos only on events whose full traits can still place
+    // them, so the truth stays reachable from the data.
+    let typed_by_hand = source == "transaction";
+    let mut mistyped: Vec<usize> = Vec::new();
     let mut identifiers: Vec<(String, String)> = used
         .iter()
         .map(|i| {
             let (kind, value) = &customer.ids[*i];
-            ((*kind).to_owned(), styled_identifier(rng, kind, value))
+            let mut written = styled_identifier(rng, kind, value);
+            if typed_by_hand {
+                let spoiled = corrupt_identifier(rng, config.noise, kind, &written);
+                if spoiled != written {
+                    mistyped.push(*i);
+                    written = spoiled;
+                }
+            }
+            ((*kind).to_owned(), written)
         })
         .collect();
+    // A mistyped value is another value: it ties nothing of the customer's together.
+    used.retain(|i| !mistyped.contains(i));
     identifiers.extend(extra);
     if rng.gen_bool(config.junk_share) {
         let (kind, value) = JUNK_IDENTIFIERS.choose(rng).expect("junk");
@@ -535,6 +553,7 @@ fn person_traits(
     traits.insert("first_name".into(), json!(first));
     traits.insert("last_name".into(), json!(last));
     if !full {
+        corrupt_traits(rng, config.noise, traits);
         return;
     }
     let dob = customer.dob;
@@ -563,6 +582,7 @@ fn person_traits(
     traits.insert("state".into(), json!(state));
     traits.insert("postcode".into(), json!(address.postcode));
     traits.insert("country".into(), json!(country));
+    corrupt_traits(rng, config.noise, traits);
 }
 
 /// One typing slip: a letter replaced, dropped, or swapped with its neighbour.

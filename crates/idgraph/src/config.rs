@@ -231,7 +231,7 @@ mod tests {
         .unwrap();
         let config = AppConfig::load_with_env(Some(&path), env(&[])).unwrap();
         assert_eq!(config.engine.fuzzy.threshold, 15.5);
-        assert_eq!(config.engine.fuzzy.max_candidates, 20);
+        assert_eq!(config.engine.fuzzy.max_candidates, 32);
         assert_eq!(config.engine.identifiers.max_per_profile["crm_id"], 1);
     }
 

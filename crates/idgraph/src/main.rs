@@ -75,6 +75,11 @@ enum Command {
         events: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Corruption mix: "normal" (nicknames, a few typos) or "hard" (keyboard and OCR
+        /// typos, phonetic spellings, missing and swapped fields, mistyped dates, emails and
+        /// phone numbers).
+        #[arg(long, default_value = "normal")]
+        noise: idgraph_synth::Noise,
         #[arg(long)]
         output: PathBuf,
         #[arg(long)]
@@ -225,9 +230,10 @@ fn main() -> Result<()> {
         Command::Gen {
             events,
             seed,
+            noise,
             output,
             truth,
-        } => commands::gen(events, seed, &output, &truth),
+        } => commands::gen(events, seed, noise, &output, &truth),
         Command::Eval {
             truth,
             enriched,

@@ -1,0 +1,356 @@
+//! Fuzzy links inside the engine: finding candidate profiles through the blocking index,
+//! scoring them with the match model, listing profiles under their keys, and bridging: an
+//! event that joined one profile and matches another merges them too, so the order in which
+//! a person's records arrive does not decide whether they end up together.
+
+use std::sync::Arc;
+
+use idgraph_model::{FieldScore, Identifier, LinkRule, NormalizedEvent};
+
+use super::{fuzzy_rule, EventContext};
+use crate::batch::Batch;
+use crate::matching::{
+    blocking_keys, identifier_typo_keys, rule_key, EventSide, MatchScore, ProfileSide, Side,
+    Verdict,
+};
+use crate::profile::profile_blocking_keys;
+use crate::state::ProfileState;
+use crate::stats::BatchStats;
+use crate::store::StateRead;
+use crate::{Engine, EngineError};
+
+/// A scored candidate profile.
+pub(super) struct Candidate {
+    pub id: String,
+    pub score: MatchScore,
+    pub verdict: Verdict,
+}
+
+impl Engine {
+    /// Blocking keys of an event's own values: its traits and, for identifier kinds compared
+    /// with typo blocking, its identifiers' near values.
+    pub(super) fn event_search_keys(
+        &self,
+        event: &NormalizedEvent,
+        identifiers: &[Identifier],
+    ) -> Vec<String> {
+        let mut keys = self.identifier_keys(identifiers);
+        keys.extend(blocking_keys(&event.traits));
+        keys
+    }
+
+    /// The typo-blocking keys of `identifiers` whose kind asks for them.
+    fn identifier_keys(&self, identifiers: &[Identifier]) -> Vec<String> {
+        let mut keys = Vec::new();
+        for identifier in identifiers {
+            if self.blocks_on_typos(&identifier.kind) {
+                keys.extend(identifier_typo_keys(&identifier.kind, &identifier.value));
+            }
+        }
+        keys
+    }
+
+    fn blocks_on_typos(&self, kind: &str) -> bool {
+        self.config
+            .fuzzy
+            .identifiers
+            .get(kind)
+            .is_some_and(|c| c.block_on_typos == Some(true))
+    }
+
+    /// Every live profile listed under `keys` (generic keys skipped), up to
+    /// `fuzzy.max_candidates`, scored against `side` and ordered best first: higher score,
+    /// then older profile, then smaller id, so ties never depend on arrival order.
+    pub(super) fn fuzzy_candidates<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        side: &impl Side,
+        keys: &[String],
+        exclude: Option<&str>,
+        stats: &mut BatchStats,
+    ) -> Result<Vec<Candidate>, EngineError> {
+        let fuzzy = &self.config.fuzzy;
+        let mut ids: Vec<String> = Vec::new();
+        'keys: for key in keys {
+            let block = batch.block(key)?;
+            if block.oversize {
+                continue;
+            }
+            for id in &block.customers {
+                let Some(live) = batch.resolve_id(id)? else {
+                    continue;
+                };
+                if Some(live.as_str()) == exclude || ids.contains(&live) {
+                    continue;
+                }
+                ids.push(live);
+                if ids.len() >= fuzzy.max_candidates {
+                    break 'keys;
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        stats.candidates_per_event.push(ids.len() as u32);
+        let mut scored = Vec::with_capacity(ids.len());
+        for id in ids {
+            let state = batch.profile(&id)?;
+            let mut score = self.model.score(side, &profile_side(&state));
+            drop(state);
+            self.discount_common_values(batch, &mut score)?;
+            let verdict = self.model.verdict(&score);
+            let state = batch.profile(&id)?;
+            scored.push((
+                state.profile.created_at.clone(),
+                Candidate { id, score, verdict },
+            ));
+        }
+        scored.sort_by(|(created_a, a), (created_b, b)| {
+            b.score
+                .total
+                .total_cmp(&a.score.total)
+                .then_with(|| created_a.cmp(created_b))
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        if let Some((_, best)) = scored.first() {
+            stats.fuzzy_scores.push(best.score.total);
+        }
+        Ok(scored.into_iter().map(|(_, candidate)| candidate).collect())
+    }
+
+    /// Term frequency: agreeing on a full name or a birth date that many profiles share says
+    /// less than agreeing on a rare one. The blocking index already counts the profiles per
+    /// name pair and per birth date, so the agreement's weight drops by log2 of that count
+    /// (a value held by one profile, the prior's assumption, keeps its weight; a key too
+    /// common to be listed counts as twice the block limit).
+    fn discount_common_values<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        score: &mut MatchScore,
+    ) -> Result<(), EngineError> {
+        const COMMON_VALUE_RULES: [(&str, &str); 2] =
+            [("nn", "first_name,last_name"), ("db", "date_of_birth")];
+        for (rule, fields) in COMMON_VALUE_RULES {
+            let agreed = |field: &str| {
+                score
+                    .exact_values
+                    .iter()
+                    .find(|(name, _)| name == field)
+                    .map(|(_, value)| value.as_str())
+            };
+            if !fields.split(',').all(|field| agreed(field).is_some()) {
+                continue;
+            }
+            let Some(key) = rule_key(rule, agreed) else {
+                continue;
+            };
+            let block = batch.block(&key)?;
+            let holders = if block.oversize {
+                2 * self.config.fuzzy.max_block_size
+            } else {
+                block.customers.len()
+            };
+            if holders < 2 {
+                continue;
+            }
+            let discount = -(holders as f64).log2();
+            score.total = ((score.total + discount) * 1000.0).round() / 1000.0;
+            score.fields.push(FieldScore {
+                field: fields.into(),
+                level: "term_frequency".into(),
+                similarity: 1.0,
+                weight: (discount * 1000.0).round() / 1000.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// The best candidate the model links an event to, and the candidates above the
+    /// threshold that a rule refused (to be reported).
+    pub(super) fn event_candidates<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        event: &NormalizedEvent,
+        new_identifiers: &[Identifier],
+        stats: &mut BatchStats,
+    ) -> Result<(Option<Candidate>, Vec<Candidate>), EngineError> {
+        if !self.config.fuzzy.enabled || event.traits.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        let keys = self.event_search_keys(event, new_identifiers);
+        let side = EventSide {
+            traits: &event.traits,
+            identifiers: new_identifiers,
+        };
+        let candidates = self.fuzzy_candidates(batch, &side, &keys, None, stats)?;
+        let mut best = None;
+        let mut refused = Vec::new();
+        for candidate in candidates {
+            match candidate.verdict {
+                Verdict::Link if best.is_none() => best = Some(candidate),
+                Verdict::Refused(..) => refused.push(candidate),
+                Verdict::Link | Verdict::Below => {}
+            }
+        }
+        Ok((best, refused))
+    }
+
+    /// After an event has joined `primary` and brought it new values, merges the other
+    /// profiles the grown profile now matches (at most `fuzzy.max_bridges`), guards
+    /// permitting; a refusal above the threshold is reported. Returns the id the event
+    /// belongs to afterwards.
+    pub(super) fn bridge<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        ctx: &mut EventContext<'_>,
+        primary: String,
+        stats: &mut BatchStats,
+    ) -> Result<String, EngineError> {
+        let state = batch.profile(&primary)?;
+        let mut keys = self.identifier_keys(&ctx.event.identifiers);
+        keys.extend(profile_blocking_keys(&state, ctx.event));
+        drop(state);
+        let mut primary = primary;
+        let side_state = batch.profile(&primary)?;
+        let candidates = self.fuzzy_candidates(
+            batch,
+            &profile_side(&side_state),
+            &keys,
+            Some(&primary),
+            stats,
+        )?;
+        drop(side_state);
+        let mut bridged = 0;
+        for candidate in candidates {
+            if bridged >= self.config.fuzzy.max_bridges {
+                break;
+            }
+            let Some(live) = batch.resolve_id(&candidate.id)? else {
+                continue;
+            };
+            if live == primary {
+                continue;
+            }
+            match candidate.verdict {
+                Verdict::Below => continue,
+                Verdict::Refused(rule, kind) => {
+                    ctx.refuse(&primary, rule, Some(live), kind, FUZZY_LINK, stats);
+                }
+                Verdict::Link => {
+                    let primary_state = batch.profile(&primary)?;
+                    let other_state = batch.profile(&live)?;
+                    if let Some((rule, kind)) =
+                        self.merge_refusal(&primary_state, &other_state, &[], None)
+                    {
+                        drop((primary_state, other_state));
+                        ctx.refuse(&primary, rule, Some(live), kind, FUZZY_LINK, stats);
+                        continue;
+                    }
+                    stats.fuzzy_links += 1;
+                    let rule: LinkRule = fuzzy_rule(candidate.score);
+                    primary = self.merge(
+                        batch,
+                        ctx,
+                        primary_state,
+                        other_state,
+                        None,
+                        None,
+                        rule,
+                        stats,
+                    )?;
+                    bridged += 1;
+                }
+            }
+        }
+        Ok(primary)
+    }
+
+    /// Reports fuzzy candidates above the threshold that a rule kept from `customer_id`.
+    pub(super) fn report_refused_candidates(
+        &self,
+        ctx: &mut EventContext<'_>,
+        customer_id: &str,
+        refused: Vec<Candidate>,
+        stats: &mut BatchStats,
+    ) {
+        for candidate in refused {
+            if let Verdict::Refused(rule, kind) = candidate.verdict {
+                ctx.refuse(
+                    customer_id,
+                    rule,
+                    Some(candidate.id),
+                    kind,
+                    FUZZY_LINK,
+                    stats,
+                );
+            }
+        }
+    }
+
+    /// Lists `customer_id` under the blocking keys of its new values and identifiers.
+    pub(super) fn add_to_blocks<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        customer_id: &str,
+        event: &NormalizedEvent,
+    ) -> Result<(), EngineError> {
+        let state = batch.profile(customer_id)?;
+        let mut keys = profile_blocking_keys(&state, event);
+        drop(state);
+        keys.extend(self.identifier_keys(&event.identifiers));
+        for key in keys {
+            let state = batch.profile_mut(customer_id)?;
+            let Err(position) = state.blocking_keys.binary_search(&key) else {
+                continue;
+            };
+            state.blocking_keys.insert(position, key.clone());
+            let mut block = Arc::unwrap_or_clone(batch.block(&key)?);
+            if block.oversize {
+                continue;
+            }
+            if block.customers.len() >= self.config.fuzzy.max_block_size {
+                // Too common to narrow anything down; the list is dropped to save space.
+                block.oversize = true;
+                block.customers.clear();
+            } else {
+                block.customers.push(customer_id.to_owned());
+            }
+            batch.put_block(&key, block);
+        }
+        Ok(())
+    }
+
+    /// Whether the event brings `state` a matching value or a typo-blocked identifier it did
+    /// not hold: only then can the profile match someone it did not match before.
+    pub(super) fn brings_new_values(&self, state: &ProfileState, event: &NormalizedEvent) -> bool {
+        let new_trait = self.model.trait_fields().any(|field| {
+            event.traits.get(field).is_some_and(|value| {
+                !state
+                    .trait_history
+                    .get(field)
+                    .is_some_and(|known| known.contains(value))
+            })
+        });
+        let new_identifier = event.identifiers.iter().any(|identifier| {
+            self.blocks_on_typos(&identifier.kind)
+                && !state
+                    .profile
+                    .identifiers
+                    .iter()
+                    .any(|held| held.kind == identifier.kind && held.value == identifier.value)
+        });
+        new_trait || new_identifier
+    }
+}
+
+/// A profile as a side of a comparison.
+pub(super) fn profile_side(state: &ProfileState) -> ProfileSide<'_> {
+    ProfileSide {
+        history: &state.trait_history,
+        identifiers: &state.profile.identifiers,
+    }
+}
+
+/// The `linking_kind` of a refused fuzzy link in the change feed.
+const FUZZY_LINK: &str = "fuzzy";

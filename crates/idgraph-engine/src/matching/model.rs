@@ -1,0 +1,372 @@
+//! The Fellegi–Sunter model: per compared field, a comparison kind and one weight per level,
+//! log2(m/u), where m is how often two records of the same person reach the level and u how
+//! often two records of different people do. A pair's score is the sum of its fields'
+//! weights; a field missing on either side adds nothing.
+//!
+//! The model also keeps apart what the sum alone would blur: agreement on where someone lives
+//! does not cancel a clear disagreement on who they are. [`MatchScore`] therefore carries the
+//! disagreement on names and dates separately, and [`MatchModel::verdict`] refuses a link whose traits clearly
+//! disagree however well the rest agrees.
+
+use idgraph_model::{CompactString, FieldScore, Identifier, ProfileIdentifier, SortedMap};
+
+use super::comparison::{ComparisonKind, Partners, ELSE};
+use crate::config::{ComparisonConfig, FuzzyConfig, ProtectionConfig};
+use idgraph_model::RefusalRule;
+
+/// One compared field (a trait, or an identifier kind), ready to score.
+#[derive(Debug, Clone)]
+struct CompiledComparison {
+    field: CompactString,
+    kind: ComparisonKind,
+    /// log2(m/u) per level, in the kind's level order.
+    weights: Vec<f64>,
+    swap_with: Option<CompactString>,
+    implied_by: Vec<CompactString>,
+    refuse_when_different: bool,
+}
+
+impl CompiledComparison {
+    fn new(field: &str, config: &ComparisonConfig) -> Self {
+        let weights = config
+            .comparison
+            .levels()
+            .iter()
+            .map(|level| (config.m[*level] / config.u[*level]).log2())
+            .collect();
+        CompiledComparison {
+            field: field.into(),
+            kind: config.comparison,
+            weights,
+            swap_with: config.swap_with.as_deref().map(CompactString::from),
+            implied_by: config
+                .implied_by
+                .iter()
+                .map(|f| CompactString::from(f.as_str()))
+                .collect(),
+            refuse_when_different: config.refuse_when_different.unwrap_or(false),
+        }
+    }
+
+    fn label(&self, level: usize) -> &'static str {
+        self.kind.levels()[level]
+    }
+}
+
+/// One side of a comparison: the values it holds per trait and per identifier kind.
+pub trait Side {
+    /// Every value held for a trait (normalized, non-empty), or none.
+    fn trait_values(&self, field: &str) -> &[CompactString];
+    /// Every value held for an identifier kind.
+    fn identifier_values(&self, kind: &str) -> Vec<&str>;
+}
+
+/// An event's traits and identifiers.
+pub struct EventSide<'a> {
+    pub traits: &'a SortedMap<CompactString, CompactString>,
+    pub identifiers: &'a [Identifier],
+}
+
+impl Side for EventSide<'_> {
+    fn trait_values(&self, field: &str) -> &[CompactString] {
+        self.traits.get(field).map_or(&[], std::slice::from_ref)
+    }
+
+    fn identifier_values(&self, kind: &str) -> Vec<&str> {
+        self.identifiers
+            .iter()
+            .filter(|i| i.kind == kind)
+            .map(|i| i.value.as_str())
+            .collect()
+    }
+}
+
+/// A profile's remembered trait values and its identifiers.
+pub struct ProfileSide<'a> {
+    pub history: &'a SortedMap<CompactString, Vec<CompactString>>,
+    pub identifiers: &'a [ProfileIdentifier],
+}
+
+impl Side for ProfileSide<'_> {
+    fn trait_values(&self, field: &str) -> &[CompactString] {
+        self.history.get(field).map_or(&[], Vec::as_slice)
+    }
+
+    fn identifier_values(&self, kind: &str) -> Vec<&str> {
+        self.identifiers
+            .iter()
+            .filter(|i| i.kind == kind)
+            .map(|i| i.value.as_str())
+            .collect()
+    }
+}
+
+/// The score of one side against another, with what the verdict needs besides the total.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MatchScore {
+    pub total: f64,
+    /// The traits' part of `total`, without the identifier comparisons.
+    pub trait_total: f64,
+    /// Every compared field, traits first, in configuration order.
+    pub fields: Vec<FieldScore>,
+    /// The sum of the negative weights of names and dates: how clearly the two sides are
+    /// different people. Where someone lives may change; who they are does not.
+    pub personal_disagreement: f64,
+    /// `personal_disagreement` plus the agreement of birth dates, which no family shares:
+    /// the measure of "clearly another person".
+    pub personal_conflict: f64,
+    /// The values both sides agree on exactly, per trait, for term-frequency adjustment.
+    pub exact_values: Vec<(CompactString, CompactString)>,
+    /// Both sides hold identifiers of a compared kind and none of them are alike: two
+    /// accounts, which makes a disagreement on a name or date decisive.
+    pub distinct_identifiers: bool,
+    /// A single-valued identifier kind (e.g. national id) whose values clearly differ.
+    pub different_identifier: Option<CompactString>,
+}
+
+impl MatchScore {
+    /// Whether any field could be compared at all; a score of nothing is not evidence.
+    pub fn has_evidence(&self) -> bool {
+        self.fields.iter().any(|f| f.level != "missing")
+    }
+
+    /// The level a field reached ("missing" when it could not be compared), if it is
+    /// part of the model.
+    pub fn level_of(&self, field: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|f| f.field == field)
+            .map(|f| f.level.as_str())
+    }
+}
+
+/// What the model says about a scored pair.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Above the threshold with nothing against it.
+    Link,
+    /// Not enough evidence: no link, and nothing to report.
+    Below,
+    /// Enough evidence, or an identifier link, that a rule refuses: report it.
+    Refused(RefusalRule, Option<CompactString>),
+}
+
+/// The compiled comparison model of `[engine.fuzzy]` with the conflict rules of
+/// `[engine.protection]`.
+#[derive(Debug, Clone)]
+pub struct MatchModel {
+    traits: Vec<CompiledComparison>,
+    identifiers: Vec<CompiledComparison>,
+    pub threshold: f64,
+    conflict_score: f64,
+    distinct_identity_conflict_score: f64,
+}
+
+impl MatchModel {
+    /// Builds the model from validated configuration.
+    pub fn new(fuzzy: &FuzzyConfig, protection: &ProtectionConfig) -> Self {
+        MatchModel {
+            traits: fuzzy
+                .fields
+                .iter()
+                .map(|(field, config)| CompiledComparison::new(field, config))
+                .collect(),
+            identifiers: fuzzy
+                .identifiers
+                .iter()
+                .map(|(kind, config)| CompiledComparison::new(kind, config))
+                .collect(),
+            threshold: fuzzy.threshold,
+            conflict_score: protection.conflict_score,
+            distinct_identity_conflict_score: protection.distinct_identity_conflict_score,
+        }
+    }
+
+    /// The traits the model compares.
+    pub fn trait_fields(&self) -> impl Iterator<Item = &str> {
+        self.traits.iter().map(|c| c.field.as_str())
+    }
+
+    /// Scores `left` against `right`: per field, every value of one side against every
+    /// value of the other, the best weight wins.
+    pub fn score(&self, left: &impl Side, right: &impl Side) -> MatchScore {
+        let mut result = MatchScore {
+            total: 0.0,
+            trait_total: 0.0,
+            fields: Vec::with_capacity(self.traits.len() + self.identifiers.len()),
+            personal_disagreement: 0.0,
+            personal_conflict: 0.0,
+            exact_values: Vec::new(),
+            distinct_identifiers: false,
+            different_identifier: None,
+        };
+        let mut levels: Vec<Option<(usize, &str, &str)>> = Vec::with_capacity(self.traits.len());
+        for comparison in &self.traits {
+            let partners = match &comparison.swap_with {
+                Some(partner) => Partners {
+                    left: left.trait_values(partner),
+                    right: right.trait_values(partner),
+                },
+                None => Partners::default(),
+            };
+            let values = (
+                left.trait_values(&comparison.field),
+                right.trait_values(&comparison.field),
+            );
+            levels.push(best_level(
+                comparison,
+                values.0.iter().map(CompactString::as_str),
+                values.1.iter().map(CompactString::as_str),
+                partners,
+            ));
+        }
+        for (index, comparison) in self.traits.iter().enumerate() {
+            let Some((level, a, b)) = levels[index] else {
+                result.fields.push(missing(&comparison.field));
+                continue;
+            };
+            let mut weight = comparison.weights[level];
+            // Agreeing on a field that another agreeing field implies (the city of an
+            // agreeing postcode) is the same evidence twice.
+            let implied = comparison.implied_by.iter().any(|other| {
+                self.traits
+                    .iter()
+                    .position(|c| c.field == *other)
+                    .and_then(|i| levels[i])
+                    .is_some_and(|(other_level, _, _)| other_level == 0)
+            });
+            if implied && weight > 0.0 {
+                weight = 0.0;
+            }
+            if comparison.kind.is_personal() && weight < 0.0 {
+                result.personal_disagreement += weight;
+                result.personal_conflict += weight;
+            } else if comparison.kind.offsets_disagreement() {
+                result.personal_conflict += weight;
+            }
+            if level == 0 {
+                result
+                    .exact_values
+                    .push((comparison.field.clone(), a.into()));
+            }
+            result.total += weight;
+            result
+                .fields
+                .push(field_score(comparison, level, a, b, weight));
+        }
+        result.trait_total = round3(result.total);
+        let mut any_alike = false;
+        let mut any_different = false;
+        for comparison in &self.identifiers {
+            let (left_values, right_values) = (
+                left.identifier_values(&comparison.field),
+                right.identifier_values(&comparison.field),
+            );
+            let Some((level, a, b)) = best_level(
+                comparison,
+                left_values.iter().copied(),
+                right_values.iter().copied(),
+                Partners::default(),
+            ) else {
+                continue;
+            };
+            let weight = comparison.weights[level];
+            if comparison.label(level) == ELSE {
+                any_different = true;
+                if comparison.refuse_when_different && result.different_identifier.is_none() {
+                    result.different_identifier = Some(comparison.field.clone());
+                }
+            } else {
+                any_alike = true;
+            }
+            result.total += weight;
+            result
+                .fields
+                .push(field_score(comparison, level, a, b, weight));
+        }
+        result.distinct_identifiers = any_different && !any_alike;
+        result.total = round3(result.total);
+        result
+    }
+
+    /// Why a scored pair must stay apart whatever links it, if it must: a different
+    /// single-valued identifier, or names and dates that clearly say another person (two
+    /// clear disagreements that no agreeing birth date outweighs; for two sides with their
+    /// own, different identifiers, one).
+    pub fn conflict(&self, score: &MatchScore) -> Option<(RefusalRule, Option<CompactString>)> {
+        if let Some(kind) = &score.different_identifier {
+            return Some((RefusalRule::KindLimit, Some(kind.clone())));
+        }
+        let clear = score.personal_conflict <= self.conflict_score
+            || (score.distinct_identifiers
+                && score.personal_disagreement <= self.distinct_identity_conflict_score);
+        clear.then_some((RefusalRule::ConflictingTraits, None))
+    }
+
+    /// Link, no link, or a refused link worth reporting.
+    pub fn verdict(&self, score: &MatchScore) -> Verdict {
+        if score.total < self.threshold {
+            return Verdict::Below;
+        }
+        match self.conflict(score) {
+            Some((rule, kind)) => Verdict::Refused(rule, kind),
+            None => Verdict::Link,
+        }
+    }
+}
+
+/// The level with the highest weight over every pair of values, with that pair; `None`
+/// when either side has no value.
+fn best_level<'a>(
+    comparison: &CompiledComparison,
+    left: impl Iterator<Item = &'a str>,
+    right: impl Iterator<Item = &'a str> + Clone,
+    partners: Partners<'_>,
+) -> Option<(usize, &'a str, &'a str)> {
+    let mut best: Option<(usize, &str, &str)> = None;
+    for a in left.filter(|v| !v.is_empty()) {
+        for b in right.clone().filter(|v| !v.is_empty()) {
+            let level = comparison.kind.level_of(a, b, partners);
+            let better = match best {
+                None => true,
+                Some((current, _, _)) => comparison.weights[level] > comparison.weights[current],
+            };
+            if better {
+                best = Some((level, a, b));
+            }
+            if level == 0 {
+                return best;
+            }
+        }
+    }
+    best
+}
+
+fn missing(field: &str) -> FieldScore {
+    FieldScore {
+        field: field.into(),
+        level: "missing".into(),
+        similarity: 0.0,
+        weight: 0.0,
+    }
+}
+
+fn field_score(
+    comparison: &CompiledComparison,
+    level: usize,
+    a: &str,
+    b: &str,
+    weight: f64,
+) -> FieldScore {
+    FieldScore {
+        field: comparison.field.clone(),
+        level: comparison.label(level).into(),
+        similarity: round3(strsim::jaro_winkler(a, b)),
+        weight: round3(weight),
+    }
+}
+
+/// Rounds for output so that scores print the same everywhere.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
