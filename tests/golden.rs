@@ -1,114 +1,14 @@
 //! Golden scenarios: touchpoints in, customers, profiles and the identity change feed out,
 //! one scenario per resolution rule of SPEC §3.
 
-use idgraph_engine::read::{customer_for_identifier, explain, profile_by_id};
-use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
+mod support;
+
+use idgraph_engine::read::{customer_for_identifier, explain};
 use idgraph_model::{
-    ChangeKind, DeadLetter, EnrichedEvent, FailureKind, IdentityChange, InputCoordinates, LinkRule,
-    Profile, ProfileRecord, RefusalRule, ResolutionAction,
+    ChangeKind, FailureKind, LinkRule, ProfileRecord, RefusalRule, ResolutionAction,
 };
 use serde_json::{json, Value};
-
-/// Runs events through the engine against an in-memory store, one batch per `run` call, and
-/// keeps every output.
-struct Harness {
-    engine: Engine,
-    store: MemoryStore,
-    line: u64,
-    enriched: Vec<EnrichedEvent>,
-    profiles: Vec<ProfileRecord>,
-    changes: Vec<IdentityChange>,
-    dead_letters: Vec<DeadLetter>,
-}
-
-impl Harness {
-    fn new() -> Self {
-        Self::with(|_| {})
-    }
-
-    fn with(adjust: impl FnOnce(&mut EngineConfig)) -> Self {
-        let mut config = EngineConfig::defaults();
-        adjust(&mut config);
-        Harness {
-            engine: Engine::new(config, "test").unwrap(),
-            store: MemoryStore::new(),
-            line: 0,
-            enriched: Vec::new(),
-            profiles: Vec::new(),
-            changes: Vec::new(),
-            dead_letters: Vec::new(),
-        }
-    }
-
-    fn run_raw(&mut self, payloads: &[Vec<u8>]) {
-        let coordinates: Vec<InputCoordinates> = payloads
-            .iter()
-            .map(|_| {
-                self.line += 1;
-                InputCoordinates::File {
-                    file: "golden.jsonl".into(),
-                    line: self.line,
-                }
-            })
-            .collect();
-        let messages = InputMessage::batch(payloads, &coordinates, "web");
-        let outcome = self.engine.process_batch(&self.store, &messages).unwrap();
-        self.store.write(&outcome.writes).unwrap();
-        self.enriched.extend(outcome.enriched);
-        self.profiles.extend(outcome.profiles);
-        self.changes.extend(outcome.changes);
-        self.dead_letters.extend(outcome.dead_letters);
-    }
-
-    fn run(&mut self, events: &[Value]) {
-        let payloads: Vec<Vec<u8>> = events
-            .iter()
-            .map(|e| serde_json::to_vec(e).unwrap())
-            .collect();
-        self.run_raw(&payloads);
-    }
-
-    fn enriched(&self, event_id: &str) -> &EnrichedEvent {
-        self.enriched
-            .iter()
-            .rev()
-            .find(|e| e.event_id == event_id)
-            .expect("event was resolved")
-    }
-
-    fn customer(&self, event_id: &str) -> String {
-        self.enriched(event_id).customer_id.clone()
-    }
-
-    /// The live profile a customer id resolves to now.
-    fn profile(&self, customer_id: &str) -> Profile {
-        profile_by_id(&self.store, customer_id)
-            .unwrap()
-            .expect("profile exists")
-            .profile
-            .as_ref()
-            .clone()
-    }
-
-    fn changes_of_type(&self, type_name: &str) -> Vec<&IdentityChange> {
-        self.changes
-            .iter()
-            .filter(|c| c.change.type_name() == type_name)
-            .collect()
-    }
-}
-
-/// An event in the canonical envelope; `n` orders the timestamps.
-fn event(id: &str, n: u32, identifiers: Value, traits: Value) -> Value {
-    json!({
-        "event_id": id,
-        "source": "web",
-        "event_type": "page_view",
-        "timestamp": format!("2026-03-01T12:{:02}:{:02}Z", n / 60, n % 60),
-        "identifiers": identifiers,
-        "traits": traits,
-    })
-}
+use support::{event, Harness};
 
 fn ids(identifiers: Value) -> Value {
     identifiers
