@@ -4,6 +4,7 @@
 
 mod support;
 
+use idgraph_engine::read::explain;
 use idgraph_model::{ChangeKind, LinkRule, RefusalRule};
 use serde_json::{json, Map, Value};
 use support::{event, Harness};
@@ -315,6 +316,23 @@ fn an_event_that_matches_two_profiles_bridges_them_whatever_came_first() {
     assert_eq!(h.current_customer("first"), h.current_customer("second"));
     assert_eq!(h.current_customer("third"), h.current_customer("first"));
     assert_eq!(h.changes_of_type("merged").len(), 1);
+    // `explain` says which fields carried the merge.
+    let explanation = explain(&h.store, &h.current_customer("third"))
+        .unwrap()
+        .unwrap();
+    let fuzzy_steps: Vec<&str> = explanation
+        .paths
+        .iter()
+        .flat_map(|path| &path.steps)
+        .map(|step| step.rule.as_str())
+        .filter(|rule| rule.starts_with("fuzzy score"))
+        .collect();
+    assert!(
+        fuzzy_steps
+            .iter()
+            .any(|rule| rule.contains("first_name exact")),
+        "{explanation:?}"
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::state::{
     decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, Evidence,
     NodeRecord, ProfileState, RootInfo,
 };
-use crate::store::{StateRead, StoreError, Table, WriteSet};
+use crate::store::{StateRead, StoreError, Table, WriteSet, PROFILES_CREATED_KEY};
 
 /// Keys a batch changed. Membership is checked on nearly every step of an event (the same
 /// profile is marked again and again), so it is a hash set; the write set takes its keys
@@ -87,6 +87,9 @@ pub(crate) struct Batch<'s, S: StateRead> {
     /// in `positions`: consecutive messages nearly always share a stream, and its key is only
     /// built when the stream changes.
     current_stream: Option<(InputCoordinates, u64)>,
+    /// Profiles created before this batch (read by [`Batch::prefetch`]) and in it.
+    profiles_created_before: u64,
+    profiles_created: u64,
 }
 
 impl<'s, S: StateRead> Batch<'s, S> {
@@ -106,6 +109,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
             evidence: Vec::with_capacity(messages),
             positions: BTreeMap::new(),
             current_stream: None,
+            profiles_created_before: 0,
+            profiles_created: 0,
         }
     }
 
@@ -121,7 +126,27 @@ impl<'s, S: StateRead> Batch<'s, S> {
         node_keys: &[&str],
     ) -> Result<(), StoreError> {
         self.prefetch_nodes(node_keys)?;
-        self.prefetch_events(event_keys)
+        self.prefetch_events(event_keys)?;
+        self.profiles_created_before = match self.store.get(Table::Meta, PROFILES_CREATED_KEY)? {
+            Some(bytes) => u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt {
+                    table: Table::Meta.name(),
+                    key: "profiles_created".into(),
+                    reason: format!("{} bytes instead of 8", bytes.len()),
+                }
+            })?),
+            None => 0,
+        };
+        Ok(())
+    }
+
+    /// How many profiles the graph has ever created, this batch's so far included.
+    pub(crate) fn profiles_known(&self) -> u64 {
+        self.profiles_created_before + self.profiles_created
+    }
+
+    pub(crate) fn note_profile_created(&mut self) {
+        self.profiles_created += 1;
     }
 
     fn prefetch_nodes(&mut self, keys: &[&str]) -> Result<(), StoreError> {
@@ -419,6 +444,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
         for (stream, next) in &self.positions {
             writes.put(Table::Positions, stream.as_bytes(), next.to_string());
+        }
+        if self.profiles_created > 0 {
+            let total = self.profiles_known().to_le_bytes();
+            writes.put(Table::Meta, PROFILES_CREATED_KEY, total.to_vec());
         }
         (writes, live)
     }

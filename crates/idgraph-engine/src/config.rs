@@ -74,8 +74,11 @@ pub struct ProtectionConfig {
 #[serde(deny_unknown_fields)]
 pub struct FuzzyConfig {
     pub enabled: bool,
-    /// Sum of field weights at or above which an event links to a candidate.
+    /// Sum of field weights at or above which an event links to a candidate, in a graph of
+    /// up to `reference_profiles` profiles.
     pub threshold: f64,
+    /// Graph size (profiles created) past which the threshold rises by one per doubling.
+    pub reference_profiles: u64,
     /// Most candidate profiles scored per search.
     pub max_candidates: usize,
     /// A blocking key shared by more profiles than this stops producing candidates.

@@ -122,7 +122,15 @@ fn rule_name(rule: &LinkRule) -> String {
     match rule {
         LinkRule::Created => "created".into(),
         LinkRule::SharedIdentifier { kind, .. } => format!("shared {kind}"),
-        LinkRule::Fuzzy { score, .. } => format!("fuzzy score {score}"),
+        LinkRule::Fuzzy { score, fields } => {
+            // The levels that carried the link, so a path reads as the reason it is one.
+            let levels: Vec<String> = fields
+                .iter()
+                .filter(|f| f.level != "missing")
+                .map(|f| format!("{} {} {:+}", f.field, f.level, f.weight))
+                .collect();
+            format!("fuzzy score {score} ({})", levels.join(", "))
+        }
         LinkRule::CoOccurrence => "seen on the same event".into(),
         LinkRule::SameEvent => "same event".into(),
     }

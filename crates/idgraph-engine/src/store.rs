@@ -19,6 +19,10 @@ pub const STATE_SCHEMA_VERSION: &str = "4";
 /// refuse the state instead of misreading it.
 pub const UPGRADABLE_STATE_SCHEMA_VERSIONS: &[&str] = &["3"];
 
+/// The key under which the number of profiles ever created is stored in [`Table::Meta`]
+/// (eight bytes, little-endian): the size of the graph the fuzzy threshold's prior scales with.
+pub const PROFILES_CREATED_KEY: &[u8] = b"profiles_created";
+
 /// The key under which [`STATE_SCHEMA_VERSION`] is stored in [`Table::Meta`].
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 

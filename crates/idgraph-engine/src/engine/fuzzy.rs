@@ -99,7 +99,8 @@ impl Engine {
             let mut score = self.model.score(side, &profile_side(&state));
             drop(state);
             self.discount_common_values(batch, &mut score)?;
-            let verdict = self.model.verdict(&score);
+            let threshold = self.model.threshold_for(batch.profiles_known());
+            let verdict = self.model.verdict(&score, threshold);
             let state = batch.profile(&id)?;
             scored.push((
                 state.profile.created_at.clone(),

@@ -157,7 +157,8 @@ pub enum Verdict {
 pub struct MatchModel {
     traits: Vec<CompiledComparison>,
     identifiers: Vec<CompiledComparison>,
-    pub threshold: f64,
+    threshold: f64,
+    reference_profiles: f64,
     conflict_score: f64,
     distinct_identity_conflict_score: f64,
 }
@@ -177,6 +178,7 @@ impl MatchModel {
                 .map(|(kind, config)| CompiledComparison::new(kind, config))
                 .collect(),
             threshold: fuzzy.threshold,
+            reference_profiles: fuzzy.reference_profiles.max(1) as f64,
             conflict_score: protection.conflict_score,
             distinct_identity_conflict_score: protection.distinct_identity_conflict_score,
         }
@@ -303,9 +305,19 @@ impl MatchModel {
         clear.then_some((RefusalRule::ConflictingTraits, None))
     }
 
-    /// Link, no link, or a refused link worth reporting.
-    pub fn verdict(&self, score: &MatchScore) -> Verdict {
-        if score.total < self.threshold {
+    /// The score a link needs in a graph that has created `profiles` profiles: the
+    /// configured threshold up to `fuzzy.reference_profiles`, then one more bit each time the
+    /// graph doubles. The threshold stands for the prior odds that two records are one
+    /// person, which fall as the number of people a record could belong to grows.
+    pub fn threshold_for(&self, profiles: u64) -> f64 {
+        let growth = (profiles as f64 / self.reference_profiles).log2().max(0.0);
+        self.threshold + growth
+    }
+
+    /// Link, no link, or a refused link worth reporting, against `threshold`
+    /// ([`MatchModel::threshold_for`]).
+    pub fn verdict(&self, score: &MatchScore, threshold: f64) -> Verdict {
+        if score.total < threshold {
             return Verdict::Below;
         }
         match self.conflict(score) {
