@@ -220,6 +220,7 @@ fn a_device_shared_by_two_known_customers_does_not_merge_them() {
         h.enriched("e3").resolution.refused[0].rule,
         RefusalRule::WeakIdentifier
     );
+    assert_eq!(h.refusal_changes(), [RefusalRule::WeakIdentifier]);
 }
 
 #[test]
@@ -257,6 +258,14 @@ fn a_value_seen_on_many_customers_becomes_generic_and_stops_linking() {
         .collect();
     assert_eq!(customers.len(), 4, "the call-centre phone merged nobody");
     assert_eq!(h.changes_of_type("identifier_generic").len(), 1);
+    // Each link refused before the value became generic was reported.
+    assert_eq!(
+        h.refusal_changes(),
+        [
+            RefusalRule::ConflictingTraits,
+            RefusalRule::ConflictingTraits
+        ]
+    );
     // Once generic, the value links nothing: an event with only that phone is a new profile.
     h.run(&[event(
         "phone-only",
@@ -293,6 +302,7 @@ fn a_profile_larger_than_the_maximum_is_refused() {
         h.enriched("e3").resolution.refused[0].rule,
         RefusalRule::MaxProfileSize
     );
+    assert_eq!(h.refusal_changes(), [RefusalRule::MaxProfileSize]);
 }
 
 fn person(first: &str, last: &str, dob: &str, street: &str, postcode: &str) -> Value {

@@ -5,7 +5,8 @@
 use idgraph_engine::read::profile_by_id;
 use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
 use idgraph_model::{
-    DeadLetter, EnrichedEvent, IdentityChange, InputCoordinates, Profile, ProfileRecord,
+    ChangeKind, DeadLetter, EnrichedEvent, IdentityChange, InputCoordinates, Profile,
+    ProfileRecord, RefusalRule,
 };
 use serde_json::{json, Value};
 
@@ -93,6 +94,17 @@ impl Harness {
     /// The customer an event belongs to now, following any merge since.
     pub fn current_customer(&self, event_id: &str) -> String {
         self.profile(&self.customer(event_id)).customer_id
+    }
+
+    /// The rules of every `merge_refused` change, in order.
+    pub fn refusal_changes(&self) -> Vec<RefusalRule> {
+        self.changes
+            .iter()
+            .filter_map(|c| match &c.change {
+                ChangeKind::MergeRefused { rule, .. } => Some(*rule),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn changes_of_type(&self, type_name: &str) -> Vec<&IdentityChange> {
