@@ -494,4 +494,79 @@ fn the_benchmark_reports_its_floors_and_the_ceiling_they_set() {
         (ceiling - 1e6 / total).abs() / ceiling < 0.05,
         "the ceiling is the rate the floors allow: {line}"
     );
+    let hard = printed
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("hard mix: "))
+        .unwrap_or_else(|| panic!("no hard mix line:\n{printed}"));
+    assert!(
+        number_after(hard, "precision ") > 0.99 && number_after(hard, "recall ") > 0.9,
+        "the bench scores the hard corruption mix too: {hard}"
+    );
+}
+
+#[test]
+fn train_estimates_m_and_u_into_a_config_that_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("hard.jsonl");
+    let truth = dir.path().join("truth.jsonl");
+    ok(&[
+        "gen",
+        "--events",
+        "4000",
+        "--seed",
+        "3",
+        "--noise",
+        "hard",
+        "--output",
+        p(&input),
+        "--truth",
+        p(&truth),
+    ]);
+    let trained = dir.path().join("trained.toml");
+    let printed = ok(&["train", "--input", p(&input), "--output", p(&trained)]);
+    assert!(printed.contains("candidate pairs"), "{printed}");
+    let text = std::fs::read_to_string(&trained).unwrap();
+    let config: toml::Value = toml::from_str(&text).unwrap();
+    let fields = config["engine"]["fuzzy"]["fields"].as_table().unwrap();
+    for field in [
+        "first_name",
+        "last_name",
+        "date_of_birth",
+        "street",
+        "postcode",
+    ] {
+        let m = fields[field]["m"].as_table().unwrap();
+        let total: f64 = m.values().map(|p| p.as_float().unwrap()).sum();
+        assert!((total - 1.0).abs() < 0.01, "{field}: m sums to {total}");
+        let exact = |table: &str| fields[field][table]["exact"].as_float().unwrap();
+        assert!(
+            exact("m") > exact("u") * 10.0,
+            "{field}: exact agreement is evidence"
+        );
+    }
+    // The file is a config the program accepts as it is.
+    let out = dir.path().join("out");
+    ok(&[
+        "--config",
+        p(&trained),
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&out),
+    ]);
+    let scored = ok(&[
+        "eval",
+        "--truth",
+        p(&truth),
+        "--enriched",
+        p(&out.join("enriched.jsonl")),
+        "--json",
+    ]);
+    let accuracy: Value = serde_json::from_str(&scored).unwrap();
+    assert!(
+        accuracy["pairwise_precision"].as_f64().unwrap() > 0.99,
+        "{accuracy}"
+    );
 }

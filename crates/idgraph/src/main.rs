@@ -10,6 +10,7 @@ mod http;
 mod line_file;
 mod resolve;
 mod streaming;
+mod train;
 
 use std::path::PathBuf;
 
@@ -84,6 +85,17 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         truth: PathBuf,
+    },
+    /// Estimate the fuzzy model's m and u from an unlabelled JSON Lines file (EM, as Splink
+    /// does) and write them as a config file to pass with --config.
+    Train {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "trained.toml")]
+        output: PathBuf,
+        /// Most random pairs (for u) and most candidate pairs (for m).
+        #[arg(long, default_value_t = 1_000_000)]
+        max_pairs: usize,
     },
     /// Score an enriched.jsonl against a truth file: pairwise and B-cubed precision/recall.
     Eval {
@@ -234,6 +246,11 @@ fn main() -> Result<()> {
             output,
             truth,
         } => commands::gen(events, seed, noise, &output, &truth),
+        Command::Train {
+            input,
+            output,
+            max_pairs,
+        } => train::train(&config, &input, &output, max_pairs),
         Command::Eval {
             truth,
             enriched,

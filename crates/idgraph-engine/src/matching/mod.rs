@@ -3,7 +3,8 @@
 //!
 //! [`blocking`] says which profiles are worth comparing, [`comparison`] which level of
 //! agreement two values reach, [`model`] what each level weighs and what a score means, and
-//! [`text`] holds the string predicates levels are made of. Everything here is a pure function
+//! [`text`] holds the string predicates levels are made of; [`train`] estimates m and u from
+//! unlabelled records. Everything here is a pure function
 //! of its inputs: no state, no I/O.
 
 pub mod blocking;
@@ -11,6 +12,7 @@ pub mod comparison;
 pub mod model;
 mod nicknames;
 pub mod text;
+pub mod train;
 
 pub use blocking::{blocking_keys_from, identifier_typo_keys, rule_key, BLOCKING_RULES};
 pub use comparison::ComparisonKind;

@@ -189,6 +189,40 @@ impl MatchModel {
         self.traits.iter().map(|c| c.field.as_str())
     }
 
+    /// The traits the model compares with their comparison kinds, in scoring order.
+    pub fn trait_comparisons(&self) -> impl Iterator<Item = (&str, ComparisonKind)> {
+        self.traits.iter().map(|c| (c.field.as_str(), c.kind))
+    }
+
+    /// The level index each trait comparison reaches for `left` against `right` (`None`
+    /// where either side lacks the field): the comparison vector EM training counts.
+    pub fn comparison_vector(&self, left: &impl Side, right: &impl Side) -> Vec<Option<u8>> {
+        self.traits
+            .iter()
+            .map(|comparison| {
+                let partners = match &comparison.swap_with {
+                    Some(partner) => Partners {
+                        left: left.trait_values(partner),
+                        right: right.trait_values(partner),
+                    },
+                    None => Partners::default(),
+                };
+                best_level(
+                    comparison,
+                    left.trait_values(&comparison.field)
+                        .iter()
+                        .map(CompactString::as_str),
+                    right
+                        .trait_values(&comparison.field)
+                        .iter()
+                        .map(CompactString::as_str),
+                    partners,
+                )
+                .map(|(level, _, _)| level as u8)
+            })
+            .collect()
+    }
+
     /// Scores `left` against `right`: per field, every value of one side against every
     /// value of the other, the best weight wins.
     pub fn score(&self, left: &impl Side, right: &impl Side) -> MatchScore {
