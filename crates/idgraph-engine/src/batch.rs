@@ -315,6 +315,21 @@ impl<'s, S: StateRead> Batch<'s, S> {
             .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
 
+    /// A blocking record to change in place: it is copied only if someone still holds the
+    /// version the cache has (copying a list of up to `max_block_size` ids for every key an
+    /// event adds a profile to was a visible share of resolving).
+    pub(crate) fn block_mut(&mut self, key: &str) -> Result<&mut BlockRecord, StoreError> {
+        drop(self.block(key)?);
+        self.dirty_blocks.mark(key);
+        let block = self
+            .cache
+            .current
+            .blocks
+            .get_mut(key)
+            .expect("block() leaves the record in the current generation");
+        Ok(Arc::make_mut(block))
+    }
+
     pub(crate) fn block(&mut self, key: &str) -> Result<Arc<BlockRecord>, StoreError> {
         if !self.cache.has_block(key) {
             let block = match self.store.get(Table::Blocks, key.as_bytes())? {
@@ -327,17 +342,6 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 .insert(key.to_owned(), Arc::new(block));
         }
         Ok(Arc::clone(&self.cache.current.blocks[key]))
-    }
-
-    pub(crate) fn put_block(&mut self, key: &str, block: BlockRecord) {
-        let blocks = &mut self.cache.current.blocks;
-        match blocks.get_mut(key) {
-            Some(slot) => *slot = Arc::new(block),
-            None => {
-                blocks.insert(key.to_owned(), Arc::new(block));
-            }
-        }
-        self.dirty_blocks.mark(key);
     }
 
     /// The customer an event was assigned to before, if it was processed already.

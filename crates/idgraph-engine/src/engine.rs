@@ -211,6 +211,9 @@ struct EventContext<'e> {
     changes_customer: Vec<String>,
     refused: Vec<RefusedMerge>,
     merged_ids: Vec<String>,
+    /// Profiles besides the one joined that the event matched above the threshold: merged
+    /// (bridged) once the event is applied.
+    also_matched: Vec<fuzzy::Candidate>,
 }
 
 impl EventContext<'_> {
@@ -495,6 +498,7 @@ impl Engine {
             changes_customer: Vec::new(),
             refused: Vec::new(),
             merged_ids: Vec::new(),
+            also_matched: Vec::new(),
         };
         if let Some(previous) = batch.event_customer(&key)? {
             let customer_id = batch.resolve_id(&previous)?.unwrap_or(previous);
@@ -571,14 +575,22 @@ impl Engine {
         }
 
         let history_len = self.config.fuzzy.trait_history;
-        let brings_new_values = self.brings_new_values(&*batch.profile(&primary)?, event);
         let state = batch.profile_mut(&primary)?;
         apply_event(state, event, &ctx.timestamp, history_len);
-        self.add_to_blocks(batch, &primary, event)?;
-        // A profile that just grew may now match profiles of the same person that it did not
-        // match before (or that the event matched as well): bridge them.
-        if self.config.fuzzy.enabled && action != ResolutionAction::New && brings_new_values {
-            primary = self.bridge(batch, &mut ctx, primary, &mut outcome.stats)?;
+        let new_keys = self.add_to_blocks(batch, &primary, event)?;
+        // Profiles of the same person must not stay apart because of the order their records
+        // came in: an event that matched several profiles bridges them, and a profile that
+        // gained values through an identifier looks for the ones it now matches under the
+        // blocking keys those values gave it.
+        if !ctx.also_matched.is_empty() {
+            let matched = std::mem::take(&mut ctx.also_matched);
+            primary = self.bridge(batch, &mut ctx, primary, matched, &mut outcome.stats)?;
+        } else if self.config.fuzzy.enabled
+            && action != ResolutionAction::New
+            && !new_keys.is_empty()
+        {
+            let found = self.search_from_profile(batch, &primary, &new_keys, &mut outcome.stats)?;
+            primary = self.bridge(batch, &mut ctx, primary, found, &mut outcome.stats)?;
         }
         batch.record_event(key, &primary);
         if matches!(rule, LinkRule::Fuzzy { .. })
@@ -716,6 +728,7 @@ struct ResolveResult {
 }
 
 fn fuzzy_rule(matched: MatchScore) -> LinkRule {
+    let matched = matched.with_similarities();
     LinkRule::Fuzzy {
         score: matched.total,
         fields: matched.fields,

@@ -3,8 +3,6 @@
 //! event that joined one profile and matches another merges them too, so the order in which
 //! a person's records arrive does not decide whether they end up together.
 
-use std::sync::Arc;
-
 use idgraph_model::{FieldScore, Identifier, LinkRule, NormalizedEvent};
 
 use super::{fuzzy_rule, EventContext};
@@ -18,6 +16,17 @@ use crate::state::ProfileState;
 use crate::stats::BatchStats;
 use crate::store::StateRead;
 use crate::{Engine, EngineError};
+
+/// What an event's candidate search found, judged by the model.
+#[derive(Default)]
+pub(super) struct EventMatches {
+    /// The best candidate the event links to.
+    pub best: Option<Candidate>,
+    /// Others it links to as well: bridged once the event joined `best`.
+    pub also_matched: Vec<Candidate>,
+    /// Candidates above the threshold that a rule refused: reported.
+    pub refused: Vec<Candidate>,
+}
 
 /// A scored candidate profile.
 pub(super) struct Candidate {
@@ -77,6 +86,11 @@ impl Engine {
                 continue;
             }
             for id in &block.customers {
+                // A live id already listed resolves to itself: skip it before resolving,
+                // which copies the id.
+                if Some(id.as_str()) == exclude || ids.contains(id) {
+                    continue;
+                }
                 let Some(live) = batch.resolve_id(id)? else {
                     continue;
                 };
@@ -167,17 +181,17 @@ impl Engine {
         Ok(())
     }
 
-    /// The best candidate the model links an event to, and the candidates above the
-    /// threshold that a rule refused (to be reported).
+    /// The candidates the model links an event to, and those a rule refused.
     pub(super) fn event_candidates<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
         event: &NormalizedEvent,
         new_identifiers: &[Identifier],
         stats: &mut BatchStats,
-    ) -> Result<(Option<Candidate>, Vec<Candidate>), EngineError> {
+    ) -> Result<EventMatches, EngineError> {
+        let mut matches = EventMatches::default();
         if !self.config.fuzzy.enabled || event.traits.is_empty() {
-            return Ok((None, Vec::new()));
+            return Ok(matches);
         }
         let keys = self.event_search_keys(event, new_identifiers);
         let side = EventSide {
@@ -185,43 +199,43 @@ impl Engine {
             identifiers: new_identifiers,
         };
         let candidates = self.fuzzy_candidates(batch, &side, &keys, None, stats)?;
-        let mut best = None;
-        let mut refused = Vec::new();
         for candidate in candidates {
             match candidate.verdict {
-                Verdict::Link if best.is_none() => best = Some(candidate),
-                Verdict::Refused(..) => refused.push(candidate),
-                Verdict::Link | Verdict::Below => {}
+                Verdict::Link if matches.best.is_none() => matches.best = Some(candidate),
+                Verdict::Link => matches.also_matched.push(candidate),
+                Verdict::Refused(..) => matches.refused.push(candidate),
+                Verdict::Below => {}
             }
         }
-        Ok((best, refused))
+        Ok(matches)
     }
 
-    /// After an event has joined `primary` and brought it new values, merges the other
-    /// profiles the grown profile now matches (at most `fuzzy.max_bridges`), guards
-    /// permitting; a refusal above the threshold is reported. Returns the id the event
-    /// belongs to afterwards.
+    /// The profiles `primary` matches now that an event (which joined it through an
+    /// identifier) listed it under `new_keys`: candidates found there, scored against the
+    /// whole grown profile.
+    pub(super) fn search_from_profile<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        primary: &str,
+        new_keys: &[String],
+        stats: &mut BatchStats,
+    ) -> Result<Vec<Candidate>, EngineError> {
+        let state = batch.profile(primary)?;
+        self.fuzzy_candidates(batch, &profile_side(&state), new_keys, Some(primary), stats)
+    }
+
+    /// Merges into `primary` the `candidates` the model linked it to (at most
+    /// `fuzzy.max_bridges`), guards permitting; a refusal is reported. Returns the id the
+    /// event belongs to afterwards.
     pub(super) fn bridge<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
         ctx: &mut EventContext<'_>,
         primary: String,
+        candidates: Vec<Candidate>,
         stats: &mut BatchStats,
     ) -> Result<String, EngineError> {
-        let state = batch.profile(&primary)?;
-        let mut keys = self.identifier_keys(&ctx.event.identifiers);
-        keys.extend(profile_blocking_keys(&state, ctx.event));
-        drop(state);
         let mut primary = primary;
-        let side_state = batch.profile(&primary)?;
-        let candidates = self.fuzzy_candidates(
-            batch,
-            &profile_side(&side_state),
-            &keys,
-            Some(&primary),
-            stats,
-        )?;
-        drop(side_state);
         let mut bridged = 0;
         for candidate in candidates {
             if bridged >= self.config.fuzzy.max_bridges {
@@ -289,59 +303,41 @@ impl Engine {
         }
     }
 
-    /// Lists `customer_id` under the blocking keys of its new values and identifiers.
+    /// Lists `customer_id` under the blocking keys of its new values and identifiers, and
+    /// returns the keys it was not listed under before: where profiles it did not match
+    /// before may now be found.
     pub(super) fn add_to_blocks<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
         customer_id: &str,
         event: &NormalizedEvent,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Vec<String>, EngineError> {
         let state = batch.profile(customer_id)?;
         let mut keys = profile_blocking_keys(&state, event);
         drop(state);
         keys.extend(self.identifier_keys(&event.identifiers));
+        let mut added = Vec::new();
+        let max_block_size = self.config.fuzzy.max_block_size;
         for key in keys {
             let state = batch.profile_mut(customer_id)?;
             let Err(position) = state.blocking_keys.binary_search(&key) else {
                 continue;
             };
             state.blocking_keys.insert(position, key.clone());
-            let mut block = Arc::unwrap_or_clone(batch.block(&key)?);
-            if block.oversize {
+            if batch.block(&key)?.oversize {
                 continue;
             }
-            if block.customers.len() >= self.config.fuzzy.max_block_size {
+            let block = batch.block_mut(&key)?;
+            if block.customers.len() >= max_block_size {
                 // Too common to narrow anything down; the list is dropped to save space.
                 block.oversize = true;
-                block.customers.clear();
+                block.customers = Vec::new();
             } else {
                 block.customers.push(customer_id.to_owned());
             }
-            batch.put_block(&key, block);
+            added.push(key);
         }
-        Ok(())
-    }
-
-    /// Whether the event brings `state` a matching value or a typo-blocked identifier it did
-    /// not hold: only then can the profile match someone it did not match before.
-    pub(super) fn brings_new_values(&self, state: &ProfileState, event: &NormalizedEvent) -> bool {
-        let new_trait = self.model.trait_fields().any(|field| {
-            event.traits.get(field).is_some_and(|value| {
-                !state
-                    .trait_history
-                    .get(field)
-                    .is_some_and(|known| known.contains(value))
-            })
-        });
-        let new_identifier = event.identifiers.iter().any(|identifier| {
-            self.blocks_on_typos(&identifier.kind)
-                && !state
-                    .profile
-                    .identifiers
-                    .iter()
-                    .any(|held| held.kind == identifier.kind && held.value == identifier.value)
-        });
-        new_trait || new_identifier
+        Ok(added)
     }
 }
 

@@ -113,10 +113,11 @@ impl Engine {
                 return Ok((best.customer_id.clone(), ResolutionAction::Matched, rule));
             }
         } else {
-            let (best, refused) =
+            let matches =
                 self.event_candidates(batch, ctx.event, new_identifiers, &mut outcome.stats)?;
-            refused_candidates = refused;
-            if let Some(candidate) = best {
+            refused_candidates = matches.refused;
+            if let Some(candidate) = matches.best {
+                ctx.also_matched = matches.also_matched;
                 outcome.stats.fuzzy_links += 1;
                 // Profiles the event matched but a rule kept apart are reported on the one
                 // it joins.

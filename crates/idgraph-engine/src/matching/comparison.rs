@@ -128,6 +128,13 @@ fn same_name(a: &str, b: &str) -> bool {
     a == b || is_typo(a, b) || jaro_winkler(a, b) >= 0.92
 }
 
+/// Whether two names differ only in spaces ("de silva" and "desilva", "h o" and "ho"): a
+/// typing slip like any other.
+fn same_without_spaces(a: &str, b: &str) -> bool {
+    let letters = |s: &'_ str| s.chars().filter(|c| *c != ' ').collect::<Vec<char>>();
+    (a.contains(' ') || b.contains(' ')) && letters(a) == letters(b)
+}
+
 fn name_level(a: &str, b: &str, partners: Partners<'_>) -> &'static str {
     if generational_suffix(a) != generational_suffix(b) {
         return "generation";
@@ -139,27 +146,32 @@ fn name_level(a: &str, b: &str, partners: Partners<'_>) -> &'static str {
     if a == b {
         return "exact";
     }
-    let swapped = partners.right.iter().any(|p| same_name(a, p))
-        && partners.left.iter().any(|p| same_name(p, b));
-    // One side's value written in the other field of the other side: half of a swap, or a
-    // name typed into the wrong box.
-    let cross_field = partners.right.iter().any(|p| same_name(a, p))
-        || partners.left.iter().any(|p| same_name(p, b));
-    if swapped {
-        "swapped"
-    } else if is_typo(a, b) {
-        "one_edit"
-    } else if cross_field {
-        "cross_field"
-    } else if are_nicknames(a, b) {
-        "nickname"
-    } else if jaro_winkler(a, b) >= 0.92 {
+    // One side's value written in the other field of the other side: both ways is a swap,
+    // one way half of one, or a name typed into the wrong box.
+    let in_right_partner = partners.right.iter().any(|p| same_name(a, p));
+    let in_left_partner = partners.left.iter().any(|p| same_name(p, b));
+    if in_right_partner && in_left_partner {
+        return "swapped";
+    }
+    if is_typo(a, b) || same_without_spaces(a, b) {
+        return "one_edit";
+    }
+    if in_right_partner || in_left_partner {
+        return "cross_field";
+    }
+    if are_nicknames(a, b) {
+        return "nickname";
+    }
+    let similarity = jaro_winkler(a, b);
+    if similarity >= 0.92 {
         "jaro_winkler_92"
-    } else if sound_alike(a, b) {
+    } else if similarity >= 0.7 && sound_alike(a, b) {
+        // Names that sound alike also look somewhat alike; testing only those spares the
+        // phonetic encoding of every unrelated candidate.
         "phonetic"
     } else if is_initial_of(a, b) {
         "initial"
-    } else if jaro_winkler(a, b) >= 0.80 {
+    } else if similarity >= 0.80 {
         "jaro_winkler_80"
     } else {
         ELSE
@@ -271,6 +283,7 @@ mod tests {
         assert_eq!(label(name, "smith jr", "smith"), "generation");
         assert_eq!(label(name, "smith jr", "smith jr."), "exact");
         assert_eq!(label(name, "isabella", "jack"), ELSE);
+        assert_eq!(label(name, "de silva", "desilva"), "one_edit");
         let first = [CompactString::from("reid")];
         let last = [CompactString::from("vanessa")];
         let swapped = Partners {

@@ -117,6 +117,11 @@ pub struct MatchScore {
     pub personal_conflict: f64,
     /// The values both sides agree on exactly, per trait, for term-frequency adjustment.
     pub exact_values: Vec<(CompactString, CompactString)>,
+    /// The pair of values each compared field's level came from, aligned with `fields`
+    /// (`None` for a missing field): the similarities are filled in from them only for a
+    /// score that becomes a link ([`MatchScore::with_similarities`]), as most candidates
+    /// scored never do.
+    compared_values: Vec<Option<(CompactString, CompactString)>>,
     /// Both sides hold identifiers of a compared kind and none of them are alike: two
     /// accounts, which makes a disagreement on a name or date decisive.
     pub distinct_identifiers: bool,
@@ -125,6 +130,17 @@ pub struct MatchScore {
 }
 
 impl MatchScore {
+    /// The score with each compared field's Jaro–Winkler similarity of the values its level
+    /// came from, for the evidence of a link.
+    pub fn with_similarities(mut self) -> Self {
+        for (field, values) in self.fields.iter_mut().zip(&self.compared_values) {
+            if let (Some((a, b)), true) = (values, field.similarity == 0.0) {
+                field.similarity = round3(strsim::jaro_winkler(a, b));
+            }
+        }
+        self
+    }
+
     /// Whether any field could be compared at all; a score of nothing is not evidence.
     pub fn has_evidence(&self) -> bool {
         self.fields.iter().any(|f| f.level != "missing")
@@ -233,6 +249,7 @@ impl MatchModel {
             personal_disagreement: 0.0,
             personal_conflict: 0.0,
             exact_values: Vec::new(),
+            compared_values: Vec::with_capacity(self.traits.len() + self.identifiers.len()),
             distinct_identifiers: false,
             different_identifier: None,
         };
@@ -259,6 +276,7 @@ impl MatchModel {
         for (index, comparison) in self.traits.iter().enumerate() {
             let Some((level, a, b)) = levels[index] else {
                 result.fields.push(missing(&comparison.field));
+                result.compared_values.push(None);
                 continue;
             };
             let mut weight = comparison.weights[level];
@@ -286,9 +304,8 @@ impl MatchModel {
                     .push((comparison.field.clone(), a.into()));
             }
             result.total += weight;
-            result
-                .fields
-                .push(field_score(comparison, level, a, b, weight));
+            result.fields.push(field_score(comparison, level, weight));
+            result.compared_values.push(Some((a.into(), b.into())));
         }
         result.trait_total = round3(result.total);
         let mut any_alike = false;
@@ -316,9 +333,8 @@ impl MatchModel {
                 any_alike = true;
             }
             result.total += weight;
-            result
-                .fields
-                .push(field_score(comparison, level, a, b, weight));
+            result.fields.push(field_score(comparison, level, weight));
+            result.compared_values.push(Some((a.into(), b.into())));
         }
         result.distinct_identifiers = any_different && !any_alike;
         result.total = round3(result.total);
@@ -397,17 +413,13 @@ fn missing(field: &str) -> FieldScore {
     }
 }
 
-fn field_score(
-    comparison: &CompiledComparison,
-    level: usize,
-    a: &str,
-    b: &str,
-    weight: f64,
-) -> FieldScore {
+/// A compared field's score; its similarity is 1 for exact agreement and otherwise filled in
+/// by [`MatchScore::with_similarities`].
+fn field_score(comparison: &CompiledComparison, level: usize, weight: f64) -> FieldScore {
     FieldScore {
         field: comparison.field.clone(),
         level: comparison.label(level).into(),
-        similarity: round3(strsim::jaro_winkler(a, b)),
+        similarity: if level == 0 { 1.0 } else { 0.0 },
         weight: round3(weight),
     }
 }
