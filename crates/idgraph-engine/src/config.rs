@@ -81,6 +81,9 @@ pub struct FuzzyConfig {
     pub reference_profiles: u64,
     /// Most candidate profiles scored per search.
     pub max_candidates: usize,
+    /// Most candidates scored when a profile that grew through an identifier looks under its
+    /// new blocking keys for profiles it now matches.
+    pub max_candidates_on_growth: usize,
     /// A blocking key shared by more profiles than this stops producing candidates.
     pub max_block_size: usize,
     /// Past values kept per matching trait, so old addresses and name spellings still match.

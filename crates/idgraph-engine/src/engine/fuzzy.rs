@@ -76,9 +76,9 @@ impl Engine {
         side: &impl Side,
         keys: &[String],
         exclude: Option<&str>,
+        limit: usize,
         stats: &mut BatchStats,
     ) -> Result<Vec<Candidate>, EngineError> {
-        let fuzzy = &self.config.fuzzy;
         let mut ids: Vec<String> = Vec::new();
         'keys: for key in keys {
             let block = batch.block(key)?;
@@ -98,7 +98,7 @@ impl Engine {
                     continue;
                 }
                 ids.push(live);
-                if ids.len() >= fuzzy.max_candidates {
+                if ids.len() >= limit {
                     break 'keys;
                 }
             }
@@ -198,7 +198,8 @@ impl Engine {
             traits: &event.traits,
             identifiers: new_identifiers,
         };
-        let candidates = self.fuzzy_candidates(batch, &side, &keys, None, stats)?;
+        let limit = self.config.fuzzy.max_candidates;
+        let candidates = self.fuzzy_candidates(batch, &side, &keys, None, limit, stats)?;
         for candidate in candidates {
             match candidate.verdict {
                 Verdict::Link if matches.best.is_none() => matches.best = Some(candidate),
@@ -221,7 +222,15 @@ impl Engine {
         stats: &mut BatchStats,
     ) -> Result<Vec<Candidate>, EngineError> {
         let state = batch.profile(primary)?;
-        self.fuzzy_candidates(batch, &profile_side(&state), new_keys, Some(primary), stats)
+        let limit = self.config.fuzzy.max_candidates_on_growth;
+        self.fuzzy_candidates(
+            batch,
+            &profile_side(&state),
+            new_keys,
+            Some(primary),
+            limit,
+            stats,
+        )
     }
 
     /// Merges into `primary` the `candidates` the model linked it to (at most
