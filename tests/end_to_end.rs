@@ -47,6 +47,19 @@ fn generate(dir: &Path, events: usize, seed: u64) -> (PathBuf, PathBuf) {
     (input, truth)
 }
 
+/// `idgraph eval --json` of the enriched events in output directory `out`.
+fn eval_json(truth: &Path, out: &Path) -> Value {
+    let printed = ok(&[
+        "eval",
+        "--truth",
+        p(truth),
+        "--enriched",
+        p(&out.join("enriched.jsonl")),
+        "--json",
+    ]);
+    serde_json::from_str(&printed).unwrap()
+}
+
 fn read_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -73,15 +86,7 @@ fn generated_data_resolves_with_high_precision_and_recall() {
     ] {
         assert!(out.join(file).exists(), "{file} is written");
     }
-    let report: Value = serde_json::from_str(&ok(&[
-        "eval",
-        "--truth",
-        p(&truth),
-        "--enriched",
-        p(&out.join("enriched.jsonl")),
-        "--json",
-    ]))
-    .unwrap();
+    let report = eval_json(&truth, &out);
     let precision = report["pairwise_precision"].as_f64().unwrap();
     let recall = report["pairwise_recall"].as_f64().unwrap();
     assert!(
@@ -556,15 +561,7 @@ fn train_estimates_m_and_u_into_a_config_that_resolves() {
         "--output-dir",
         p(&out),
     ]);
-    let scored = ok(&[
-        "eval",
-        "--truth",
-        p(&truth),
-        "--enriched",
-        p(&out.join("enriched.jsonl")),
-        "--json",
-    ]);
-    let accuracy: Value = serde_json::from_str(&scored).unwrap();
+    let accuracy = eval_json(&truth, &out);
     assert!(
         accuracy["pairwise_precision"].as_f64().unwrap() > 0.99,
         "{accuracy}"

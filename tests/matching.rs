@@ -34,17 +34,18 @@ fn ann_with(changes: Value) -> Value {
     Value::Object(traits)
 }
 
+/// A harness that has resolved the clean record, as event "clean", with `identifiers`.
+fn after_clean_record(identifiers: Value) -> Harness {
+    let mut h = Harness::new();
+    h.run_one("clean", 1, identifiers, Value::Object(ann()));
+    h
+}
+
 /// Runs the clean record (with an email), then `other` (with no identifier), and says
 /// whether they ended up in one profile.
 fn links(other: Value) -> bool {
-    let mut h = Harness::new();
-    h.run(&[event(
-        "clean",
-        1,
-        json!({"email": "annabel@example.com"}),
-        Value::Object(ann()),
-    )]);
-    h.run(&[event("other", 2, json!({}), other)]);
+    let mut h = after_clean_record(json!({"email": "annabel@example.com"}));
+    h.run_one("other", 2, json!({}), other);
     h.current_customer("clean") == h.current_customer("other")
 }
 
@@ -117,19 +118,13 @@ fn every_kind_of_corruption_still_links() {
 
 #[test]
 fn the_fuzzy_link_records_each_fields_level_and_weight() {
-    let mut h = Harness::new();
-    h.run(&[event(
-        "clean",
-        1,
-        json!({"email": "annabel@example.com"}),
-        Value::Object(ann()),
-    )]);
-    h.run(&[event(
+    let mut h = after_clean_record(json!({"email": "annabel@example.com"}));
+    h.run_one(
         "typo",
         2,
         json!({}),
         ann_with(json!({"last_name": "Whitfiekd", "date_of_birth": "1984-07-03"})),
-    )]);
+    );
     let LinkRule::Fuzzy { score, fields } = &h.enriched("typo").resolution.rule else {
         panic!("expected a fuzzy link: {:?}", h.enriched("typo").resolution);
     };
@@ -152,18 +147,18 @@ fn the_fuzzy_link_records_each_fields_level_and_weight() {
 #[test]
 fn twins_with_their_own_emails_stay_apart() {
     let mut h = Harness::new();
-    h.run(&[event(
+    h.run_one(
         "ann",
         1,
         json!({"email": "annabel@example.com"}),
         Value::Object(ann()),
-    )]);
-    h.run(&[event(
+    );
+    h.run_one(
         "twin",
         2,
         json!({"email": "beatrice.w@example.org"}),
         ann_with(json!({"first_name": "Beatrice"})),
-    )]);
+    );
     assert_ne!(h.current_customer("ann"), h.current_customer("twin"));
     let refused = &h.enriched("twin").resolution.refused;
     assert_eq!(refused.len(), 1, "{refused:?}");
@@ -178,8 +173,8 @@ fn a_father_and_son_with_jr_stay_apart() {
     let son = json!({"first_name": "Robert", "last_name": "Kowalski Jr", "date_of_birth": "1986-04-30",
         "street": "9 Elm Street", "city": "Dayton", "postcode": "45402"});
     let mut h = Harness::new();
-    h.run(&[event("father", 1, json!({}), father)]);
-    h.run(&[event("son", 2, json!({}), son)]);
+    h.run_one("father", 1, json!({}), father);
+    h.run_one("son", 2, json!({}), son);
     assert_ne!(h.current_customer("father"), h.current_customer("son"));
 }
 
@@ -187,13 +182,13 @@ fn a_father_and_son_with_jr_stay_apart() {
 fn a_family_sharing_one_email_is_refused_as_conflicting_traits() {
     let mut h = Harness::new();
     let family = json!({"email": "the.whitfields@example.com"});
-    h.run(&[event("ann", 1, family.clone(), Value::Object(ann()))]);
-    h.run(&[event(
+    h.run_one("ann", 1, family.clone(), Value::Object(ann()));
+    h.run_one(
         "dad",
         2,
         family,
         ann_with(json!({"first_name": "Gerald", "date_of_birth": "1951-11-08"})),
-    )]);
+    );
     assert_ne!(h.customer("ann"), h.customer("dad"));
     let refused = &h.enriched("dad").resolution.refused;
     assert_eq!(
@@ -206,40 +201,28 @@ fn a_family_sharing_one_email_is_refused_as_conflicting_traits() {
 
 #[test]
 fn an_identical_national_id_links_through_typos_in_name_and_birth_date() {
-    let mut h = Harness::new();
-    h.run(&[event(
-        "clean",
-        1,
-        json!({"national_id": "5779612"}),
-        Value::Object(ann()),
-    )]);
-    h.run(&[event(
+    let mut h = after_clean_record(json!({"national_id": "5779612"}));
+    h.run_one(
         "typos",
         2,
         json!({"national_id": "5779612"}),
         ann_with(
             json!({"first_name": "Anabel", "last_name": "Whitfeld", "date_of_birth": "1984-03-01"}),
         ),
-    )]);
+    );
     assert_eq!(h.customer("clean"), h.customer("typos"));
     assert!(h.enriched("typos").resolution.refused.is_empty());
 }
 
 #[test]
 fn a_national_id_one_edit_away_is_a_typo_scored_with_the_traits_and_reported() {
-    let mut h = Harness::new();
-    h.run(&[event(
-        "clean",
-        1,
-        json!({"national_id": "5779612"}),
-        Value::Object(ann()),
-    )]);
-    h.run(&[event(
+    let mut h = after_clean_record(json!({"national_id": "5779612"}));
+    h.run_one(
         "typo",
         2,
         json!({"national_id": "5797612"}),
         ann_with(json!({"street": "42 Kingsly Road"})),
-    )]);
+    );
     assert_eq!(h.customer("clean"), h.customer("typo"));
     let LinkRule::Fuzzy { fields, .. } = &h.enriched("typo").resolution.rule else {
         panic!("expected a fuzzy link");
@@ -257,19 +240,13 @@ fn a_national_id_one_edit_away_is_a_typo_scored_with_the_traits_and_reported() {
 
 #[test]
 fn a_clearly_different_user_id_refuses_a_fuzzy_match_and_says_so() {
-    let mut h = Harness::new();
-    h.run(&[event(
-        "clean",
-        1,
-        json!({"user_id": "u-1001"}),
-        Value::Object(ann()),
-    )]);
-    h.run(&[event(
+    let mut h = after_clean_record(json!({"user_id": "u-1001"}));
+    h.run_one(
         "other",
         2,
         json!({"user_id": "u-7734"}),
         Value::Object(ann()),
-    )]);
+    );
     assert_ne!(h.customer("clean"), h.customer("other"));
     let refused = &h.enriched("other").resolution.refused;
     assert_eq!(refused.len(), 1, "{refused:?}");
@@ -295,24 +272,19 @@ fn an_event_that_matches_two_profiles_bridges_them_whatever_came_first() {
     let second = ann_with(json!({"first_name": "A.", "date_of_birth": null}));
     let third = Value::Object(ann());
     let mut h = Harness::new();
-    h.run(&[event(
+    h.run_one(
         "first",
         1,
         json!({"email": "a.whitfield@example.com"}),
         first,
-    )]);
-    h.run(&[event(
-        "second",
-        2,
-        json!({"phone": "+1 415 555 0199"}),
-        second,
-    )]);
+    );
+    h.run_one("second", 2, json!({"phone": "+1 415 555 0199"}), second);
     assert_ne!(
         h.current_customer("first"),
         h.current_customer("second"),
         "they do not match alone"
     );
-    h.run(&[event("third", 3, json!({}), third)]);
+    h.run_one("third", 3, json!({}), third);
     assert_eq!(h.current_customer("first"), h.current_customer("second"));
     assert_eq!(h.current_customer("third"), h.current_customer("first"));
     assert_eq!(h.changes_of_type("merged").len(), 1);
@@ -340,42 +312,42 @@ fn a_known_customer_that_gains_traits_finds_its_anonymous_profile() {
     let mut h = Harness::new();
     // An anonymous visitor fills in a form; later the known customer's own event brings the
     // same traits for the first time.
-    h.run(&[event(
+    h.run_one(
         "anonymous",
         1,
         json!({"cookie_id": "ck-991"}),
         Value::Object(ann()),
-    )]);
-    h.run(&[event(
+    );
+    h.run_one(
         "known",
         2,
         json!({"email": "annabel@example.com"}),
         json!({}),
-    )]);
+    );
     assert_ne!(h.current_customer("anonymous"), h.current_customer("known"));
-    h.run(&[event(
+    h.run_one(
         "later",
         3,
         json!({"email": "annabel@example.com"}),
         ann_with(json!({"street": "42 Kingsley Rd"})),
-    )]);
+    );
     assert_eq!(h.current_customer("anonymous"), h.current_customer("known"));
 }
 
 #[test]
 fn names_alone_never_link() {
     let mut h = Harness::new();
-    h.run(&[event(
+    h.run_one(
         "one",
         1,
         json!({"email": "one@example.com"}),
         json!({"first_name": "Annabel", "last_name": "Whitfield"}),
-    )]);
-    h.run(&[event(
+    );
+    h.run_one(
         "two",
         2,
         json!({}),
         json!({"first_name": "Annabel", "last_name": "Whitfield"}),
-    )]);
+    );
     assert_ne!(h.current_customer("one"), h.current_customer("two"));
 }

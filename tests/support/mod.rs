@@ -61,6 +61,11 @@ impl Harness {
         self.dead_letters.extend(outcome.dead_letters);
     }
 
+    /// Runs one canonical event (see [`event`]) as a batch of its own.
+    pub fn run_one(&mut self, id: &str, n: u32, identifiers: Value, traits: Value) {
+        self.run(&[event(id, n, identifiers, traits)]);
+    }
+
     pub fn run(&mut self, events: &[Value]) {
         let payloads: Vec<Vec<u8>> = events
             .iter()

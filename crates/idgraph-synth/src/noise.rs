@@ -125,29 +125,11 @@ pub fn corrupt_traits(rng: &mut ChaCha8Rng, noise: Noise, traits: &mut Map<Strin
         drop_with(rng, traits, "date_of_birth", rates.dob_missing);
     }
     if traits.contains_key("street") {
-        spoil_text(rng, traits, "street", |rng, street| {
-            if rng.gen_bool(rates.street_typo) {
-                keyboard_typo(rng, street)
-            } else {
-                street.to_owned()
-            }
-        });
+        spoil_sometimes(rng, traits, "street", rates.street_typo, keyboard_typo);
         drop_with(rng, traits, "street", rates.street_missing);
-        spoil_text(rng, traits, "city", |rng, city| {
-            if rng.gen_bool(rates.city_typo) {
-                keyboard_typo(rng, city)
-            } else {
-                city.to_owned()
-            }
-        });
+        spoil_sometimes(rng, traits, "city", rates.city_typo, keyboard_typo);
         drop_with(rng, traits, "city", rates.city_missing);
-        spoil_text(rng, traits, "postcode", |rng, postcode| {
-            if rng.gen_bool(rates.postcode_digit) {
-                digit_slip(rng, postcode)
-            } else {
-                postcode.to_owned()
-            }
-        });
+        spoil_sometimes(rng, traits, "postcode", rates.postcode_digit, digit_slip);
     }
 }
 
@@ -177,6 +159,23 @@ fn spoil_text(
         let spoiled = spoil(rng, text);
         traits.insert(field.into(), json!(spoiled));
     }
+}
+
+/// Spoils a field with `spoil` in a `share` of events.
+fn spoil_sometimes(
+    rng: &mut ChaCha8Rng,
+    traits: &mut Map<String, Value>,
+    field: &str,
+    share: f64,
+    spoil: fn(&mut ChaCha8Rng, &str) -> String,
+) {
+    spoil_text(rng, traits, field, |rng, text| {
+        if rng.gen_bool(share) {
+            spoil(rng, text)
+        } else {
+            text.to_owned()
+        }
+    });
 }
 
 fn drop_with(rng: &mut ChaCha8Rng, traits: &mut Map<String, Value>, field: &str, share: f64) {

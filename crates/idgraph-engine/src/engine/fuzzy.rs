@@ -3,13 +3,13 @@
 //! event that joined one profile and matches another merges them too, so the order in which
 //! a person's records arrive does not decide whether they end up together.
 
-use idgraph_model::{FieldScore, Identifier, LinkRule, NormalizedEvent};
+use idgraph_model::{CompactString, FieldScore, Identifier, LinkRule, NormalizedEvent};
 
 use super::{fuzzy_rule, EventContext};
 use crate::batch::Batch;
 use crate::matching::{
-    blocking_keys, identifier_typo_keys, rule_key, EventSide, MatchScore, ProfileSide, Side,
-    Verdict,
+    blocking_keys, identifier_typo_keys, is_broad_key, rule_key, EventSide, MatchScore,
+    ProfileSide, Side, Verdict,
 };
 use crate::profile::profile_blocking_keys;
 use crate::state::ProfileState;
@@ -67,9 +67,12 @@ impl Engine {
             .is_some_and(|c| c.block_on_typos == Some(true))
     }
 
-    /// Every live profile listed under `keys` (generic keys skipped), up to
-    /// `fuzzy.max_candidates`, scored against `side` and ordered best first: higher score,
-    /// then older profile, then smaller id, so ties never depend on arrival order.
+    /// The live profiles listed under `keys` (generic keys skipped), scored against `side`
+    /// and ordered best first: higher score, then older profile, then smaller id, so ties
+    /// never depend on arrival order. Selective keys are searched first (up to `limit`
+    /// profiles); broad ones (a birth year, a city: shared by many in a large graph) only if
+    /// none of those links, with the same limit again. Most events that have a match find it
+    /// through a selective key, and a broad key's profiles are mostly strangers.
     pub(super) fn fuzzy_candidates<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
@@ -79,48 +82,23 @@ impl Engine {
         limit: usize,
         stats: &mut BatchStats,
     ) -> Result<Vec<Candidate>, EngineError> {
-        let mut ids: Vec<String> = Vec::new();
-        'keys: for key in keys {
-            let block = batch.block(key)?;
-            if block.oversize {
-                continue;
+        let (broad, selective): (Vec<&String>, Vec<&String>) =
+            keys.iter().partition(|key| is_broad_key(key));
+        let mut seen: Vec<String> = Vec::new();
+        let mut scored = Vec::new();
+        for phase in [selective, broad] {
+            let found = self.listed_profiles(batch, &phase, exclude, &mut seen, limit)?;
+            for id in found {
+                scored.push(self.score_candidate(batch, side, id)?);
             }
-            for id in &block.customers {
-                // A live id already listed resolves to itself: skip it before resolving,
-                // which copies the id.
-                if Some(id.as_str()) == exclude || ids.contains(id) {
-                    continue;
-                }
-                let Some(live) = batch.resolve_id(id)? else {
-                    continue;
-                };
-                if Some(live.as_str()) == exclude || ids.contains(&live) {
-                    continue;
-                }
-                ids.push(live);
-                if ids.len() >= limit {
-                    break 'keys;
-                }
+            if scored.iter().any(|(_, c)| c.verdict == Verdict::Link) {
+                break;
             }
         }
-        if ids.is_empty() {
+        if scored.is_empty() {
             return Ok(Vec::new());
         }
-        stats.candidates_per_event.push(ids.len() as u32);
-        let mut scored = Vec::with_capacity(ids.len());
-        for id in ids {
-            let state = batch.profile(&id)?;
-            let mut score = self.model.score(side, &profile_side(&state));
-            drop(state);
-            self.discount_common_values(batch, &mut score)?;
-            let threshold = self.model.threshold_for(batch.profiles_known());
-            let verdict = self.model.verdict(&score, threshold);
-            let state = batch.profile(&id)?;
-            scored.push((
-                state.profile.created_at.clone(),
-                Candidate { id, score, verdict },
-            ));
-        }
+        stats.candidates_per_event.push(scored.len() as u32);
         scored.sort_by(|(created_a, a), (created_b, b)| {
             b.score
                 .total
@@ -132,6 +110,62 @@ impl Engine {
             stats.fuzzy_scores.push(best.score.total);
         }
         Ok(scored.into_iter().map(|(_, candidate)| candidate).collect())
+    }
+
+    /// Up to `limit` live profiles listed under `keys` that are not in `seen` (which they
+    /// join) nor `exclude`.
+    fn listed_profiles<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        keys: &[&String],
+        exclude: Option<&str>,
+        seen: &mut Vec<String>,
+        limit: usize,
+    ) -> Result<Vec<String>, EngineError> {
+        let mut found = Vec::new();
+        'keys: for key in keys {
+            let block = batch.block(key)?;
+            if block.oversize {
+                continue;
+            }
+            for id in &block.customers {
+                // A live id already listed resolves to itself: skip it before resolving,
+                // which copies the id.
+                if Some(id.as_str()) == exclude || seen.contains(id) {
+                    continue;
+                }
+                let Some(live) = batch.resolve_id(id)? else {
+                    continue;
+                };
+                if Some(live.as_str()) == exclude || seen.contains(&live) {
+                    continue;
+                }
+                seen.push(live.clone());
+                found.push(live);
+                if found.len() >= limit {
+                    break 'keys;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// One candidate's score, term-frequency discount and verdict, with its creation time
+    /// for ordering.
+    fn score_candidate<S: StateRead>(
+        &self,
+        batch: &mut Batch<'_, S>,
+        side: &impl Side,
+        id: String,
+    ) -> Result<(CompactString, Candidate), EngineError> {
+        let state = batch.profile(&id)?;
+        let mut score = self.model.score(side, &profile_side(&state));
+        let created_at = state.profile.created_at.clone();
+        drop(state);
+        self.discount_common_values(batch, &mut score)?;
+        let threshold = self.model.threshold_for(batch.profiles_known());
+        let verdict = self.model.verdict(&score, threshold);
+        Ok((created_at, Candidate { id, score, verdict }))
     }
 
     /// Term frequency: agreeing on a full name or a birth date that many profiles share says

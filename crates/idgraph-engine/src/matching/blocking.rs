@@ -38,25 +38,31 @@ enum Part {
 pub struct BlockingRule {
     pub name: &'static str,
     parts: &'static [Part],
+    /// Whether many people share the rule's keys in a large graph (a birth year, a city):
+    /// such keys are searched only when the selective ones found nothing to link to.
+    pub broad: bool,
 }
 
 const FIRST: &str = "first_name";
 const LAST: &str = "last_name";
 
 /// The rules, most selective first: candidates are gathered in this order up to
-/// `fuzzy.max_candidates`.
+/// `fuzzy.max_candidates`, the broad ones only when the others found nothing to link to.
 pub const BLOCKING_RULES: &[BlockingRule] = &[
     BlockingRule {
         name: "nn",
         parts: &[Part::NamePair],
+        broad: false,
     },
     BlockingRule {
         name: "ld",
         parts: &[Part::Soundex(LAST), Part::Value(DATE_OF_BIRTH)],
+        broad: false,
     },
     BlockingRule {
         name: "fd",
         parts: &[Part::Initial(FIRST), Part::Value(DATE_OF_BIRTH)],
+        broad: false,
     },
     BlockingRule {
         name: "lp",
@@ -65,38 +71,47 @@ pub const BLOCKING_RULES: &[BlockingRule] = &[
             Part::Initial(FIRST),
             Part::Value("postcode"),
         ],
+        broad: false,
     },
     BlockingRule {
         name: "dp",
         parts: &[Part::Value(DATE_OF_BIRTH), Part::Value("postcode")],
+        broad: false,
     },
     BlockingRule {
         name: "ph",
         parts: &[Part::Value("postcode"), Part::HouseNumber("street")],
+        broad: false,
     },
     BlockingRule {
         name: "ly",
         parts: &[Part::Soundex(LAST), Part::Year(DATE_OF_BIRTH)],
+        broad: true,
     },
     BlockingRule {
         name: "fy",
         parts: &[Part::Soundex(FIRST), Part::Year(DATE_OF_BIRTH)],
+        broad: true,
     },
     BlockingRule {
         name: "sl",
         parts: &[Part::StreetName("street"), Part::Soundex(LAST)],
+        broad: true,
     },
     BlockingRule {
         name: "lc",
         parts: &[Part::Soundex(LAST), Part::Value("city")],
+        broad: true,
     },
     BlockingRule {
         name: "ss",
         parts: &[Part::SoundexPair],
+        broad: true,
     },
     BlockingRule {
         name: "db",
         parts: &[Part::Value(DATE_OF_BIRTH)],
+        broad: true,
     },
 ];
 
@@ -116,6 +131,14 @@ pub fn blocking_keys_from<'a>(value_of: impl Fn(&str) -> Option<&'a str>) -> Vec
         keys.push(block_key(rule.name, &parts));
     }
     keys
+}
+
+/// Whether a stored key comes from a broad rule (see [`BlockingRule::broad`]).
+pub fn is_broad_key(key: &str) -> bool {
+    let rule = key.split(':').next().unwrap_or_default();
+    BLOCKING_RULES
+        .iter()
+        .any(|candidate| candidate.broad && candidate.name == rule)
 }
 
 /// The key one rule gives for the values `value_of` returns, if they have every part.
@@ -273,6 +296,21 @@ mod tests {
         ];
         for other in corrupted {
             assert!(share_a_key(&original, &other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn only_keys_many_people_share_are_broad() {
+        assert!(is_broad_key("db:1980-02-29"));
+        assert!(is_broad_key("lc:L000:bristol"));
+        assert!(!is_broad_key("nn:ann:lee"));
+        assert!(!is_broad_key("it:national_id:577612"));
+        // Every rule that keys on a birth date and something more is selective.
+        for rule in BLOCKING_RULES
+            .iter()
+            .filter(|r| ["ld", "fd", "dp"].contains(&r.name))
+        {
+            assert!(!rule.broad, "{}", rule.name);
         }
     }
 

@@ -14,7 +14,9 @@ mod nicknames;
 pub mod text;
 pub mod train;
 
-pub use blocking::{blocking_keys_from, identifier_typo_keys, rule_key, BLOCKING_RULES};
+pub use blocking::{
+    blocking_keys_from, identifier_typo_keys, is_broad_key, rule_key, BLOCKING_RULES,
+};
 pub use comparison::ComparisonKind;
 pub use model::{EventSide, MatchModel, MatchScore, ProfileSide, Side, Verdict};
 pub use text::{are_nicknames, soundex};

@@ -73,12 +73,19 @@ impl Side for EventSide<'_> {
     }
 
     fn identifier_values(&self, kind: &str) -> Vec<&str> {
-        self.identifiers
-            .iter()
-            .filter(|i| i.kind == kind)
-            .map(|i| i.value.as_str())
-            .collect()
+        values_of_kind(self.identifiers.iter().map(|i| (&i.kind, &i.value)), kind)
     }
+}
+
+/// The values of one kind among `(kind, value)` pairs.
+fn values_of_kind<'a>(
+    identifiers: impl Iterator<Item = (&'a CompactString, &'a CompactString)>,
+    kind: &str,
+) -> Vec<&'a str> {
+    identifiers
+        .filter(|(k, _)| *k == kind)
+        .map(|(_, value)| value.as_str())
+        .collect()
 }
 
 /// A profile's remembered trait values and its identifiers.
@@ -93,11 +100,7 @@ impl Side for ProfileSide<'_> {
     }
 
     fn identifier_values(&self, kind: &str) -> Vec<&str> {
-        self.identifiers
-            .iter()
-            .filter(|i| i.kind == kind)
-            .map(|i| i.value.as_str())
-            .collect()
+        values_of_kind(self.identifiers.iter().map(|i| (&i.kind, &i.value)), kind)
     }
 }
 
