@@ -7,7 +7,7 @@ mod support;
 use idgraph_engine::read::explain;
 use idgraph_model::{ChangeKind, LinkRule, RefusalRule};
 use serde_json::{json, Map, Value};
-use support::{event, Harness};
+use support::Harness;
 
 /// A complete, clean person record.
 fn ann() -> Map<String, Value> {
