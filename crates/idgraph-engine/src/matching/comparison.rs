@@ -34,6 +34,9 @@ pub enum ComparisonKind {
 /// The label of the level every comparison ends with: clear disagreement.
 pub const ELSE: &str = "else";
 
+/// The label of the level of identical values, which every comparison has.
+pub const EXACT: &str = "exact";
+
 impl ComparisonKind {
     /// The kind's levels, in the order their predicates are tried.
     pub fn levels(self) -> &'static [&'static str] {

@@ -10,7 +10,7 @@
 
 use idgraph_model::{CompactString, FieldScore, Identifier, ProfileIdentifier, SortedMap};
 
-use super::comparison::{ComparisonKind, Partners, ELSE};
+use super::comparison::{ComparisonKind, Partners, ELSE, EXACT};
 use crate::config::{ComparisonConfig, FuzzyConfig, ProtectionConfig};
 use idgraph_model::RefusalRule;
 
@@ -21,6 +21,9 @@ struct CompiledComparison {
     kind: ComparisonKind,
     /// log2(m/u) per level, in the kind's level order.
     weights: Vec<f64>,
+    /// The index of the kind's "exact" level (not always the first: a name's Jr/Sr check
+    /// comes before it).
+    exact: usize,
     swap_with: Option<CompactString>,
     implied_by: Vec<CompactString>,
     refuse_when_different: bool,
@@ -38,6 +41,7 @@ impl CompiledComparison {
             field: field.into(),
             kind: config.comparison,
             weights,
+            exact: config.comparison.index_of(EXACT),
             swap_with: config.swap_with.as_deref().map(CompactString::from),
             implied_by: config
                 .implied_by
@@ -289,8 +293,8 @@ impl MatchModel {
                 self.traits
                     .iter()
                     .position(|c| c.field == *other)
-                    .and_then(|i| levels[i])
-                    .is_some_and(|(other_level, _, _)| other_level == 0)
+                    .and_then(|i| levels[i].map(|(level, _, _)| level == self.traits[i].exact))
+                    .unwrap_or(false)
             });
             if implied && weight > 0.0 {
                 weight = 0.0;
@@ -301,7 +305,7 @@ impl MatchModel {
             } else if comparison.kind.offsets_disagreement() {
                 result.personal_conflict += weight;
             }
-            if level == 0 {
+            if level == comparison.exact {
                 result
                     .exact_values
                     .push((comparison.field.clone(), a.into()));
@@ -399,7 +403,7 @@ fn best_level<'a>(
             if better {
                 best = Some((level, a, b));
             }
-            if level == 0 {
+            if level == comparison.exact {
                 return best;
             }
         }
@@ -422,7 +426,7 @@ fn field_score(comparison: &CompiledComparison, level: usize, weight: f64) -> Fi
     FieldScore {
         field: comparison.field.clone(),
         level: comparison.label(level).into(),
-        similarity: if level == 0 { 1.0 } else { 0.0 },
+        similarity: if level == comparison.exact { 1.0 } else { 0.0 },
         weight: round3(weight),
     }
 }
@@ -430,4 +434,47 @@ fn field_score(comparison: &CompiledComparison, level: usize, weight: f64) -> Fi
 /// Rounds for output so that scores print the same everywhere.
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EngineConfig;
+
+    fn model() -> MatchModel {
+        let config = EngineConfig::defaults();
+        MatchModel::new(&config.fuzzy, &config.protection)
+    }
+
+    fn history(pairs: &[(&str, &[&str])]) -> SortedMap<CompactString, Vec<CompactString>> {
+        pairs
+            .iter()
+            .map(|(field, values)| {
+                let values = values.iter().map(|v| CompactString::from(*v)).collect();
+                (CompactString::from(*field), values)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_best_value_of_a_profile_wins_even_after_a_jr_mismatch() {
+        // The Jr/Sr level comes first in a name's levels; it must not end the search for
+        // the exact value the profile also holds.
+        // The profile's values are sorted: "smith" is compared first.
+        let profile = history(&[("last_name", &["smith", "smith jr"])]);
+        let event = history(&[("last_name", &["smith jr"])]);
+        let side = |h| ProfileSide {
+            history: h,
+            identifiers: &[],
+        };
+        let score = model().score(&side(&event), &side(&profile));
+        let last = score
+            .fields
+            .iter()
+            .find(|f| f.field == "last_name")
+            .unwrap();
+        assert_eq!(last.level, "exact");
+        assert_eq!(last.similarity, 1.0);
+        assert_eq!(score.exact_values.len(), 1);
+    }
 }
