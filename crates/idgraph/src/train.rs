@@ -17,12 +17,6 @@ use idgraph_model::{InputCoordinates, NormalizedEvent};
 use crate::config::AppConfig;
 use crate::resolve::PROCESSOR_VERSION;
 
-/// Profiles listed under one blocking key beyond which the key proposes no pairs: the same
-/// limit resolution applies.
-fn block_limit(config: &AppConfig) -> usize {
-    config.engine.fuzzy.max_block_size
-}
-
 pub fn train(config: &AppConfig, input: &Path, output: &Path, max_pairs: usize) -> Result<()> {
     let engine = Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let events = read_events(&engine, input)?;
@@ -37,7 +31,9 @@ pub fn train(config: &AppConfig, input: &Path, output: &Path, max_pairs: usize) 
     let vector =
         |(a, b): (usize, usize)| model.comparison_vector(&side(&events[a]), &side(&events[b]));
     let random: Vec<_> = random_pairs(events.len(), max_pairs).map(vector).collect();
-    let candidates: Vec<_> = candidate_pairs(&events, block_limit(config), max_pairs)
+    // A key held by more events than resolution's block limit proposes no pairs, as there.
+    let block_limit = config.engine.fuzzy.max_block_size;
+    let candidates: Vec<_> = candidate_pairs(&events, block_limit, max_pairs)
         .into_iter()
         .map(vector)
         .collect();

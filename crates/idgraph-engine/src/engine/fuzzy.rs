@@ -7,6 +7,7 @@ use idgraph_model::{CompactString, FieldScore, Identifier, LinkRule, NormalizedE
 
 use super::{fuzzy_rule, EventContext};
 use crate::batch::Batch;
+use crate::matching::model::round3;
 use crate::matching::{
     blocking_keys, identifier_typo_keys, is_broad_key, rule_key, EventSide, MatchScore,
     ProfileSide, Side, Verdict,
@@ -204,12 +205,12 @@ impl Engine {
                 continue;
             }
             let discount = -(holders as f64).log2();
-            score.total = ((score.total + discount) * 1000.0).round() / 1000.0;
+            score.total = round3(score.total + discount);
             score.fields.push(FieldScore {
                 field: fields.into(),
                 level: "term_frequency".into(),
                 similarity: 1.0,
-                weight: (discount * 1000.0).round() / 1000.0,
+                weight: round3(discount),
             });
         }
         Ok(())

@@ -8,6 +8,7 @@ use idgraph_model::{CompactString, Identifier, NormalizedEvent, RefusalRule, Sor
 
 use super::{fuzzy, EventContext};
 use crate::batch::Batch;
+use crate::matching::model::values_of_kind;
 use crate::matching::{EventSide, MatchScore, Side, MATCH_FIELDS};
 use crate::state::ProfileState;
 use crate::stats::BatchStats;
@@ -205,10 +206,7 @@ impl Side for WithEvent<'_> {
 
     fn identifier_values(&self, kind: &str) -> Vec<&str> {
         let held = self.profile.profile.identifiers.iter();
-        let mut values: Vec<&str> = held
-            .filter(|i| i.kind == kind)
-            .map(|i| i.value.as_str())
-            .collect();
+        let mut values = values_of_kind(held.map(|i| (&i.kind, &i.value)), kind);
         for identifier in &self.event.identifiers {
             if identifier.kind == kind && !values.contains(&identifier.value.as_str()) {
                 values.push(&identifier.value);

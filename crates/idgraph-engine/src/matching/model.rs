@@ -82,7 +82,7 @@ impl Side for EventSide<'_> {
 }
 
 /// The values of one kind among `(kind, value)` pairs.
-fn values_of_kind<'a>(
+pub(crate) fn values_of_kind<'a>(
     identifiers: impl Iterator<Item = (&'a CompactString, &'a CompactString)>,
     kind: &str,
 ) -> Vec<&'a str> {
@@ -152,15 +152,6 @@ impl MatchScore {
     pub fn has_evidence(&self) -> bool {
         self.fields.iter().any(|f| f.level != "missing")
     }
-
-    /// The level a field reached ("missing" when it could not be compared), if it is
-    /// part of the model.
-    pub fn level_of(&self, field: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|f| f.field == field)
-            .map(|f| f.level.as_str())
-    }
 }
 
 /// What the model says about a scored pair.
@@ -207,11 +198,6 @@ impl MatchModel {
         }
     }
 
-    /// The traits the model compares.
-    pub fn trait_fields(&self) -> impl Iterator<Item = &str> {
-        self.traits.iter().map(|c| c.field.as_str())
-    }
-
     /// The traits the model compares with their comparison kinds, in scoring order.
     pub fn trait_comparisons(&self) -> impl Iterator<Item = (&str, ComparisonKind)> {
         self.traits.iter().map(|c| (c.field.as_str(), c.kind))
@@ -220,6 +206,19 @@ impl MatchModel {
     /// The level index each trait comparison reaches for `left` against `right` (`None`
     /// where either side lacks the field): the comparison vector EM training counts.
     pub fn comparison_vector(&self, left: &impl Side, right: &impl Side) -> Vec<Option<u8>> {
+        self.trait_levels(left, right)
+            .into_iter()
+            .map(|found| found.map(|(level, _, _)| level as u8))
+            .collect()
+    }
+
+    /// Per trait comparison, the best level over every pair of values and the pair it came
+    /// from; `None` where either side lacks the field.
+    fn trait_levels<'v>(
+        &self,
+        left: &'v impl Side,
+        right: &'v impl Side,
+    ) -> Vec<Option<(usize, &'v str, &'v str)>> {
         self.traits
             .iter()
             .map(|comparison| {
@@ -241,7 +240,6 @@ impl MatchModel {
                         .map(CompactString::as_str),
                     partners,
                 )
-                .map(|(level, _, _)| level as u8)
             })
             .collect()
     }
@@ -260,26 +258,7 @@ impl MatchModel {
             distinct_identifiers: false,
             different_identifier: None,
         };
-        let mut levels: Vec<Option<(usize, &str, &str)>> = Vec::with_capacity(self.traits.len());
-        for comparison in &self.traits {
-            let partners = match &comparison.swap_with {
-                Some(partner) => Partners {
-                    left: left.trait_values(partner),
-                    right: right.trait_values(partner),
-                },
-                None => Partners::default(),
-            };
-            let values = (
-                left.trait_values(&comparison.field),
-                right.trait_values(&comparison.field),
-            );
-            levels.push(best_level(
-                comparison,
-                values.0.iter().map(CompactString::as_str),
-                values.1.iter().map(CompactString::as_str),
-                partners,
-            ));
-        }
+        let levels = self.trait_levels(left, right);
         for (index, comparison) in self.traits.iter().enumerate() {
             let Some((level, a, b)) = levels[index] else {
                 result.fields.push(missing(&comparison.field));
@@ -432,7 +411,7 @@ fn field_score(comparison: &CompiledComparison, level: usize, weight: f64) -> Fi
 }
 
 /// Rounds for output so that scores print the same everywhere.
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
