@@ -173,6 +173,106 @@ fn two_runs_on_the_same_input_write_byte_identical_outputs() {
     }
 }
 
+const OUTPUT_FILES: [&str; 4] = [
+    "enriched.jsonl",
+    "profiles.jsonl",
+    "identity-changes.jsonl",
+    "dead-letter.jsonl",
+];
+
+/// Starts `idgraph resolve` with small batches and checkpoints, so that a run has many.
+fn start_resolve(input: &Path, out: &Path, state: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_idgraph"))
+        .args(["resolve", "--input", p(input), "--output-dir", p(out)])
+        .args(["--state", p(state)])
+        .env("IDGRAPH__RESOLVE__PROGRESS_INTERVAL_SECS", "0")
+        .env("IDGRAPH__RESOLVE__BATCH_SIZE", "250")
+        .env("IDGRAPH__RESOLVE__CHECKPOINT_INTERVAL", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn rerunning_after_kill_9_leaves_the_outputs_of_an_uncrashed_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = generate(dir.path(), 30_000, 21);
+    let reference = dir.path().join("reference");
+    let uncrashed = start_resolve(&input, &reference, &dir.path().join("reference-state"))
+        .wait_with_output()
+        .unwrap();
+    assert!(uncrashed.status.success());
+    let mut killed_mid_run = 0;
+    for attempt in 0..3u64 {
+        let out = dir.path().join(format!("out{attempt}"));
+        let state = dir.path().join(format!("state{attempt}"));
+        let mut run = start_resolve(&input, &out, &state);
+        // Kill it once some records are out and a little later each time, so that the kill
+        // falls between checkpoints, inside one, or while records past one are written.
+        let enriched = out.join("enriched.jsonl");
+        let wanted = 200_000 * (attempt + 1);
+        while std::fs::metadata(&enriched).map_or(0, |m| m.len()) < wanted {
+            if run.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if run.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        run.kill().unwrap();
+        run.wait().unwrap();
+        let rerun = start_resolve(&input, &out, &state)
+            .wait_with_output()
+            .unwrap();
+        assert!(rerun.status.success(), "the rerun after kill -9 failed");
+        for file in OUTPUT_FILES {
+            let expected = std::fs::read(reference.join(file)).unwrap();
+            let actual = std::fs::read(out.join(file)).unwrap();
+            assert!(
+                expected == actual,
+                "{file} after kill -9 and a rerun differs from an uncrashed run's (attempt {attempt}: {} vs {} bytes)",
+                actual.len(),
+                expected.len()
+            );
+        }
+    }
+    assert!(killed_mid_run > 0, "no run was killed before it finished");
+    // A finished run rerun changes nothing, and another output directory is refused with
+    // the way out named.
+    ok(&[
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&dir.path().join("out0")),
+        "--state",
+        p(&dir.path().join("state0")),
+    ]);
+    for file in OUTPUT_FILES {
+        assert!(
+            std::fs::read(reference.join(file)).unwrap()
+                == std::fs::read(dir.path().join("out0").join(file)).unwrap()
+        );
+    }
+    let elsewhere = idgraph(&[
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&dir.path().join("elsewhere")),
+        "--state",
+        p(&dir.path().join("state0")),
+    ]);
+    assert!(!elsewhere.status.success());
+    let message = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        message.contains("already holds") && message.contains("new --state"),
+        "{message}"
+    );
+}
+
 #[test]
 fn a_second_file_continues_the_same_graph_and_matches_a_single_run() {
     let dir = tempfile::tempdir().unwrap();

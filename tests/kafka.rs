@@ -820,9 +820,9 @@ impl idgraph_engine::StateRead for FlakyStore {
 }
 
 impl idgraph_engine::StateStore for FlakyStore {
-    fn write_parts(
+    fn write_ops(
         &mut self,
-        parts: &[&idgraph_engine::WriteSet],
+        ops: &[&idgraph_engine::WriteOp],
     ) -> Result<(), idgraph_engine::StoreError> {
         self.writes += 1;
         if (self.fail_from..self.fail_until).contains(&self.writes) {
@@ -830,7 +830,7 @@ impl idgraph_engine::StateStore for FlakyStore {
                 "injected: the disk is busy".into(),
             ));
         }
-        self.inner.write_parts(parts)
+        self.inner.write_ops(ops)
     }
 }
 

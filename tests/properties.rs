@@ -9,8 +9,9 @@ use std::sync::Arc;
 use idgraph_engine::read::profile_by_id;
 use idgraph_engine::state::{decode_customer, encode, CustomerEntry};
 use idgraph_engine::{
-    BatchOutcome, Engine, EngineConfig, InputMessage, MemoryStore, PendingWrites, ReadThrough,
-    ResolvedBatch, StateCache, StateRead, StateStore, Table, WriteSet,
+    BatchOutcome, Engine, EngineConfig, InputMessage, MemoryStore, PendingWrites,
+    ProfileRecordCache, ReadThrough, ResolvedBatch, StateCache, StateRead, StateStore, Table,
+    WriteSet,
 };
 use idgraph_model::{InputCoordinates, ResolutionAction};
 use proptest::prelude::*;
@@ -184,8 +185,9 @@ fn outputs_of_run(
             .collect();
         let messages = InputMessage::batch(&payloads, &coordinates, "web");
         let prepared = messages.iter().map(|m| engine.prepare(m)).collect();
+        let layers: Vec<&PendingWrites> = pending.iter().map(|(writes, _)| writes).collect();
         let view = ReadThrough {
-            pending: pending.as_ref().map(|(writes, _)| writes),
+            pending: &layers,
             store: &store,
         };
         let mut resolved = engine
@@ -232,10 +234,110 @@ fn commit(
     lines: &mut Vec<String>,
 ) {
     let (outcome, profile_writes) = resolved.encode_profiles();
-    store
-        .write_parts(&[pending.writes(), &profile_writes])
-        .unwrap();
+    let mut ops = pending.checkpoint_ops();
+    ops.extend(&profile_writes.ops);
+    store.write_ops(&ops).unwrap();
     lines.extend(record_lines(&outcome));
+}
+
+/// What a run in file mode's pipeline emits and keeps: the enriched events, identity changes
+/// and dead letters as JSON lines in order, the last profile record per customer, and the
+/// final state.
+struct CheckpointedRun {
+    /// Enriched events, identity changes and dead letters: one list per output file.
+    lines: [Vec<String>; 3],
+    last_profiles: BTreeMap<String, String>,
+    store: MemoryStore,
+}
+
+/// File mode's pipeline in miniature: batches of `batch_size` events, state written behind in
+/// checkpoints of `interval` batches (the last one still pending while the next batches are
+/// resolved through it), profile records collected in a record cache and emitted once per
+/// checkpoint.
+fn run_with_checkpoints(
+    engine: &Engine,
+    events: &[GenEvent],
+    batch_size: usize,
+    interval: usize,
+) -> CheckpointedRun {
+    let mut store = MemoryStore::new();
+    let mut cache = StateCache::new(1_000_000);
+    let mut open = PendingWrites::default();
+    let mut committing: Option<PendingWrites> = None;
+    let mut records = ProfileRecordCache::default();
+    let mut run = CheckpointedRun {
+        lines: Default::default(),
+        last_profiles: BTreeMap::new(),
+        store: MemoryStore::new(),
+    };
+    let mut emit_profiles = |records: &mut ProfileRecordCache| {
+        for record in records.take_records() {
+            let line = serde_json::to_string(&record).unwrap();
+            run.last_profiles.insert(record.customer_id, line);
+        }
+    };
+    for (batch_index, chunk) in events.chunks(batch_size).enumerate() {
+        let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
+        let coordinates: Vec<InputCoordinates> = (0..chunk.len())
+            .map(|i| InputCoordinates::File {
+                file: "prop".into(),
+                line: (batch_index * batch_size + i + 1) as u64,
+            })
+            .collect();
+        let messages = InputMessage::batch(&payloads, &coordinates, "web");
+        let prepared = messages.iter().map(|m| engine.prepare(m)).collect();
+        let layers: Vec<&PendingWrites> = std::iter::once(&open).chain(&committing).collect();
+        let view = ReadThrough {
+            pending: &layers,
+            store: &store,
+        };
+        let mut resolved = engine
+            .resolve_prepared(&view, &mut cache, prepared)
+            .unwrap();
+        let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
+        open.push(writes, resolved.profiles());
+        let (outcome, updates) = resolved.split();
+        let [enriched, changes, dead_letters] = &mut run.lines;
+        enriched.extend(
+            outcome
+                .enriched
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap()),
+        );
+        changes.extend(
+            outcome
+                .changes
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap()),
+        );
+        dead_letters.extend(
+            outcome
+                .dead_letters
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap()),
+        );
+        records.absorb(updates);
+        if open.batches() >= interval {
+            if let Some(previous) = committing.take() {
+                commit_checkpoint(&mut store, &previous);
+            }
+            emit_profiles(&mut records);
+            committing = Some(std::mem::take(&mut open));
+        }
+    }
+    for pending in committing.iter().chain([&open]) {
+        commit_checkpoint(&mut store, pending);
+    }
+    emit_profiles(&mut records);
+    run.store = store;
+    run
+}
+
+fn commit_checkpoint(store: &mut MemoryStore, pending: &PendingWrites) {
+    let profiles = pending.encode_profiles();
+    let mut ops = pending.checkpoint_ops();
+    ops.extend(&profiles.ops);
+    store.write_ops(&ops).unwrap();
 }
 
 fn record_lines(outcome: &BatchOutcome) -> Vec<String> {
@@ -251,6 +353,26 @@ fn record_lines(outcome: &BatchOutcome) -> Vec<String> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// SPEC §5: enriched events, identity changes and dead letters do not depend on the
+    /// checkpoint interval or the batch size, nor does the last profile record per customer;
+    /// with the same batch size, neither does the state.
+    #[test]
+    fn checkpoint_interval_and_batch_size_change_no_output(
+        events in events_strategy(40),
+        batch_size in 1usize..9,
+        interval in 2usize..6,
+    ) {
+        let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
+        let every_batch = run_with_checkpoints(&engine, &events, batch_size, 1);
+        let checkpointed = run_with_checkpoints(&engine, &events, batch_size, interval);
+        let one_by_one = run_with_checkpoints(&engine, &events, 1, 1);
+        for other in [&checkpointed, &one_by_one] {
+            prop_assert_eq!(&every_batch.lines, &other.lines);
+            prop_assert_eq!(&every_batch.last_profiles, &other.last_profiles);
+        }
+        prop_assert!(every_batch.store == checkpointed.store, "the state depends on the interval");
+    }
 
     #[test]
     fn the_state_cache_never_changes_an_output(events in events_strategy(40), small in 1usize..12) {

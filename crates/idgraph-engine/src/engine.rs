@@ -11,8 +11,8 @@ use chrono::SecondsFormat;
 use idgraph_model::{
     parse_event, parse_mapped, ChangeKind, CompactString, DeadLetter, EnrichedEvent, FailureKind,
     Identifier, IdentityChange, InputCoordinates, LinkRule, NormalizedEvent, Normalizer,
-    ParseError, ProfileJson, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution,
-    ResolutionAction, SortedMap, SCHEMA_VERSION,
+    ParseError, ProfileRecord, RecordMeta, RefusalRule, RefusedMerge, Resolution, ResolutionAction,
+    SortedMap, SCHEMA_VERSION,
 };
 use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_128;
@@ -22,6 +22,7 @@ use crate::cache::StateCache;
 use crate::config::{ConfigProblem, EngineConfig};
 use crate::matching::{MatchModel, MatchScore};
 use crate::profile::apply_event;
+use crate::record_cache::{live_record, ProfileUpdates};
 use crate::state::{encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState};
 use crate::stats::{bump, BatchStats};
 use crate::store::{StateRead, StoreError, Table, WriteSet};
@@ -153,13 +154,7 @@ impl ResolvedBatch {
         } = self;
         outcome.profiles.reserve(profile_records.len());
         for (id, state, meta) in profile_records {
-            outcome.profiles.push(ProfileRecord {
-                schema_version: SCHEMA_VERSION,
-                customer_id: id,
-                profile: Some(ProfileJson::encode(&state.profile)),
-                merged_into: None,
-                meta,
-            });
+            outcome.profiles.push(live_record(id, &state, meta));
         }
         let mut writes = WriteSet::default();
         writes.ops.reserve(profile_writes.len());
@@ -167,6 +162,25 @@ impl ResolvedBatch {
             writes.put(Table::Customers, id, encode_live(&state));
         }
         (outcome, writes)
+    }
+
+    /// The outcome without any profile record, and the profile records, not yet encoded, for
+    /// a [`ProfileRecordCache`] that emits them once per checkpoint. The live profiles'
+    /// state records are left to whoever holds [`ResolvedBatch::profiles`] (a
+    /// [`crate::PendingWrites`]).
+    ///
+    /// [`ProfileRecordCache`]: crate::ProfileRecordCache
+    pub fn split(self) -> (BatchOutcome, ProfileUpdates) {
+        let ResolvedBatch {
+            mut outcome,
+            profile_records,
+            ..
+        } = self;
+        let updates = ProfileUpdates {
+            tombstones: std::mem::take(&mut outcome.profiles),
+            live: profile_records,
+        };
+        (outcome, updates)
     }
 
     /// The whole outcome, with the profiles' state records appended to its write set.

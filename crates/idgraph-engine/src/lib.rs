@@ -21,6 +21,7 @@ pub mod matching;
 pub mod pending;
 pub mod profile;
 pub mod read;
+pub mod record_cache;
 pub mod state;
 pub mod stats;
 pub mod store;
@@ -33,6 +34,7 @@ pub use engine::{
 };
 pub use idgraph_model::Normalizer;
 pub use pending::{PendingWrites, ReadThrough};
+pub use record_cache::{ProfileRecordCache, ProfileUpdates};
 pub use stats::{BatchStats, QualityReport};
 pub use store::{
     ErrorClass, MemoryStore, StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp,

@@ -1,29 +1,36 @@
-//! Reading state while an earlier batch's write set is still being committed.
+//! Reading state while earlier batches' write sets are not yet in the store.
 //!
-//! A caller that commits batch N on another thread while the engine resolves batch N+1 must
-//! let N+1 see N's changes. [`ReadThrough`] answers reads from N's [`PendingWrites`] first
-//! and from the store second, so the engine gets exactly what it would read after the commit.
-//! Everything older than N must already be committed; this module does not check that.
+//! State is written behind: a caller collects the write sets of several batches into a
+//! checkpoint ([`PendingWrites`]) and commits them as one atomic write, possibly on another
+//! thread while the engine resolves later batches. Those batches must see every earlier
+//! change. [`ReadThrough`] answers reads from the pending checkpoints, newest first, and from
+//! the store last, so the engine gets exactly what it would read had every batch been
+//! committed on its own. Everything older than the oldest pending checkpoint must already be
+//! committed; this module does not check that.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 #[cfg(not(test))]
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::state::{encode_live, ProfileState};
 use crate::store::{Entries, StateRead, StoreError, Table, WriteOp, WriteSet};
 
-/// A write set on its way to the store, indexed for point reads, and the live profiles that
-/// will be written with it once they are encoded (see [`crate::ResolvedBatch`]).
-#[derive(Debug, Clone)]
+/// The write sets of one or more batches on their way to the store, indexed for point reads,
+/// and the live profiles that will be written with them once they are encoded (see
+/// [`crate::ResolvedBatch`]).
+#[derive(Debug, Clone, Default)]
 pub struct PendingWrites {
-    writes: Arc<WriteSet>,
-    /// Hash of table and key → index of the last operation with that hash.
-    index: FxHashMap<u64, u32>,
-    /// Customer records not in `writes`, by id; they are encoded only if someone reads them.
+    /// The batches' write sets, oldest first.
+    sets: Vec<Arc<WriteSet>>,
+    /// Hash of table and key → (set, operation) of the last operation with that hash.
+    index: FxHashMap<u64, (u32, u32)>,
+    /// Live customer records whose newest change is not in `sets`, by id; they are encoded
+    /// only when read or committed.
     profiles: FxHashMap<String, Arc<ProfileState>>,
+    batches: usize,
 }
 
 #[cfg(not(test))]
@@ -45,34 +52,63 @@ fn op_target(op: &WriteOp) -> (Table, &[u8]) {
 }
 
 impl PendingWrites {
+    /// One batch's write set, pending.
     pub fn new(writes: Arc<WriteSet>) -> Self {
-        let mut index = FxHashMap::default();
-        index.reserve(writes.ops.len());
-        for (position, op) in writes.ops.iter().enumerate() {
-            let (table, key) = op_target(op);
-            index.insert(key_hash(table, key), position as u32);
-        }
-        PendingWrites {
-            writes,
-            index,
-            profiles: FxHashMap::default(),
-        }
+        let mut pending = PendingWrites::default();
+        pending.push(writes, std::iter::empty());
+        pending
     }
 
-    /// Adds the live profiles that go to the store with this write set (their ids must have
-    /// no operation in it), e.g. [`crate::ResolvedBatch::profiles`].
+    /// Adds a later batch: its write set and the live profiles it changed (their ids must
+    /// have no operation in `writes`, e.g. [`crate::ResolvedBatch::profiles`]). What it
+    /// writes overrides what earlier batches wrote to the same keys.
+    pub fn push<'p>(
+        &mut self,
+        writes: Arc<WriteSet>,
+        profiles: impl IntoIterator<Item = (&'p str, &'p Arc<ProfileState>)>,
+    ) {
+        let set = self.sets.len() as u32;
+        self.index.reserve(writes.ops.len());
+        for (position, op) in writes.ops.iter().enumerate() {
+            let (table, key) = op_target(op);
+            self.index
+                .insert(key_hash(table, key), (set, position as u32));
+            if table == Table::Customers && !self.profiles.is_empty() {
+                // A redirect written after the profile was live replaces it.
+                if let Ok(id) = std::str::from_utf8(key) {
+                    self.profiles.remove(id);
+                }
+            }
+        }
+        self.sets.push(writes);
+        for (id, state) in profiles {
+            self.profiles.insert(id.to_owned(), Arc::clone(state));
+        }
+        self.batches += 1;
+    }
+
+    /// Adds the live profiles that go to the store with the newest write set; see
+    /// [`PendingWrites::push`].
     pub fn with_profiles<'p>(
         mut self,
         profiles: impl IntoIterator<Item = (&'p str, &'p Arc<ProfileState>)>,
     ) -> Self {
-        self.profiles = profiles
-            .into_iter()
-            .map(|(id, state)| (id.to_owned(), Arc::clone(state)))
-            .collect();
+        for (id, state) in profiles {
+            self.profiles.insert(id.to_owned(), Arc::clone(state));
+        }
         self
     }
 
-    /// The stored form of a pending profile: the bytes [`crate::ResolvedBatch`] will write.
+    /// How many batches this holds.
+    pub fn batches(&self) -> usize {
+        self.batches
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches == 0
+    }
+
+    /// The stored form of a pending profile: the bytes the checkpoint will write.
     fn profile_record(&self, table: Table, key: &[u8]) -> Option<Vec<u8>> {
         if table != Table::Customers || self.profiles.is_empty() {
             return None;
@@ -81,30 +117,69 @@ impl PendingWrites {
         Some(encode_live(state))
     }
 
-    pub fn writes(&self) -> &Arc<WriteSet> {
-        &self.writes
-    }
-
-    /// The last operation on `key` in `table`, if the write set has one.
+    /// The last operation on `key` in `table`, if a write set has one.
     fn last_op(&self, table: Table, key: &[u8]) -> Option<&WriteOp> {
-        let position = *self.index.get(&key_hash(table, key))?;
-        let op = &self.writes.ops[position as usize];
+        let (set, position) = *self.index.get(&key_hash(table, key))?;
+        let op = &self.sets[set as usize].ops[position as usize];
         if op_target(op) == (table, key) {
             return Some(op);
         }
         // Another key with the same 64-bit hash took the slot: look the slow way.
-        self.writes
-            .ops
-            .iter()
+        self.all_ops()
             .rev()
             .find(|op| op_target(op) == (table, key))
     }
+
+    fn all_ops(&self) -> impl DoubleEndedIterator<Item = &WriteOp> {
+        self.sets.iter().flat_map(|set| set.ops.iter())
+    }
+
+    /// What the checkpoint writes apart from the live profiles: the last operation per key,
+    /// in the order they were made. A key written by every batch (a position, a busy
+    /// profile's blocking keys) goes to the store once instead of once per batch.
+    pub fn checkpoint_ops(&self) -> Vec<&WriteOp> {
+        let mut seen: FxHashSet<(Table, &[u8])> = FxHashSet::default();
+        seen.reserve(self.index.len());
+        let mut kept: Vec<&WriteOp> = self
+            .all_ops()
+            .rev()
+            .filter(|op| {
+                let (table, key) = op_target(op);
+                seen.insert((table, key)) && !self.is_live_profile(table, key)
+            })
+            .collect();
+        kept.reverse();
+        kept
+    }
+
+    fn is_live_profile(&self, table: Table, key: &[u8]) -> bool {
+        table == Table::Customers
+            && !self.profiles.is_empty()
+            && std::str::from_utf8(key).is_ok_and(|id| self.profiles.contains_key(id))
+    }
+
+    /// The state records of the live profiles, by id, encoded: the rest of the checkpoint.
+    pub fn encode_profiles(&self) -> WriteSet {
+        let mut ids: Vec<&String> = self.profiles.keys().collect();
+        ids.sort_unstable();
+        let mut writes = WriteSet::default();
+        writes.ops.reserve(ids.len());
+        for id in ids {
+            writes.put(
+                Table::Customers,
+                id.as_bytes(),
+                encode_live(&self.profiles[id]),
+            );
+        }
+        writes
+    }
 }
 
-/// A store as it will be once `pending` (if any) is committed.
+/// A store as it will be once every pending checkpoint is committed.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadThrough<'a, R> {
-    pub pending: Option<&'a PendingWrites>,
+    /// Pending checkpoints, newest first.
+    pub pending: &'a [&'a PendingWrites],
     pub store: &'a R,
 }
 
@@ -112,14 +187,17 @@ impl<R: StateRead> ReadThrough<'_, R> {
     /// What the pending writes say about `key`: `Some(value)` if they decide it (`None`
     /// inside for a delete), `None` if the store must be asked.
     fn pending_value(&self, table: Table, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        let pending = self.pending?;
-        if let Some(record) = pending.profile_record(table, key) {
-            return Some(Some(record));
+        for pending in self.pending {
+            if let Some(record) = pending.profile_record(table, key) {
+                return Some(Some(record));
+            }
+            match pending.last_op(table, key) {
+                Some(WriteOp::Put { value, .. }) => return Some(Some(value.clone())),
+                Some(WriteOp::Delete { .. }) => return Some(None),
+                None => {}
+            }
         }
-        match pending.last_op(table, key)? {
-            WriteOp::Put { value, .. } => Some(Some(value.clone())),
-            WriteOp::Delete { .. } => Some(None),
-        }
+        None
     }
 }
 
@@ -153,29 +231,32 @@ impl<R: StateRead> StateRead for ReadThrough<'_, R> {
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         let stored = self.store.scan_prefix(table, prefix)?;
-        let Some(pending) = self.pending else {
+        if self.pending.is_empty() {
             return Ok(stored);
-        };
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
-        for op in &pending.writes.ops {
-            match op {
-                WriteOp::Put {
-                    table: t,
-                    key,
-                    value,
-                } if *t == table && key.starts_with(prefix) => {
-                    merged.insert(key.clone(), value.clone());
-                }
-                WriteOp::Delete { table: t, key } if *t == table && key.starts_with(prefix) => {
-                    merged.remove(key);
-                }
-                _ => {}
-            }
         }
-        if table == Table::Customers {
-            for (id, state) in &pending.profiles {
-                if id.as_bytes().starts_with(prefix) {
-                    merged.insert(id.as_bytes().to_vec(), encode_live(state));
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
+        // Oldest first, so that newer writes win.
+        for pending in self.pending.iter().rev() {
+            for op in pending.all_ops() {
+                match op {
+                    WriteOp::Put {
+                        table: t,
+                        key,
+                        value,
+                    } if *t == table && key.starts_with(prefix) => {
+                        merged.insert(key.clone(), value.clone());
+                    }
+                    WriteOp::Delete { table: t, key } if *t == table && key.starts_with(prefix) => {
+                        merged.remove(key);
+                    }
+                    _ => {}
+                }
+            }
+            if table == Table::Customers {
+                for (id, state) in &pending.profiles {
+                    if id.as_bytes().starts_with(prefix) {
+                        merged.insert(id.as_bytes().to_vec(), encode_live(state));
+                    }
                 }
             }
         }
@@ -218,7 +299,7 @@ mod tests {
         let store = base();
         let pending = PendingWrites::new(Arc::new(pending_writes()));
         let view = ReadThrough {
-            pending: Some(&pending),
+            pending: &[&pending],
             store: &store,
         };
         let mut committed = base();
@@ -262,10 +343,110 @@ mod tests {
     fn without_pending_writes_it_is_the_store() {
         let store = base();
         let view = ReadThrough {
-            pending: None,
+            pending: &[],
             store: &store,
         };
         assert_eq!(view.get(Table::Nodes, b"a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(view.scan_prefix(Table::Evidence, b"c1").unwrap().len(), 2);
+    }
+
+    fn later_writes() -> WriteSet {
+        let mut writes = WriteSet::default();
+        writes.put(Table::Nodes, "a", "third");
+        writes.put(Table::Nodes, "b", "back again");
+        writes.delete(Table::Evidence, "c1\u{0}3");
+        writes.put(Table::Customers, "gone", "redirect");
+        writes
+    }
+
+    fn profile(id: &str) -> Arc<ProfileState> {
+        Arc::new(crate::profile::new_profile(
+            id.to_owned(),
+            "2026-01-01T00:00:00Z",
+        ))
+    }
+
+    /// Every key the tests touch, in every table they use.
+    fn assert_reads_equal(view: &impl StateRead, committed: &MemoryStore) {
+        for table in [Table::Nodes, Table::Customers, Table::Evidence] {
+            for key in [
+                "a",
+                "b",
+                "untouched",
+                "gone",
+                "live",
+                "c1\u{0}1",
+                "c1\u{0}2",
+                "c1\u{0}3",
+            ] {
+                assert_eq!(
+                    view.get(table, key.as_bytes()).unwrap(),
+                    committed.get(table, key.as_bytes()).unwrap(),
+                    "{table:?} {key:?}"
+                );
+            }
+            for prefix in ["", "c1\u{0}", "g"] {
+                assert_eq!(
+                    view.scan_prefix(table, prefix.as_bytes()).unwrap(),
+                    committed.scan_prefix(table, prefix.as_bytes()).unwrap(),
+                    "{table:?} {prefix:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_several_batches_reads_and_commits_as_the_batches_one_by_one() {
+        let (gone, live) = (profile("gone"), profile("live"));
+        // Batch one makes "gone" and "live" live; batch two redirects "gone".
+        let mut checkpoint = PendingWrites::default();
+        checkpoint.push(
+            Arc::new(pending_writes()),
+            [("gone", &gone), ("live", &live)],
+        );
+        checkpoint.push(Arc::new(later_writes()), std::iter::empty());
+        assert_eq!(checkpoint.batches(), 2);
+
+        let mut one_by_one = base();
+        let mut first = pending_writes();
+        first.put(Table::Customers, "gone", encode_live(&gone));
+        first.put(Table::Customers, "live", encode_live(&live));
+        one_by_one.write(&first).unwrap();
+        one_by_one.write(&later_writes()).unwrap();
+
+        let store = base();
+        let view = ReadThrough {
+            pending: &[&checkpoint],
+            store: &store,
+        };
+        assert_reads_equal(&view, &one_by_one);
+
+        let mut committed = base();
+        let ops = checkpoint.checkpoint_ops();
+        assert_eq!(
+            ops.iter()
+                .filter(|op| op_target(op) == (Table::Nodes, b"a".as_slice()))
+                .count(),
+            1,
+            "a key written by several batches is written once"
+        );
+        committed.write_ops(&ops).unwrap();
+        committed.write(&checkpoint.encode_profiles()).unwrap();
+        assert_eq!(committed, one_by_one);
+    }
+
+    #[test]
+    fn a_newer_pending_checkpoint_wins_over_an_older_one() {
+        let older = PendingWrites::new(Arc::new(pending_writes()));
+        let newer = PendingWrites::new(Arc::new(later_writes()));
+        let store = base();
+        let view = ReadThrough {
+            pending: &[&newer, &older],
+            store: &store,
+        };
+        let mut committed = base();
+        committed.write(&pending_writes()).unwrap();
+        committed.write(&later_writes()).unwrap();
+        assert_reads_equal(&view, &committed);
     }
 }

@@ -187,7 +187,15 @@ pub trait StateStore: StateRead {
     /// Writes several write sets as one, in order: a later operation on a key wins. It lets
     /// a caller add records made on another thread (see [`crate::ResolvedBatch`]) without
     /// copying the rest of a batch's write set.
-    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError>;
+    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError> {
+        let ops: Vec<&WriteOp> = parts.iter().flat_map(|part| &part.ops).collect();
+        self.write_ops(&ops)
+    }
+
+    /// Writes the operations as one atomic write, in order: a later operation on a key wins.
+    /// A checkpoint picks the last operation per key out of several batches' write sets
+    /// ([`crate::PendingWrites::checkpoint_ops`]) without copying them.
+    fn write_ops(&mut self, ops: &[&WriteOp]) -> Result<(), StoreError>;
 
     fn write(&mut self, batch: &WriteSet) -> Result<(), StoreError> {
         self.write_parts(&[batch])
@@ -239,8 +247,8 @@ impl StateRead for MemoryStore {
 }
 
 impl StateStore for MemoryStore {
-    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError> {
-        for op in parts.iter().flat_map(|part| &part.ops) {
+    fn write_ops(&mut self, ops: &[&WriteOp]) -> Result<(), StoreError> {
+        for op in ops {
             match op {
                 WriteOp::Put { table, key, value } => {
                     self.tables

@@ -316,19 +316,18 @@ impl StateRead for RocksStore {
 }
 
 impl StateStore for RocksStore {
-    fn write_parts(&mut self, parts: &[&WriteSet]) -> Result<(), StoreError> {
+    fn write_ops(&mut self, ops: &[&WriteOp]) -> Result<(), StoreError> {
         // RocksDB keeps a batch in one buffer; sized for every key and value up front (plus
         // a few bytes of framing per operation) it is not copied again as it grows.
-        let bytes: usize = parts
+        let bytes: usize = ops
             .iter()
-            .flat_map(|part| &part.ops)
             .map(|op| match op {
                 WriteOp::Put { key, value, .. } => key.len() + value.len() + 16,
                 WriteOp::Delete { key, .. } => key.len() + 16,
             })
             .sum();
         let mut write_batch = WriteBatch::with_capacity_bytes(bytes + 12);
-        for op in parts.iter().flat_map(|part| &part.ops) {
+        for op in ops {
             match op {
                 WriteOp::Put { table, key, value } => {
                     write_batch.put_cf(self.handle(*table), key, value)

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::config::AppConfig;
 use crate::cpu;
-use crate::resolve::{open_state, resolve_file, OutputFiles, RunSummary, PROCESSOR_VERSION};
+use crate::resolve::{open_state, resolve_file, RunSummary, PROCESSOR_VERSION};
 
 fn engine(config: &AppConfig) -> Result<Engine> {
     Ok(Engine::new(config.engine.clone(), PROCESSOR_VERSION)?)
@@ -33,12 +33,11 @@ fn run_resolve(
 ) -> Result<RunSummary> {
     let engine = engine(config)?;
     let (mut store, _temp_state) = open_state(config, state)?;
-    let outputs = OutputFiles::create(output_dir)?;
     let progress = match config.resolve.progress_interval_secs {
         0 => None,
         secs => Some(Duration::from_secs(secs)),
     };
-    resolve_file(config, &engine, &mut store, input, outputs, progress)
+    resolve_file(config, &engine, &mut store, input, output_dir, progress)
 }
 
 pub fn resolve(
@@ -443,8 +442,7 @@ pub fn bench(
         let _ = std::fs::remove_dir_all(&state);
         reset_peak_rss();
         let (mut store, _) = open_state(config, Some(&state))?;
-        let outputs = OutputFiles::create(&dir.join("out"))?;
-        let summary = resolve_file(config, &engine, &mut store, &input, outputs, None)?;
+        let summary = resolve_file(config, &engine, &mut store, &input, &dir.join("out"), None)?;
         // Every thread counts (the output writer, RocksDB's background jobs): this is the
         // rate per core actually used.
         let per_cpu_second = summary
@@ -517,14 +515,7 @@ fn hard_mix_accuracy(
     let _ = std::fs::remove_dir_all(&state);
     let (mut store, _) = open_state(config, Some(&state))?;
     let out = dir.join("out");
-    resolve_file(
-        config,
-        engine,
-        &mut store,
-        &input,
-        OutputFiles::create(&out)?,
-        None,
-    )?;
+    resolve_file(config, engine, &mut store, &input, &out, None)?;
     run_eval(
         &truth,
         &out.join("enriched.jsonl"),

@@ -34,6 +34,8 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct ResolveConfig {
     pub batch_size: usize,
+    /// Batches per checkpoint: one state write, one profile record per changed customer.
+    pub checkpoint_interval: usize,
     pub default_source: String,
     pub progress_interval_secs: u64,
 }
@@ -117,6 +119,9 @@ impl AppConfig {
         }
         if self.resolve.batch_size == 0 {
             bail!("resolve.batch_size must be at least 1");
+        }
+        if self.resolve.checkpoint_interval == 0 {
+            bail!("resolve.checkpoint_interval must be at least 1 (batches per checkpoint)");
         }
         if let Err(problem) = self.kafka.validate() {
             bail!("{problem}");

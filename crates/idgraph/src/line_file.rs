@@ -10,7 +10,7 @@
 //! or where a file system refuses direct writes, the same type writes through the page cache.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -35,13 +35,15 @@ pub struct LineFile {
     /// boundary in memory.
     buffer: Vec<u8>,
     start: usize,
+    /// Bytes before `buffer[start]`: the file offset the pending bytes go to.
+    written: u64,
 }
 
 impl LineFile {
     /// Creates (or truncates) the file at `path`.
     pub fn create(path: &Path) -> Result<Self> {
         let (file, direct) =
-            open_output(path).with_context(|| format!("cannot create {}", path.display()))?;
+            open_output(path, true).with_context(|| format!("cannot create {}", path.display()))?;
         let (buffer, start) = aligned_buffer(CHUNK);
         Ok(LineFile {
             file,
@@ -49,7 +51,101 @@ impl LineFile {
             direct,
             buffer,
             start,
+            written: 0,
         })
+    }
+
+    /// Opens the file at `path` to go on writing after its first `length` bytes (the length a
+    /// checkpoint recorded), cutting off whatever a run wrote after them. Fails if the file is
+    /// shorter than that.
+    pub fn resume(path: &Path, length: u64) -> Result<Self> {
+        let (mut file, direct) =
+            open_output(path, false).with_context(|| format!("cannot open {}", path.display()))?;
+        let actual = file
+            .metadata()
+            .with_context(|| format!("cannot read the length of {}", path.display()))?
+            .len();
+        if actual < length {
+            anyhow::bail!(
+                "{} holds {actual} bytes, fewer than the {length} the state's last checkpoint \
+                 recorded; it is not the output of this state (rerun with the --output-dir of \
+                 the run that made the state, or start over with a new --state)",
+                path.display()
+            );
+        }
+        file.set_len(length)
+            .with_context(|| format!("cannot cut {} back to {length} bytes", path.display()))?;
+        // Direct writes start on a block boundary: the partial block before `length` is read
+        // back and written again with the lines that follow it.
+        let written = if direct {
+            length / BLOCK as u64 * BLOCK as u64
+        } else {
+            length
+        };
+        let (mut buffer, start) = aligned_buffer(CHUNK);
+        if written < length {
+            use std::os::unix::fs::FileExt;
+            let mut tail = vec![0; (length - written) as usize];
+            File::open(path)
+                .and_then(|reader| reader.read_exact_at(&mut tail, written))
+                .with_context(|| format!("cannot read the end of {}", path.display()))?;
+            buffer.extend_from_slice(&tail);
+        }
+        file.seek(SeekFrom::Start(written))
+            .with_context(|| format!("cannot seek in {}", path.display()))?;
+        Ok(LineFile {
+            file,
+            path: path.to_owned(),
+            direct,
+            buffer,
+            start,
+            written,
+        })
+    }
+
+    /// Puts every line written so far into the file, where it outlives the process (and
+    /// with `sync`, the machine), and returns the file's length: what a checkpoint records.
+    pub fn checkpoint(&mut self, sync: bool) -> Result<u64> {
+        self.write_whole_blocks()?;
+        let pending = self.buffer.len() - self.start;
+        if pending > 0 {
+            if self.direct {
+                self.write_padded_tail(pending)?;
+            } else {
+                self.write_pending(pending)?;
+            }
+        }
+        if sync {
+            self.file
+                .sync_data()
+                .with_context(|| format!("cannot sync {}", self.path.display()))?;
+        }
+        Ok(self.written + (self.buffer.len() - self.start) as u64)
+    }
+
+    /// A direct write takes whole blocks only: the last partial block goes out padded with
+    /// zeros, the file is cut back to its real length, and the block's lines stay pending,
+    /// to be written again together with the lines that follow them.
+    fn write_padded_tail(&mut self, pending: usize) -> Result<()> {
+        self.realign();
+        self.buffer.resize(self.start + BLOCK, 0);
+        let result = self
+            .file
+            .write_all(&self.buffer[self.start..self.start + BLOCK]);
+        self.buffer.truncate(self.start + pending);
+        match result {
+            Ok(()) => {}
+            Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.stop_direct()?;
+                return self.write_pending(pending);
+            }
+            Err(error) => return Err(self.write_error(error)),
+        }
+        let length = self.written + pending as u64;
+        self.file
+            .set_len(length)
+            .and_then(|()| self.file.seek(SeekFrom::Start(self.written)).map(drop))
+            .map_err(|error| self.write_error(error))
     }
 
     /// Whether writes bypass the page cache.
@@ -122,6 +218,7 @@ impl LineFile {
     /// `start`, still block-aligned.
     fn consume(&mut self, count: usize) {
         self.buffer.drain(self.start..self.start + count);
+        self.written += count as u64;
     }
 
     /// A line longer than the buffer's capacity makes it grow, and the grown buffer may sit
@@ -171,10 +268,10 @@ fn aligned_buffer(capacity: usize) -> (Vec<u8>, usize) {
 /// Opens `path` for writing, bypassing the page cache where the system allows it; the flag
 /// says whether it does.
 #[cfg(target_os = "linux")]
-fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
+fn open_output(path: &Path, truncate: bool) -> std::io::Result<(File, bool)> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create(true).truncate(truncate);
     let direct = rustix::fs::OFlags::DIRECT.bits() as i32;
     match options.clone().custom_flags(direct).open(path) {
         Ok(file) => Ok((file, true)),
@@ -186,8 +283,13 @@ fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_output(path: &Path) -> std::io::Result<(File, bool)> {
-    Ok((File::create(path)?, false))
+fn open_output(path: &Path, truncate: bool) -> std::io::Result<(File, bool)> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .open(path)?;
+    Ok((file, false))
 }
 
 #[cfg(target_os = "linux")]
@@ -281,6 +383,60 @@ mod tests {
         assert_eq!(
             std::fs::read(&path).unwrap(),
             expected_text(&batches[10..11])
+        );
+    }
+
+    /// Writes the sample batches with a checkpoint after each, "crashes" (the process's
+    /// buffer is lost) several batches past `crash_after`, resumes at that checkpoint's
+    /// length and writes the rest: the file must be as if nothing happened.
+    fn crash_and_resume(through_page_cache: bool, crash_after: usize) {
+        // Not in /tmp, which may be a tmpfs that refuses direct writes.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("out.jsonl");
+        let batches = sample_batches();
+        let mut file = LineFile::create(&path).unwrap();
+        if through_page_cache && file.is_direct() {
+            file.stop_direct().unwrap();
+        }
+        let mut lengths = Vec::new();
+        for batch in &batches[..crash_after + 3] {
+            file.write_lines(batch).unwrap();
+            lengths.push(file.checkpoint(false).unwrap());
+        }
+        file.write_lines(&batches[crash_after + 3]).unwrap();
+        assert_eq!(
+            lengths[crash_after],
+            expected_text(&batches[..=crash_after]).len() as u64
+        );
+        std::mem::forget(file);
+        let mut file = LineFile::resume(&path, lengths[crash_after]).unwrap();
+        if through_page_cache && file.is_direct() {
+            file.stop_direct().unwrap();
+        }
+        for batch in &batches[crash_after + 1..] {
+            file.write_lines(batch).unwrap();
+        }
+        file.finish().unwrap();
+        assert!(std::fs::read(&path).unwrap() == expected_text(&batches));
+    }
+
+    #[test]
+    fn a_file_resumed_at_a_checkpoint_is_as_if_it_was_never_interrupted() {
+        for crash_after in [0, 5, 17, 36] {
+            crash_and_resume(false, crash_after);
+            crash_and_resume(true, crash_after);
+        }
+    }
+
+    #[test]
+    fn resuming_a_file_shorter_than_its_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, "one line\n").unwrap();
+        let message = LineFile::resume(&path, 100).err().unwrap().to_string();
+        assert!(
+            message.contains("holds 9 bytes, fewer than the 100"),
+            "{message}"
         );
     }
 }

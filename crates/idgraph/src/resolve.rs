@@ -1,8 +1,13 @@
 //! File mode: JSON Lines in, the five outputs of SPEC §4 out, state in RocksDB.
 //!
-//! Each batch of lines goes through the engine; its write set (graph changes and the input
-//! position) is committed to RocksDB in one `WriteBatch`, and only then are its records
-//! appended to the output files.
+//! State is written behind, in checkpoints of `resolve.checkpoint_interval` batches. A batch's
+//! enriched events, identity changes and dead letters are appended to the files as soon as it
+//! is resolved; its profile records wait in a record cache. At the end of an interval the
+//! newest profile record per changed customer is appended, the files are put on disk, and then
+//! one RocksDB write commits the interval's state changes together with the input position and
+//! the files' lengths. A run that finds such a checkpoint for its input (a rerun after a crash)
+//! cuts the files back to those lengths and goes on from that line: the engine is
+//! deterministic, so the files end up byte for byte as an uncrashed run's.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -12,14 +17,15 @@ use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use idgraph_engine::{
-    BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage, QualityReport,
-    ReadThrough, ResolvedBatch, StateCache, StateStore, WriteSet,
+    BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage,
+    ProfileRecordCache, QualityReport, ReadThrough, ResolvedBatch, StateCache, StateRead,
+    StateStore, Table, WriteOp,
 };
 use idgraph_model::InputCoordinates;
 use idgraph_store_rocksdb::RocksStore;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::AppConfig;
 use crate::cpu::{process_cpu_seconds, since, thread_cpu_seconds};
@@ -42,20 +48,42 @@ impl OutputFiles {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output directory {}", dir.display()))?;
         Ok(OutputFiles {
-            enriched: LineFile::create(&dir.join("enriched.jsonl"))?,
-            profiles: LineFile::create(&dir.join("profiles.jsonl"))?,
-            changes: LineFile::create(&dir.join("identity-changes.jsonl"))?,
-            dead_letters: LineFile::create(&dir.join("dead-letter.jsonl"))?,
+            enriched: LineFile::create(&dir.join(ENRICHED))?,
+            profiles: LineFile::create(&dir.join(PROFILES))?,
+            changes: LineFile::create(&dir.join(CHANGES))?,
+            dead_letters: LineFile::create(&dir.join(DEAD_LETTERS))?,
             quality_path: dir.join("quality.json"),
         })
     }
 
+    /// Opens the files a checkpoint describes, cut back to the lengths it recorded.
+    fn resume(dir: &Path, lengths: &OutputLengths) -> Result<Self> {
+        Ok(OutputFiles {
+            enriched: LineFile::resume(&dir.join(ENRICHED), lengths.enriched)?,
+            profiles: LineFile::resume(&dir.join(PROFILES), lengths.profiles)?,
+            changes: LineFile::resume(&dir.join(CHANGES), lengths.identity_changes)?,
+            dead_letters: LineFile::resume(&dir.join(DEAD_LETTERS), lengths.dead_letters)?,
+            quality_path: dir.join("quality.json"),
+        })
+    }
+
+    /// Writes a batch's records, except profile records, which wait for the checkpoint.
     fn write_batch(&mut self, outcome: &BatchOutcome) -> Result<()> {
         self.enriched.write_lines(&outcome.enriched)?;
         self.profiles.write_lines(&outcome.profiles)?;
         self.changes.write_lines(&outcome.changes)?;
         self.dead_letters.write_lines(&outcome.dead_letters)?;
         Ok(())
+    }
+
+    /// Puts every line written so far on disk and returns the files' lengths.
+    fn checkpoint(&mut self, sync: bool) -> Result<OutputLengths> {
+        Ok(OutputLengths {
+            enriched: self.enriched.checkpoint(sync)?,
+            profiles: self.profiles.checkpoint(sync)?,
+            identity_changes: self.changes.checkpoint(sync)?,
+            dead_letters: self.dead_letters.checkpoint(sync)?,
+        })
     }
 
     /// Writes what the line files still hold, then the quality report.
@@ -75,20 +103,109 @@ impl OutputFiles {
     }
 }
 
-/// Encodes each batch's changed profiles, commits the batch to the state store and then
-/// writes its records, on a thread of its own and in batch order, so that all of it overlaps
-/// resolving the next batch. A batch's records reach the files only after its state is
-/// committed. At most two batches wait for it; a slower disk slows the resolver down instead
-/// of filling memory.
+const ENRICHED: &str = "enriched.jsonl";
+const PROFILES: &str = "profiles.jsonl";
+const CHANGES: &str = "identity-changes.jsonl";
+const DEAD_LETTERS: &str = "dead-letter.jsonl";
+
+/// The output files' lengths in bytes at a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputLengths {
+    enriched: u64,
+    profiles: u64,
+    identity_changes: u64,
+    dead_letters: u64,
+}
+
+/// What a file-mode checkpoint records besides the state and the input position (kept under
+/// [`Table::Positions`] beside that position): where the outputs went and how long they were.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputCheckpoint {
+    output_dir: PathBuf,
+    lengths: OutputLengths,
+}
+
+/// The key of an input's [`OutputCheckpoint`]: its position's key with a prefix.
+fn output_checkpoint_key(input_name: &str) -> Vec<u8> {
+    format!("outputs:file:{input_name}").into_bytes()
+}
+
+/// Where a run on `input_name` starts: the lines already resolved (the stored position) and
+/// the outputs' checkpoint, if the state holds both.
+fn resume_point(
+    store: &impl StateRead,
+    input_name: &str,
+) -> Result<Option<(u64, OutputCheckpoint)>> {
+    let position = store.get(Table::Positions, format!("file:{input_name}").as_bytes())?;
+    let outputs = store.get(Table::Positions, &output_checkpoint_key(input_name))?;
+    let (Some(position), Some(outputs)) = (position, outputs) else {
+        return Ok(None);
+    };
+    let lines: u64 = std::str::from_utf8(&position)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .with_context(|| format!("the stored position of {input_name} is not a line number"))?;
+    let outputs: OutputCheckpoint = serde_json::from_slice(&outputs)
+        .with_context(|| format!("the stored output checkpoint of {input_name} is unreadable"))?;
+    Ok(Some((lines, outputs)))
+}
+
+/// Opens the outputs of a run: fresh files, or, if the state has a checkpoint of this input,
+/// the files it describes cut back to its lengths. Returns how many input lines to skip.
+pub fn open_outputs(
+    store: &impl StateRead,
+    input: &Path,
+    output_dir: &Path,
+) -> Result<(OutputFiles, u64)> {
+    let input_name = input.display().to_string();
+    let Some((lines, checkpoint)) = resume_point(store, &input_name)? else {
+        return Ok((OutputFiles::create(output_dir)?, 0));
+    };
+    if !same_dir(&checkpoint.output_dir, output_dir) {
+        bail!(
+            "the state already holds {input_name} up to line {lines}, whose outputs went to {}; \
+             rerun with --output-dir {} to finish that run, or use a new --state to resolve the \
+             file again",
+            checkpoint.output_dir.display(),
+            checkpoint.output_dir.display()
+        );
+    }
+    let outputs = OutputFiles::resume(output_dir, &checkpoint.lengths)?;
+    Ok((outputs, lines))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Work for the committer, in order.
+enum Commit {
+    /// A resolved batch: its records go to the files now, its profile records to the cache.
+    Batch(Box<ResolvedBatch>),
+    /// The end of a checkpoint interval: the state changes of its batches.
+    Checkpoint(Arc<PendingWrites>),
+}
+
+/// Writes each batch's records and, at the end of each checkpoint interval, the interval's
+/// profile records and then its state, on a thread of its own and in order, so that all of it
+/// overlaps resolving the next batches. A checkpoint reaches the store only after every
+/// record it covers is in the files: a crash between the two leaves records past the stored
+/// checkpoint, which a rerun cuts off and makes again. At most two pieces of work wait for it;
+/// a slower disk slows the resolver down instead of filling memory.
 struct Committer<'scope> {
-    batches: SyncSender<(Arc<WriteSet>, ResolvedBatch)>,
-    /// One message per committed batch, sent before its records are encoded.
+    work: SyncSender<Commit>,
+    /// One message per committed checkpoint.
     committed: Receiver<()>,
     committed_count: u64,
     sent_count: u64,
-    /// Committed batches whose records are written, handed back to be dropped where they
-    /// were made (see [`Committer::start`]).
-    spent: Receiver<SpentBatch>,
+    /// Batches whose records are written, handed back to be dropped where they were made
+    /// (see [`Committer::start`]).
+    spent: Receiver<BatchOutcome>,
     /// The files, and the thread's CPU seconds.
     thread: ScopedJoinHandle<'scope, Result<(OutputFiles, Option<f64>)>>,
 }
@@ -98,33 +215,40 @@ impl<'scope> Committer<'scope> {
         scope: &'scope Scope<'scope, 'env>,
         store: &'scope mut RocksStore,
         mut outputs: OutputFiles,
+        checkpoint: CheckpointTarget,
     ) -> Self {
-        let (batches, receiver) =
-            std::sync::mpsc::sync_channel::<(Arc<WriteSet>, ResolvedBatch)>(2);
+        let (work, receiver) = std::sync::mpsc::sync_channel::<Commit>(2);
         let (committed_sender, committed) = std::sync::mpsc::channel();
         // Freeing memory that another thread allocated costs mimalloc more than freeing its
         // own: the block goes on a shared list that the owner must collect later. Most of a
-        // batch (the write set, enriched events, identity changes) is made by the resolver,
-        // so it goes back there to be dropped; the profile records are made here and are
-        // dropped here. Measured: committer CPU about -10%, resolver CPU within noise.
+        // batch (enriched events, identity changes) is made by the resolver, so it goes back
+        // there to be dropped; the profile records are made here and are dropped here.
+        // Measured: committer CPU about -10%, resolver CPU within noise.
         let (spent_sender, spent) = std::sync::mpsc::channel();
         let thread = scope.spawn(move || {
             let cpu_before = thread_cpu_seconds();
-            for (writes, resolved) in receiver {
-                let (mut outcome, profile_writes) = resolved.encode_profiles();
-                store
-                    .write_parts(&[&writes, &profile_writes])
-                    .context("cannot commit a batch to the state store")?;
-                // The resolver may be gone after an error of its own; the records still go out.
-                let _ = committed_sender.send(());
-                outputs.write_batch(&outcome)?;
-                drop(std::mem::take(&mut outcome.profiles));
-                let _ = spent_sender.send((writes, outcome));
+            let mut records = ProfileRecordCache::default();
+            for work in receiver {
+                match work {
+                    Commit::Batch(resolved) => {
+                        let (outcome, updates) = resolved.split();
+                        outputs.write_batch(&outcome)?;
+                        records.absorb(updates);
+                        let _ = spent_sender.send(outcome);
+                    }
+                    Commit::Checkpoint(pending) => {
+                        outputs.profiles.write_lines(&records.take_records())?;
+                        let lengths = outputs.checkpoint(checkpoint.sync)?;
+                        checkpoint.commit(store, &pending, lengths)?;
+                        // The resolver may be gone after an error of its own.
+                        let _ = committed_sender.send(());
+                    }
+                }
             }
             Ok((outputs, since(cpu_before, thread_cpu_seconds())))
         });
         Committer {
-            batches,
+            work,
             committed,
             spent,
             committed_count: 0,
@@ -134,20 +258,27 @@ impl<'scope> Committer<'scope> {
     }
 
     /// Queues a resolved batch; fails with the committer's own error if it stopped.
-    fn send(mut self, writes: Arc<WriteSet>, resolved: ResolvedBatch) -> Result<Self> {
-        match self.batches.send((writes, resolved)) {
-            Ok(()) => {
-                self.sent_count += 1;
-                Ok(self)
-            }
+    fn send_batch(self, resolved: ResolvedBatch) -> Result<Self> {
+        self.send(Commit::Batch(Box::new(resolved)))
+    }
+
+    /// Queues the end of a checkpoint interval.
+    fn send_checkpoint(mut self, pending: Arc<PendingWrites>) -> Result<Self> {
+        self.sent_count += 1;
+        self.send(Commit::Checkpoint(pending))
+    }
+
+    fn send(self, work: Commit) -> Result<Self> {
+        self.drop_spent();
+        match self.work.send(work) {
+            Ok(()) => Ok(self),
             Err(_) => Err(self.failure()),
         }
     }
 
-    /// Waits until every batch sent so far except the newest is committed.
-    fn wait_for_all_but_newest(mut self) -> Result<Self> {
-        self.drop_spent();
-        while self.committed_count + 1 < self.sent_count {
+    /// Waits until every checkpoint sent so far is in the store.
+    fn wait_for_checkpoints(mut self) -> Result<Self> {
+        while self.committed_count < self.sent_count {
             match self.committed.recv() {
                 Ok(()) => self.committed_count += 1,
                 Err(_) => return Err(self.failure()),
@@ -168,23 +299,59 @@ impl<'scope> Committer<'scope> {
             .unwrap_or_else(|| anyhow::anyhow!("the committer stopped without an error"))
     }
 
-    /// Waits until every queued batch is committed and written and hands the files back,
-    /// with the committer's CPU seconds.
+    /// Waits until all queued work is done and hands the files back, with the committer's
+    /// CPU seconds.
     fn finish(self) -> Result<(OutputFiles, Option<f64>)> {
-        drop(self.batches);
+        drop(self.work);
         self.thread
             .join()
             .map_err(|_| anyhow::anyhow!("the committer panicked"))?
     }
 }
 
-/// A batch the committer has committed and written out: only dropping it is left.
-type SpentBatch = (Arc<WriteSet>, BatchOutcome);
+/// How a checkpoint is committed: under which key its output lengths go, and whether the
+/// files are synced to the disk first (`storage.sync_writes`).
+struct CheckpointTarget {
+    key: Vec<u8>,
+    output_dir: PathBuf,
+    sync: bool,
+}
+
+impl CheckpointTarget {
+    /// One atomic write: the last change per key of the interval's batches (their input
+    /// position among them), the changed profiles' records and the outputs' lengths.
+    fn commit(
+        &self,
+        store: &mut RocksStore,
+        pending: &PendingWrites,
+        lengths: OutputLengths,
+    ) -> Result<()> {
+        let profiles = pending.encode_profiles();
+        let outputs = OutputCheckpoint {
+            output_dir: self.output_dir.clone(),
+            lengths,
+        };
+        let marker = WriteOp::Put {
+            table: Table::Positions,
+            key: self.key.clone(),
+            value: serde_json::to_vec(&outputs)?,
+        };
+        let mut ops = pending.checkpoint_ops();
+        ops.extend(&profiles.ops);
+        ops.push(&marker);
+        store
+            .write_ops(&ops)
+            .context("cannot commit a checkpoint to the state store")
+    }
+}
 
 /// What a run did, for the summary and the benchmark.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
+    /// Lines this run resolved.
     pub lines: u64,
+    /// Lines a checkpoint of an earlier run had already resolved; this run started after them.
+    pub resumed_after: u64,
     pub events: u64,
     pub dead_letters: u64,
     pub profiles_created: u64,
@@ -237,34 +404,53 @@ impl StageCpu {
 }
 
 /// Reads `input` line by line in batches of `batch_size`, resolving each batch against `store`
-/// and writing its records to `outputs`. Progress goes to stderr every `progress` (if set).
+/// and writing its records to files in `output_dir`. Progress goes to stderr every `progress`
+/// (if set). If `store` holds a checkpoint of `input`, the run goes on from it (see the
+/// module's documentation).
 ///
 /// Three threads share the work, handing whole batches on in order: one reads and prepares
-/// (parses and normalizes) lines, this one resolves, and one commits each batch to the store
-/// and then writes its records. The resolver reads the state through the newest batch's
-/// uncommitted writes ([`ReadThrough`]), so the overlap does not change a byte of output.
+/// (parses and normalizes) lines, this one resolves, and one writes records and commits
+/// checkpoints. The resolver reads the state through the checkpoints not yet committed
+/// ([`ReadThrough`]), so the overlap does not change a byte of output.
 pub fn resolve_file(
     config: &AppConfig,
     engine: &Engine,
     store: &mut RocksStore,
     input: &Path,
-    outputs: OutputFiles,
+    output_dir: &Path,
     progress: Option<Duration>,
 ) -> Result<RunSummary> {
     let file =
         File::open(input).with_context(|| format!("cannot open input file {}", input.display()))?;
+    let (outputs, resumed_after) = open_outputs(&*store, input, output_dir)?;
+    if resumed_after > 0 {
+        eprintln!(
+            "resuming {} after line {resumed_after}, the state's last checkpoint",
+            input.display()
+        );
+    }
+    let input_name = input.display().to_string();
+    let checkpoint = CheckpointTarget {
+        key: output_checkpoint_key(&input_name),
+        output_dir: output_dir
+            .canonicalize()
+            .unwrap_or_else(|_| output_dir.to_owned()),
+        sync: config.storage.sync_writes,
+    };
     let lines = LineBatches {
         reader: BufReader::with_capacity(1 << 20, file),
-        input_name: Arc::from(input.display().to_string()),
+        input_name: Arc::from(input_name),
         batch_size: config.resolve.batch_size,
         default_source: &config.resolve.default_source,
         line_number: 0,
+        skip_lines: resumed_after,
     };
+    let interval = config.resolve.checkpoint_interval;
     let started = Instant::now();
     let mut last_progress = started;
     let mut stats = BatchStats::default();
     let mut cache = StateCache::new(config.engine.cache.max_entries);
-    let mut line_number = 0u64;
+    let mut line_number = resumed_after;
     let reader = store.reader();
     let process_cpu_before = process_cpu_seconds();
     let resolver_cpu_before = thread_cpu_seconds();
@@ -273,33 +459,47 @@ pub fn resolve_file(
         // resolver busy without holding more than two batches of parsed events.
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<PreparedBatch>>(1);
         let preparer = scope.spawn(move || lines.prepare_all(engine, sender));
-        let mut committer = Committer::start(scope, store, outputs);
-        // The newest batch handed to the committer, which may not be committed yet.
-        let mut latest: Option<PendingWrites> = None;
+        let mut committer = Committer::start(scope, store, outputs, checkpoint);
+        // The batches since the last checkpoint, and the last checkpoint, which may not be
+        // committed yet; everything older is in the store.
+        let mut open = PendingWrites::default();
+        let mut committing: Option<Arc<PendingWrites>> = None;
         for prepared in receiver {
             let prepared = prepared?;
             line_number = prepared.last_line;
-            // Every batch before the newest must be in the store; the newest is read through.
-            committer = committer.wait_for_all_but_newest()?;
+            let layers: Vec<&PendingWrites> = std::iter::once(&open)
+                .chain(committing.as_deref())
+                .collect();
             let view = ReadThrough {
-                pending: latest.as_ref(),
+                pending: &layers,
                 store: &reader,
             };
-            // The cache runs one batch ahead of the store: if that batch fails to commit,
-            // the run stops and the cache goes with it.
+            // The cache runs ahead of the store: if a checkpoint fails to commit, the run
+            // stops and the cache goes with it.
             let mut resolved = engine.resolve_prepared(&view, &mut cache, prepared.messages)?;
             stats.absorb(std::mem::take(&mut resolved.outcome.stats));
             let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
-            latest =
-                Some(PendingWrites::new(Arc::clone(&writes)).with_profiles(resolved.profiles()));
-            committer = committer.send(writes, resolved)?;
+            open.push(writes, resolved.profiles());
+            committer = committer.send_batch(resolved)?;
+            if open.batches() >= interval {
+                // Only one checkpoint is committed at a time: the resolver then reads through
+                // at most two.
+                committer = committer.wait_for_checkpoints()?;
+                let done = Arc::new(std::mem::take(&mut open));
+                committer = committer.send_checkpoint(Arc::clone(&done))?;
+                committing = Some(done);
+            }
             if let Some(every) = progress {
                 if last_progress.elapsed() >= every {
                     last_progress = Instant::now();
-                    let rate = line_number as f64 / started.elapsed().as_secs_f64();
+                    let rate =
+                        (line_number - resumed_after) as f64 / started.elapsed().as_secs_f64();
                     eprintln!("resolved {line_number} lines ({rate:.0} lines/s)");
                 }
             }
+        }
+        if !open.is_empty() {
+            committer = committer.send_checkpoint(Arc::new(open))?;
         }
         let reader_cpu = preparer
             .join()
@@ -314,8 +514,10 @@ pub fn resolve_file(
     let process_cpu = since(process_cpu_before, process_cpu_seconds());
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = stage_cpu(process_cpu, reader_cpu, resolver_cpu, committer_cpu);
+    let lines = line_number - resumed_after;
     Ok(RunSummary {
-        lines: line_number,
+        lines,
+        resumed_after,
         events: stats.total_events(),
         dead_letters: stats.total_dead_letters(),
         profiles_created: stats.profiles_created,
@@ -323,7 +525,7 @@ pub fn resolve_file(
         merges_refused: stats.merges_refused.values().sum(),
         fuzzy_links: stats.fuzzy_links,
         elapsed_secs: elapsed,
-        events_per_sec: line_number as f64 / elapsed.max(1e-9),
+        events_per_sec: lines as f64 / elapsed.max(1e-9),
         cpu,
         stats,
     })
@@ -360,6 +562,8 @@ struct LineBatches<'c> {
     batch_size: usize,
     default_source: &'c str,
     line_number: u64,
+    /// Lines at the start that an earlier run resolved: read past, not resolved again.
+    skip_lines: u64,
 }
 
 impl LineBatches<'_> {
@@ -412,6 +616,7 @@ impl LineBatches<'_> {
         coordinates: &mut Vec<InputCoordinates>,
     ) -> Result<()> {
         coordinates.clear();
+        self.skip_resolved_lines()?;
         let mut filled = 0;
         while filled < self.batch_size {
             if filled == payloads.len() {
@@ -446,6 +651,32 @@ impl LineBatches<'_> {
             });
         }
         payloads.truncate(filled);
+        Ok(())
+    }
+}
+
+impl LineBatches<'_> {
+    fn skip_resolved_lines(&mut self) -> Result<()> {
+        let mut line = Vec::new();
+        while self.line_number < self.skip_lines {
+            line.clear();
+            let read = self.reader.read_until(b'\n', &mut line).with_context(|| {
+                format!(
+                    "cannot read {} after line {}",
+                    self.input_name, self.line_number
+                )
+            })?;
+            if read == 0 {
+                bail!(
+                    "{} has {} lines, fewer than the {} the state's checkpoint says were \
+                     resolved: it is not the file that run read",
+                    self.input_name,
+                    self.line_number,
+                    self.skip_lines
+                );
+            }
+            self.line_number += 1;
+        }
         Ok(())
     }
 }
