@@ -259,9 +259,10 @@ fn run_with_checkpoints(
     events: &[GenEvent],
     batch_size: usize,
     interval: usize,
+    cache_entries: usize,
 ) -> CheckpointedRun {
     let mut store = MemoryStore::new();
-    let mut cache = StateCache::new(1_000_000);
+    let mut cache = StateCache::new(cache_entries);
     let mut open = PendingWrites::default();
     let mut committing: Option<PendingWrites> = None;
     let mut records = ProfileRecordCache::default();
@@ -270,8 +271,8 @@ fn run_with_checkpoints(
         last_profiles: BTreeMap::new(),
         store: MemoryStore::new(),
     };
-    let mut emit_profiles = |records: &mut ProfileRecordCache| {
-        for record in records.take_records() {
+    let mut emit_profiles = |records: &mut ProfileRecordCache, checkpoint: &PendingWrites| {
+        for record in records.take_records(|id| checkpoint.profile(id)).unwrap() {
             let line = serde_json::to_string(&record).unwrap();
             run.last_profiles.insert(record.customer_id, line);
         }
@@ -295,7 +296,8 @@ fn run_with_checkpoints(
             .resolve_prepared(&view, &mut cache, prepared)
             .unwrap();
         let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
-        open.push(writes, resolved.profiles());
+        cache.pin_customers(resolved.profile_ids());
+        open.push(writes, std::iter::empty());
         let (outcome, updates) = resolved.split();
         let [enriched, changes, dead_letters] = &mut run.lines;
         enriched.extend(
@@ -321,16 +323,25 @@ fn run_with_checkpoints(
             if let Some(previous) = committing.take() {
                 commit_checkpoint(&mut store, &previous);
             }
-            emit_profiles(&mut records);
-            committing = Some(std::mem::take(&mut open));
+            let done = close_checkpoint(&mut open, &mut cache);
+            emit_profiles(&mut records, &done);
+            committing = Some(done);
         }
     }
-    for pending in committing.iter().chain([&open]) {
-        commit_checkpoint(&mut store, pending);
+    if let Some(previous) = committing.take() {
+        commit_checkpoint(&mut store, &previous);
     }
-    emit_profiles(&mut records);
+    let last = close_checkpoint(&mut open, &mut cache);
+    emit_profiles(&mut records, &last);
+    commit_checkpoint(&mut store, &last);
     run.store = store;
     run
+}
+
+/// The open checkpoint's write sets with the states of the profiles pinned in the cache.
+fn close_checkpoint(open: &mut PendingWrites, cache: &mut StateCache) -> PendingWrites {
+    let profiles = cache.take_pinned_profiles();
+    std::mem::take(open).with_profiles(profiles.iter().map(|(id, state)| (id.as_str(), state)))
 }
 
 fn commit_checkpoint(store: &mut MemoryStore, pending: &PendingWrites) {
@@ -362,16 +373,20 @@ proptest! {
         events in events_strategy(40),
         batch_size in 1usize..9,
         interval in 2usize..6,
+        cache_entries in 0usize..8,
     ) {
         let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
-        let every_batch = run_with_checkpoints(&engine, &events, batch_size, 1);
-        let checkpointed = run_with_checkpoints(&engine, &events, batch_size, interval);
-        let one_by_one = run_with_checkpoints(&engine, &events, 1, 1);
-        for other in [&checkpointed, &one_by_one] {
+        let every_batch = run_with_checkpoints(&engine, &events, batch_size, 1, 1_000_000);
+        let checkpointed = run_with_checkpoints(&engine, &events, batch_size, interval, 1_000_000);
+        // A cache too small to hold an interval's profiles must keep them anyway.
+        let small_cache = run_with_checkpoints(&engine, &events, batch_size, interval, cache_entries);
+        let one_by_one = run_with_checkpoints(&engine, &events, 1, 1, 1_000_000);
+        for other in [&checkpointed, &small_cache, &one_by_one] {
             prop_assert_eq!(&every_batch.lines, &other.lines);
             prop_assert_eq!(&every_batch.last_profiles, &other.last_profiles);
         }
         prop_assert!(every_batch.store == checkpointed.store, "the state depends on the interval");
+        prop_assert!(every_batch.store == small_cache.store, "the state depends on the cache");
     }
 
     #[test]

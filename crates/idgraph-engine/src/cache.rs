@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::state::{BlockRecord, NodeRecord, ProfileState};
 
@@ -54,6 +54,9 @@ pub struct StateCache {
     pub(crate) current: Generation,
     previous: Generation,
     max_entries: usize,
+    /// Customers whose newest state is only here, not yet in a checkpoint: kept through
+    /// every turnover (see [`StateCache::pin_customers`]).
+    pinned: FxHashSet<String>,
 }
 
 impl StateCache {
@@ -79,16 +82,70 @@ impl StateCache {
     pub fn clear(&mut self) {
         self.current = Generation::default();
         self.previous = Generation::default();
+        self.pinned.clear();
+    }
+
+    /// Keeps the entries of these customers, whatever the cache's size, until
+    /// [`StateCache::take_pinned_profiles`]. A caller that writes state behind, in checkpoints
+    /// of several batches, pins the profiles each batch changed instead of holding them
+    /// itself: a second holder of a profile's `Arc` would make the next batch that changes it
+    /// copy it first, once per batch instead of once per checkpoint.
+    pub fn pin_customers<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            if !self.pinned.contains(id) {
+                self.pinned.insert(id.to_owned());
+            }
+        }
+    }
+
+    /// The pinned customers that are live profiles, sorted by id (shared, not copied), and
+    /// unpins every one: the caller now holds their state for its checkpoint.
+    pub fn take_pinned_profiles(&mut self) -> Vec<(String, Arc<ProfileState>)> {
+        let mut profiles: Vec<(String, Arc<ProfileState>)> = std::mem::take(&mut self.pinned)
+            .into_iter()
+            .filter_map(|id| {
+                let entry = self
+                    .current
+                    .customers
+                    .get(&id)
+                    .or_else(|| self.previous.customers.get(&id));
+                match entry {
+                    Some(Some(Cached::Live(state))) => {
+                        let state = Arc::clone(state);
+                        Some((id, state))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        profiles.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        profiles
     }
 
     /// Called as a batch starts: turns the generations over if the current one is full, and
-    /// with a cache of size 0 drops what the last batch left.
+    /// with a cache of size 0 drops what the last batch left. Pinned customers stay.
     pub(crate) fn begin_batch(&mut self) {
         if self.max_entries == 0 {
-            self.clear();
+            let mut kept = std::mem::take(&mut self.current);
+            self.previous = Generation::default();
+            self.current.customers = self.take_pinned_entries(&mut kept);
         } else if self.current.len() > self.max_entries / 2 {
-            self.previous = std::mem::take(&mut self.current);
+            let mut dropped =
+                std::mem::replace(&mut self.previous, std::mem::take(&mut self.current));
+            let pinned = self.take_pinned_entries(&mut dropped);
+            self.current.customers.extend(pinned);
         }
+    }
+
+    /// The pinned customers' entries out of `generation`.
+    fn take_pinned_entries(
+        &self,
+        generation: &mut Generation,
+    ) -> FxHashMap<String, Option<Cached>> {
+        self.pinned
+            .iter()
+            .filter_map(|id| generation.customers.remove_entry(id))
+            .collect()
     }
 
     /// Whether the node under `key` is cached; if it is, it is in the current generation.
@@ -170,5 +227,43 @@ mod tests {
         assert!(cache.has_node("hot"), "the batch itself works in the cache");
         cache.begin_batch();
         assert!(cache.is_empty());
+    }
+
+    fn live(id: &str) -> Option<Cached> {
+        Some(Cached::Live(Arc::new(crate::profile::new_profile(
+            id.to_owned(),
+            "2026-01-01T00:00:00Z",
+        ))))
+    }
+
+    #[test]
+    fn pinned_customers_survive_turnover_until_taken() {
+        for size in [0, 4] {
+            let mut cache = StateCache::new(size);
+            cache.begin_batch();
+            cache.current.customers.insert("kept".into(), live("kept"));
+            cache.current.customers.insert("cold".into(), live("cold"));
+            cache.pin_customers(["kept", "absent"]);
+            for batch in 0..10 {
+                run_batch(&mut cache, batch);
+            }
+            cache.begin_batch();
+            assert!(
+                cache.has_customer("kept"),
+                "cache of {size}: a pinned profile stays"
+            );
+            assert!(!cache.has_customer("cold"), "cache of {size}: others go");
+            let taken = cache.take_pinned_profiles();
+            assert_eq!(taken.len(), 1);
+            assert_eq!(taken[0].0, "kept");
+            for batch in 10..20 {
+                run_batch(&mut cache, batch);
+            }
+            cache.begin_batch();
+            assert!(
+                !cache.has_customer("kept"),
+                "cache of {size}: taken means unpinned"
+            );
+        }
     }
 }

@@ -164,10 +164,11 @@ impl ResolvedBatch {
         (outcome, writes)
     }
 
-    /// The outcome without any profile record, and the profile records, not yet encoded, for
-    /// a [`ProfileRecordCache`] that emits them once per checkpoint. The live profiles'
-    /// state records are left to whoever holds [`ResolvedBatch::profiles`] (a
-    /// [`crate::PendingWrites`]).
+    /// The outcome without any profile record, and which profile records to make, for a
+    /// [`ProfileRecordCache`] that emits them once per checkpoint. Drops the batch's hold on
+    /// the profiles' states: a caller that writes state behind first pins their ids in the
+    /// [`StateCache`] ([`ResolvedBatch::profile_ids`]) and takes the states from there at the
+    /// checkpoint.
     ///
     /// [`ProfileRecordCache`]: crate::ProfileRecordCache
     pub fn split(self) -> (BatchOutcome, ProfileUpdates) {
@@ -178,9 +179,19 @@ impl ResolvedBatch {
         } = self;
         let updates = ProfileUpdates {
             tombstones: std::mem::take(&mut outcome.profiles),
-            live: profile_records,
+            live: profile_records
+                .into_iter()
+                .map(|(id, _, meta)| (id, meta))
+                .collect(),
         };
         (outcome, updates)
+    }
+
+    /// Every live profile the batch changed or has a record for.
+    pub fn profile_ids(&self) -> impl Iterator<Item = &str> {
+        let changed = self.profile_writes.iter().map(|(id, _)| id.as_str());
+        let recorded = self.profile_records.iter().map(|(id, _, _)| id.as_str());
+        changed.chain(recorded)
     }
 
     /// The whole outcome, with the profiles' state records appended to its write set.

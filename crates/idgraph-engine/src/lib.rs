@@ -34,7 +34,7 @@ pub use engine::{
 };
 pub use idgraph_model::Normalizer;
 pub use pending::{PendingWrites, ReadThrough};
-pub use record_cache::{ProfileRecordCache, ProfileUpdates};
+pub use record_cache::{MissingProfile, ProfileRecordCache, ProfileUpdates};
 pub use stats::{BatchStats, QualityReport};
 pub use store::{
     ErrorClass, MemoryStore, StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp,

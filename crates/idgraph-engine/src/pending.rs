@@ -46,9 +46,7 @@ fn key_hash(table: Table, _key: &[u8]) -> u64 {
 }
 
 fn op_target(op: &WriteOp) -> (Table, &[u8]) {
-    match op {
-        WriteOp::Put { table, key, .. } | WriteOp::Delete { table, key } => (*table, key),
-    }
+    op.target()
 }
 
 impl PendingWrites {
@@ -97,6 +95,11 @@ impl PendingWrites {
             self.profiles.insert(id.to_owned(), Arc::clone(state));
         }
         self
+    }
+
+    /// A live profile's state as the checkpoint will write it, if the checkpoint has it.
+    pub fn profile(&self, id: &str) -> Option<&Arc<ProfileState>> {
+        self.profiles.get(id)
     }
 
     /// How many batches this holds.

@@ -3,7 +3,9 @@
 //!
 //! A profile touched by several batches of one interval is emitted once, in its state at the
 //! end of the interval and with the metadata of the last event that touched it: exactly the
-//! record that batch-by-batch emission would have made last. Downstream consumers that keep
+//! record that batch-by-batch emission would have made last. The cache holds no profile
+//! state, only which records to make: the states come with the checkpoint (see
+//! [`crate::StateCache::pin_customers`] for why nothing else may hold them). Downstream consumers that keep
 //! the last record per customer see the same table; they see fewer intermediate versions.
 
 use std::sync::Arc;
@@ -19,14 +21,19 @@ pub struct ProfileUpdates {
     /// Records of ids absorbed by the batch's merges, in the order they were absorbed.
     pub tombstones: Vec<ProfileRecord>,
     /// Live profiles the batch touched, in first-touch order, with their records' metadata.
-    pub live: Vec<(String, Arc<ProfileState>, RecordMeta)>,
+    pub live: Vec<(String, RecordMeta)>,
 }
 
 #[derive(Debug)]
 enum Pending {
-    Live(Arc<ProfileState>, RecordMeta),
+    Live(RecordMeta),
     Tombstone(ProfileRecord),
 }
+
+/// A live record whose profile state the checkpoint does not hold: a caller's bug.
+#[derive(Debug, thiserror::Error)]
+#[error("the checkpoint holds no state for profile {0}, which has a record to emit")]
+pub struct MissingProfile(pub String);
 
 /// The newest record per customer since the cache was last emptied, in first-touch order.
 #[derive(Debug, Default)]
@@ -42,8 +49,8 @@ impl ProfileRecordCache {
             let id = tombstone.customer_id.clone();
             self.upsert(id, Pending::Tombstone(tombstone));
         }
-        for (id, state, meta) in updates.live {
-            self.upsert(id, Pending::Live(state, meta));
+        for (id, meta) in updates.live {
+            self.upsert(id, Pending::Live(meta));
         }
     }
 
@@ -66,14 +73,21 @@ impl ProfileRecordCache {
         self.records.is_empty()
     }
 
-    /// Encodes and hands out every record, leaving the cache empty.
-    pub fn take_records(&mut self) -> Vec<ProfileRecord> {
+    /// Encodes and hands out every record, leaving the cache empty; `state` gives each live
+    /// profile's state at the end of the interval.
+    pub fn take_records<'s>(
+        &mut self,
+        state: impl Fn(&str) -> Option<&'s Arc<ProfileState>>,
+    ) -> Result<Vec<ProfileRecord>, MissingProfile> {
         self.positions.clear();
         self.records
             .drain(..)
             .map(|(id, record)| match record {
-                Pending::Tombstone(tombstone) => tombstone,
-                Pending::Live(state, meta) => live_record(id, &state, meta),
+                Pending::Tombstone(tombstone) => Ok(tombstone),
+                Pending::Live(meta) => match state(&id) {
+                    Some(state) => Ok(live_record(id, state, meta)),
+                    None => Err(MissingProfile(id)),
+                },
             })
             .collect()
     }

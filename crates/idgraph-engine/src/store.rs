@@ -84,6 +84,15 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// The table and key the operation writes.
+    pub fn target(&self) -> (Table, &[u8]) {
+        match self {
+            WriteOp::Put { table, key, .. } | WriteOp::Delete { table, key } => (*table, key),
+        }
+    }
+}
+
 /// All the writes of one engine batch, applied atomically and in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteSet {

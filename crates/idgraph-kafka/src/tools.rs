@@ -176,7 +176,6 @@ pub fn passthrough(
     config: &KafkaConfig,
     from: &str,
     to: &str,
-    batch_size: usize,
     expected: u64,
 ) -> Result<PassthroughSummary, KafkaWorkerError> {
     let consumer: BaseConsumer = client_config(config)
@@ -188,15 +187,19 @@ pub fn passthrough(
     consumer
         .subscribe(&[from])
         .map_err(KafkaWorkerError::kafka("subscribe passthrough"))?;
+    // The worker's producer settings (idempotent, acks from all replicas), batched the way
+    // kcat batches: records are handed over as they arrive and waited for once, at the end.
+    // Waiting for each batch's acknowledgements, as this baseline once did, made it a tenth
+    // as fast as a kcat pipe and the worker look good against it.
     let producer: ThreadedProducer<DefaultProducerContext> = client_config(config)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .create()
         .map_err(KafkaWorkerError::kafka("create passthrough producer"))?;
     let mut summary = PassthroughSummary::default();
     let mut first: Option<Instant> = None;
-    let mut in_batch = 0usize;
     let deadline = Instant::now() + Duration::from_secs(600);
     while summary.messages < expected && Instant::now() < deadline {
         let Some(result) = consumer.poll(Duration::from_millis(100)) else {
@@ -222,17 +225,10 @@ pub fn passthrough(
             "passthrough produce",
         )?;
         summary.messages += 1;
-        in_batch += 1;
-        if summary.messages % 5000 == 0 {
-            tracing::debug!(messages = summary.messages, "passthrough progress");
-        }
-        if in_batch == batch_size || summary.messages == expected {
-            producer
-                .flush(Duration::from_secs(60))
-                .map_err(KafkaWorkerError::kafka("passthrough flush"))?;
-            in_batch = 0;
-        }
     }
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(KafkaWorkerError::kafka("passthrough flush"))?;
     summary.active_secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
     Ok(summary)
 }

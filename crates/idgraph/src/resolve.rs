@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use idgraph_engine::{
     BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage,
-    ProfileRecordCache, QualityReport, ReadThrough, ResolvedBatch, StateCache, StateRead,
+    ProfileRecordCache, ProfileUpdates, QualityReport, ReadThrough, StateCache, StateRead,
     StateStore, Table, WriteOp,
 };
 use idgraph_model::InputCoordinates;
@@ -186,7 +186,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 /// Work for the committer, in order.
 enum Commit {
     /// A resolved batch: its records go to the files now, its profile records to the cache.
-    Batch(Box<ResolvedBatch>),
+    Batch(Box<(BatchOutcome, ProfileUpdates)>),
     /// The end of a checkpoint interval: the state changes of its batches.
     Checkpoint(Arc<PendingWrites>),
 }
@@ -230,14 +230,16 @@ impl<'scope> Committer<'scope> {
             let mut records = ProfileRecordCache::default();
             for work in receiver {
                 match work {
-                    Commit::Batch(resolved) => {
-                        let (outcome, updates) = resolved.split();
+                    Commit::Batch(batch) => {
+                        let (outcome, updates) = *batch;
                         outputs.write_batch(&outcome)?;
                         records.absorb(updates);
                         let _ = spent_sender.send(outcome);
                     }
                     Commit::Checkpoint(pending) => {
-                        outputs.profiles.write_lines(&records.take_records())?;
+                        let profiles = records.take_records(|id| pending.profile(id))?;
+                        outputs.profiles.write_lines(&profiles)?;
+                        drop(profiles);
                         let lengths = outputs.checkpoint(checkpoint.sync)?;
                         checkpoint.commit(store, &pending, lengths)?;
                         // The resolver may be gone after an error of its own.
@@ -257,9 +259,9 @@ impl<'scope> Committer<'scope> {
         }
     }
 
-    /// Queues a resolved batch; fails with the committer's own error if it stopped.
-    fn send_batch(self, resolved: ResolvedBatch) -> Result<Self> {
-        self.send(Commit::Batch(Box::new(resolved)))
+    /// Queues a resolved batch's records; fails with the committer's own error if it stopped.
+    fn send_batch(self, outcome: BatchOutcome, profiles: ProfileUpdates) -> Result<Self> {
+        self.send(Commit::Batch(Box::new((outcome, profiles))))
     }
 
     /// Queues the end of a checkpoint interval.
@@ -339,6 +341,10 @@ impl CheckpointTarget {
         let mut ops = pending.checkpoint_ops();
         ops.extend(&profiles.ops);
         ops.push(&marker);
+        // Every key is written once, so the order is free: in key order, RocksDB inserts each
+        // key into its memtable next to the one before instead of searching its skip list
+        // from the top.
+        ops.sort_unstable_by(|a, b| a.target().cmp(&b.target()));
         store
             .write_ops(&ops)
             .context("cannot commit a checkpoint to the state store")
@@ -479,13 +485,17 @@ pub fn resolve_file(
             let mut resolved = engine.resolve_prepared(&view, &mut cache, prepared.messages)?;
             stats.absorb(std::mem::take(&mut resolved.outcome.stats));
             let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
-            open.push(writes, resolved.profiles());
-            committer = committer.send_batch(resolved)?;
+            // The batch's profiles stay in the cache (pinned) until the checkpoint takes them:
+            // nothing else holds them meanwhile, so the next batches change them in place.
+            cache.pin_customers(resolved.profile_ids());
+            open.push(writes, std::iter::empty());
+            let (outcome, profiles) = resolved.split();
+            committer = committer.send_batch(outcome, profiles)?;
             if open.batches() >= interval {
                 // Only one checkpoint is committed at a time: the resolver then reads through
                 // at most two.
                 committer = committer.wait_for_checkpoints()?;
-                let done = Arc::new(std::mem::take(&mut open));
+                let done = Arc::new(close_checkpoint(&mut open, &mut cache));
                 committer = committer.send_checkpoint(Arc::clone(&done))?;
                 committing = Some(done);
             }
@@ -499,7 +509,8 @@ pub fn resolve_file(
             }
         }
         if !open.is_empty() {
-            committer = committer.send_checkpoint(Arc::new(open))?;
+            let done = close_checkpoint(&mut open, &mut cache);
+            committer = committer.send_checkpoint(Arc::new(done))?;
         }
         let reader_cpu = preparer
             .join()
@@ -529,6 +540,13 @@ pub fn resolve_file(
         cpu,
         stats,
     })
+}
+
+/// Ends the open checkpoint: its write sets and the state of every profile its batches
+/// changed, taken from the cache.
+fn close_checkpoint(open: &mut PendingWrites, cache: &mut StateCache) -> PendingWrites {
+    let profiles = cache.take_pinned_profiles();
+    std::mem::take(open).with_profiles(profiles.iter().map(|(id, state)| (id.as_str(), state)))
 }
 
 /// The split of a run's CPU time, if every reading was taken. The threads' clocks tick in

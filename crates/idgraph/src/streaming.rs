@@ -5,7 +5,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use idgraph_kafka::worker::RunOptions;
@@ -256,12 +256,19 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
     eprintln!("produced {sent} messages; running the passthrough baseline");
     let baseline_topic = "bench.passthrough";
     broker.create_topic(baseline_topic, partitions)?;
-    let passthrough = tools::passthrough(&kafka, &topic, baseline_topic, kafka.batch_size, sent)?;
-
+    let passthrough = tools::passthrough(&kafka, &topic, baseline_topic, sent)?;
     eprintln!(
-        "passthrough moved {} messages in {:.2} s; running the worker",
+        "passthrough moved {} messages in {:.2} s",
         passthrough.messages, passthrough.active_secs
     );
+    let kcat = kcat_pipe(
+        &kafka.bootstrap_servers,
+        &topic,
+        "bench.kcat",
+        sent,
+        &broker,
+    )?;
+    eprintln!("running the worker");
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(&temp.path().join("state")))?;
     let mut worker = Worker::new(
@@ -289,6 +296,13 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
         "passthrough (consume -> produce)  {:>10.0} messages/s",
         passthrough_rate
     );
+    match kcat {
+        Some(seconds) => println!(
+            "kcat -C | kcat -P (stock tools)   {:>10.0} messages/s",
+            sent as f64 / seconds.max(1e-9)
+        ),
+        None => println!("kcat -C | kcat -P (stock tools)   not measured: kcat is not installed"),
+    }
     println!(
         "worker (resolve, commit, produce) {:>10.0} messages/s",
         worker_rate
@@ -308,6 +322,40 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
         quantile(&mut summary.timestamp_to_output_ms, 0.99)
     );
     Ok(())
+}
+
+/// Seconds that stock kcat takes to copy `topic` into `to` through a pipe
+/// (`kcat -C -e | kcat -P`), the yardstick of the passthrough baseline; `None` if kcat is not
+/// installed. The time includes both tools' start-up.
+fn kcat_pipe(
+    bootstrap: &str,
+    topic: &str,
+    to: &str,
+    expected: u64,
+    broker: &DevBroker,
+) -> Result<Option<f64>> {
+    let installed = std::process::Command::new("kcat")
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !installed {
+        return Ok(None);
+    }
+    broker.create_topic(to, 1)?;
+    let started = Instant::now();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"kcat -b "$1" -C -t "$2" -o beginning -e -q | kcat -b "$1" -P -t "$3""#)
+        .args(["kcat-pipe", bootstrap, topic, to])
+        .status()
+        .context("cannot run kcat")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        anyhow::bail!("the kcat pipe failed ({status}) copying {expected} messages");
+    }
+    Ok(Some(seconds))
 }
 
 /// The streaming demo: an in-process broker, generated touchpoints on the five source topics,
