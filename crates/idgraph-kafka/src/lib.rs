@@ -20,5 +20,5 @@ pub mod worker;
 pub use broker::DevBroker;
 pub use config::KafkaConfig;
 pub use error::KafkaWorkerError;
-pub use metrics::Metrics;
+pub use metrics::{MetricLabels, Metrics};
 pub use worker::{Worker, WorkerSummary};

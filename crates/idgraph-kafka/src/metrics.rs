@@ -1,5 +1,10 @@
 //! Every Prometheus metric of the worker, declared once, with its help text. Labels are
-//! sources, failure kinds, actions, rules and topics: never customer data.
+//! sources, failure kinds, actions, rules and topics: never customer data. Sources and
+//! identifier kinds come from the input, so only configured ones become labels
+//! ([`MetricLabels`]): a producer that makes up a source per message cannot make the label set
+//! grow or put its values into `/metrics`.
+
+use std::collections::BTreeSet;
 
 use idgraph_engine::BatchStats;
 use prometheus::{
@@ -7,10 +12,52 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// The label values that may come from input: configured sources and identifier kinds.
+/// Anything else is counted under [`OTHER_SOURCE`] or [`CUSTOM_KIND`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricLabels {
+    sources: BTreeSet<String>,
+    identifier_kinds: BTreeSet<String>,
+}
+
+/// The `source` label of events whose source is not configured.
+pub const OTHER_SOURCE: &str = "other";
+/// The `kind` label of identifiers of a kind not configured.
+pub const CUSTOM_KIND: &str = "custom";
+
+impl MetricLabels {
+    pub fn new(
+        sources: impl IntoIterator<Item = String>,
+        identifier_kinds: impl IntoIterator<Item = String>,
+    ) -> Self {
+        MetricLabels {
+            sources: sources.into_iter().collect(),
+            identifier_kinds: identifier_kinds.into_iter().collect(),
+        }
+    }
+
+    fn source<'a>(&self, source: &'a str) -> &'a str {
+        if self.sources.contains(source) {
+            source
+        } else {
+            OTHER_SOURCE
+        }
+    }
+
+    fn kind<'a>(&self, kind: &'a str) -> &'a str {
+        if self.identifier_kinds.contains(kind) {
+            kind
+        } else {
+            CUSTOM_KIND
+        }
+    }
+}
+
 /// The worker's metrics and the registry `/metrics` serves.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
+    labels: MetricLabels,
     events: IntCounterVec,
     dead_letters: IntCounterVec,
     actions: IntCounterVec,
@@ -80,7 +127,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Metrics that label every source `other` and every identifier kind `custom`.
     pub fn new() -> Self {
+        Self::with_labels(MetricLabels::default())
+    }
+
+    /// Metrics whose input-derived labels are limited to `labels`.
+    pub fn with_labels(labels: MetricLabels) -> Self {
         let r = Registry::new();
         let batch_seconds = HistogramVec::new(
             HistogramOpts::new(
@@ -111,6 +164,7 @@ impl Metrics {
         r.register(Box::new(block_cache_hit_ratio.clone()))
             .expect("metric registered once");
         Metrics {
+            labels,
             messages_consumed: counter_vec(
                 &r,
                 "idgraph_messages_consumed_total",
@@ -250,6 +304,7 @@ impl Metrics {
     /// Adds a committed batch's counters.
     pub fn record_batch(&self, stats: &BatchStats) {
         for (source, n) in &stats.events {
+            let source = self.labels.source(source);
             self.events.with_label_values(&[source]).inc_by(*n);
         }
         for (kind, n) in &stats.dead_letters {
@@ -263,17 +318,17 @@ impl Metrics {
         }
         for (kind, n) in &stats.invalid_identifiers {
             self.invalid_identifiers
-                .with_label_values(&[kind, "invalid"])
+                .with_label_values(&[self.labels.kind(kind), "invalid"])
                 .inc_by(*n);
         }
         for (kind, n) in &stats.blocked_identifiers {
             self.invalid_identifiers
-                .with_label_values(&[kind, "blocked"])
+                .with_label_values(&[self.labels.kind(kind), "blocked"])
                 .inc_by(*n);
         }
         for (source, n) in &stats.no_identifier_by_source {
             self.no_identifier_events
-                .with_label_values(&[source])
+                .with_label_values(&[self.labels.source(source)])
                 .inc_by(*n);
         }
         self.merges.inc_by(stats.merges);
@@ -306,5 +361,52 @@ impl Metrics {
             .encode_utf8(&self.registry.gather(), &mut out)
             .expect("metrics encode");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label values of one metric family in a scrape.
+    fn label_values(scrape: &str, metric: &str, label: &str) -> BTreeSet<String> {
+        scrape
+            .lines()
+            .filter(|line| line.starts_with(&format!("{metric}{{")))
+            .filter_map(|line| {
+                let start = line.find(&format!("{label}=\""))? + label.len() + 2;
+                let end = line[start..].find('"')? + start;
+                Some(line[start..end].to_owned())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_thousand_made_up_sources_and_kinds_leave_the_labels_bounded_and_clean() {
+        let metrics = Metrics::with_labels(MetricLabels::new(
+            ["web".to_owned(), "pos".to_owned()],
+            ["email".to_owned()],
+        ));
+        for i in 0..1000u64 {
+            let mut stats = BatchStats::default();
+            let bogus = format!("leak-{i}-jane.doe@example.com");
+            stats.events.insert(bogus.clone(), 1);
+            stats.events.insert("web".into(), 1);
+            stats.no_identifier_by_source.insert(bogus.clone(), 1);
+            stats.invalid_identifiers.insert(bogus.clone(), 1);
+            stats.invalid_identifiers.insert("email".into(), 1);
+            stats.blocked_identifiers.insert(format!("kind-{i}"), 1);
+            metrics.record_batch(&stats);
+        }
+        let scrape = metrics.render();
+        assert!(!scrape.contains("leak-"), "an input value reached /metrics");
+        assert!(!scrape.contains("kind-"), "an input value reached /metrics");
+        let sources = label_values(&scrape, "idgraph_events_processed_total", "source");
+        assert_eq!(sources, BTreeSet::from(["other".into(), "web".into()]));
+        let kinds = label_values(&scrape, "idgraph_invalid_identifiers_total", "kind");
+        assert_eq!(kinds, BTreeSet::from(["custom".into(), "email".into()]));
+        assert!(scrape.contains("idgraph_events_processed_total{source=\"other\"} 1000"));
+        let without = label_values(&scrape, "idgraph_events_without_identifier_total", "source");
+        assert_eq!(without, BTreeSet::from(["other".into()]));
     }
 }

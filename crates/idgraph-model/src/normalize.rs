@@ -335,7 +335,10 @@ impl Normalizer {
                 "country" => value.trim().to_ascii_uppercase(),
                 _ => value.trim().to_owned(),
             };
-            if !normalized.is_empty() && !is_junk(&normalized) {
+            // The junk list is for identifiers, where "null" or "test@test.com" would link
+            // strangers. A trait keeps its value: "NA" is Namibia's country code and "Na" a
+            // surname, and a placeholder that many profiles share weighs little in matching.
+            if !normalized.is_empty() {
                 traits.insert(name.clone(), normalized.into());
             }
         }
@@ -711,5 +714,30 @@ mod tests {
         assert!(!event.traits.contains_key("date_of_birth"));
         let fields: Vec<_> = event.issues.iter().map(|i| i.field.as_str()).collect();
         assert_eq!(fields, vec!["identifiers.phone", "traits.date_of_birth"]);
+    }
+
+    #[test]
+    fn traits_keep_values_that_would_be_junk_as_identifiers() {
+        let raw = crate::event::parse_event(
+            br#"{"event_id":"1","event_type":"t","timestamp":"2026-01-01T00:00:00Z",
+            "identifiers":{"email":"test@test.com","user_id":"NA"},
+            "traits":{"country":"NA","last_name":"Na","first_name":"  "}}"#,
+            "web",
+        )
+        .unwrap();
+        let event = normalizer().normalize(raw);
+        assert!(event.identifiers.is_empty(), "{:?}", event.identifiers);
+        assert_eq!(
+            event.traits.get("country").map(CompactString::as_str),
+            Some("NA")
+        );
+        assert_eq!(
+            event.traits.get("last_name").map(CompactString::as_str),
+            Some("na")
+        );
+        assert!(
+            !event.traits.contains_key("first_name"),
+            "blank is no value"
+        );
     }
 }

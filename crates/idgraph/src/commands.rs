@@ -251,7 +251,7 @@ pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {
     let address = crate::http::serve(
         listen,
         crate::http::Endpoints {
-            metrics: idgraph_kafka::Metrics::new(),
+            metrics: idgraph_kafka::Metrics::with_labels(config.metric_labels()),
             ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             profiles: Some(crate::http::ProfileApi {
                 state: store.reader(),

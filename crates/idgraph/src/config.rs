@@ -331,3 +331,20 @@ mod deploy_tests {
         assert_eq!(config.resolve.batch_size, 10_000);
     }
 }
+
+impl AppConfig {
+    /// The input-derived metric labels operators configured: the sources (Kafka source
+    /// topics, file mode's default source, sources with a field mapping) and the identifier
+    /// kinds with a per-profile limit.
+    pub fn metric_labels(&self) -> idgraph_kafka::MetricLabels {
+        let sources = self
+            .kafka
+            .sources
+            .keys()
+            .chain(self.engine.mappings.keys())
+            .chain(std::iter::once(&self.resolve.default_source))
+            .cloned();
+        let kinds = self.engine.identifiers.max_per_profile.keys().cloned();
+        idgraph_kafka::MetricLabels::new(sources, kinds)
+    }
+}

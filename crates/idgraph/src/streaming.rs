@@ -156,7 +156,7 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(state))?;
     let reader = store.reader();
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_labels(config.metric_labels());
     let mut worker = Worker::new(
         &engine,
         store,
@@ -276,7 +276,7 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
         store,
         kafka.clone(),
         config.engine.cache.max_entries,
-        Metrics::new(),
+        Metrics::with_labels(config.metric_labels()),
     )?;
     let stop = AtomicBool::new(false);
     let mut summary = worker.run(
@@ -385,7 +385,7 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
     let (store, _) = open_state(config, Some(&state))?;
     let reader = store.reader();
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_labels(config.metric_labels());
     let mut worker = Worker::new(
         &engine,
         store,
