@@ -388,8 +388,15 @@ fn malformed_lines_are_dead_lettered_with_reason_and_line_and_the_rest_is_proces
     let out = dir.path().join("out");
     ok(&["resolve", "--input", p(&path), "--output-dir", p(&out)]);
     let enriched = read_lines(&out.join("enriched.jsonl"));
-    assert_eq!(enriched.len(), 2);
-    assert_eq!(enriched[0]["customer_id"], enriched[1]["customer_id"]);
+    assert_eq!(enriched.len(), 3);
+    assert_eq!(enriched[0]["customer_id"], enriched[2]["customer_id"]);
+    // Identifiers sent as a string instead of an object: the event is kept without them.
+    assert_eq!(enriched[1]["event_id"], "w");
+    assert_eq!(enriched[1]["input"]["line"], 5);
+    assert_eq!(
+        enriched[1]["quality_issues"],
+        serde_json::json!([{"field": "identifiers", "kind": "wrong_type"}])
+    );
     let letters = read_lines(&out.join("dead-letter.jsonl"));
     let got: Vec<(u64, &str)> = letters
         .iter()
@@ -406,7 +413,6 @@ fn malformed_lines_are_dead_lettered_with_reason_and_line_and_the_rest_is_proces
             (2, "invalid_json"),
             (3, "invalid_utf8"),
             (4, "missing_field"),
-            (5, "wrong_type"),
             (6, "wrong_type"),
             (7, "empty_payload"),
             (8, "too_large"),
@@ -420,7 +426,7 @@ fn malformed_lines_are_dead_lettered_with_reason_and_line_and_the_rest_is_proces
             .starts_with("idgraph "));
         assert!(letter["idempotency_key"].is_string());
     }
-    let huge_letter = &letters[6];
+    let huge_letter = &letters[5];
     assert_eq!(huge_letter["truncated"], true);
     assert!(huge_letter["payload_size"].as_u64().unwrap() > 2 * 1024 * 1024);
     assert!(huge_letter["payload"].as_str().unwrap().len() <= 16 * 1024);

@@ -512,7 +512,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
         b"{\"event_id\": \"broken\",".to_vec(),
         b"\xff\xfe not utf-8".to_vec(),
         Vec::new(),
-        br#"{"event_id":"w","event_type":"x","timestamp":"2026-03-01T12:00:00Z","identifiers":"a@x.com"}"#.to_vec(),
+        br#"{"event_id":{"w":1},"event_type":"x","timestamp":"2026-03-01T12:00:00Z"}"#.to_vec(),
         huge.into_bytes(),
         good("g2").into_bytes(),
     ];

@@ -776,11 +776,17 @@ fn record_quality(stats: &mut BatchStats, event: &NormalizedEvent) {
         bump(&mut stats.no_identifier_by_source, source);
     }
     for issue in &event.issues {
+        if issue.kind == idgraph_model::IssueKind::WrongType {
+            bump(&mut stats.wrong_type_fields, &issue.field);
+            continue;
+        }
         let (section, name) = issue.field.split_once('.').unwrap_or(("", &issue.field));
         let map = match (section, issue.kind) {
             ("traits", _) => &mut stats.invalid_traits,
             (_, idgraph_model::IssueKind::Invalid) => &mut stats.invalid_identifiers,
-            (_, idgraph_model::IssueKind::Blocked) => &mut stats.blocked_identifiers,
+            (_, idgraph_model::IssueKind::Blocked | idgraph_model::IssueKind::WrongType) => {
+                &mut stats.blocked_identifiers
+            }
         };
         bump(map, name);
     }

@@ -24,6 +24,9 @@ pub struct BatchStats {
     pub blocked_identifiers: BTreeMap<String, u64>,
     /// Trait values dropped as invalid, per trait.
     pub invalid_traits: BTreeMap<String, u64>,
+    /// Fields left out of otherwise valid events because their JSON type was wrong, per field.
+    #[serde(default)]
+    pub wrong_type_fields: BTreeMap<String, u64>,
     /// Events carrying each trait, per source then trait.
     pub trait_present: BTreeMap<String, BTreeMap<String, u64>>,
     pub profiles_created: u64,
@@ -64,6 +67,7 @@ impl BatchStats {
         add(&mut self.invalid_identifiers, other.invalid_identifiers);
         add(&mut self.blocked_identifiers, other.blocked_identifiers);
         add(&mut self.invalid_traits, other.invalid_traits);
+        add(&mut self.wrong_type_fields, other.wrong_type_fields);
         for (source, traits) in other.trait_present {
             add(self.trait_present.entry(source).or_default(), traits);
         }
@@ -113,6 +117,9 @@ pub struct QualityReport {
     pub blocked_identifiers: BTreeMap<String, u64>,
     /// Trait values dropped as invalid, per trait.
     pub invalid_traits: BTreeMap<String, u64>,
+    /// Fields left out of otherwise valid events because their JSON type was wrong, per field.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wrong_type_fields: BTreeMap<String, u64>,
     /// Per source, the share of events that carried each trait.
     pub trait_completeness: BTreeMap<String, BTreeMap<String, f64>>,
     /// Share of each source's events that joined an existing profile.
@@ -162,6 +169,7 @@ impl QualityReport {
             invalid_identifiers: stats.invalid_identifiers.clone(),
             blocked_identifiers: stats.blocked_identifiers.clone(),
             invalid_traits: stats.invalid_traits.clone(),
+            wrong_type_fields: stats.wrong_type_fields.clone(),
             trait_completeness,
             match_rate: per_source(&stats.matched_by_source),
         }

@@ -55,6 +55,7 @@ impl EnvelopeFields {
                 .map(|traits| collect_traits(&traits, &[]))
                 .unwrap_or_default(),
             properties: self.properties.flatten().unwrap_or_default(),
+            wrong_type_fields: Vec::new(),
         })
     }
 }

@@ -27,6 +27,10 @@ pub struct RawEvent {
     pub traits: SortedMap<CompactString, CompactString>,
     /// Free-form event properties, passed through to the enriched event.
     pub properties: Map<String, Value>,
+    /// Optional fields left out because their value had the wrong type (`identifiers`,
+    /// `identifiers.email`, `traits`, `properties`, Segment's `anonymousId`, …): the event is
+    /// kept without them, and normalizing reports each as a quality issue.
+    pub wrong_type_fields: Vec<String>,
 }
 
 impl RawEvent {
@@ -174,10 +178,12 @@ pub fn parse_mapped(
     let event_type = required(&mapping.event_type)?;
     let timestamp = required(&mapping.timestamp)?;
     let mut identifiers = Vec::new();
+    let mut wrong_type_fields = Vec::new();
     for (pointer, kind) in &mapping.identifiers {
         if let Some(value) = object.pointer(pointer) {
-            collect_identifier_values(kind, value, &mut identifiers)
-                .map_err(|e| e.with_field(pointer))?;
+            if !collect_identifier_values(kind, value, &mut identifiers) {
+                wrong_type_fields.push(pointer.clone());
+            }
         }
     }
     let mut traits = SortedMap::new();
@@ -202,6 +208,7 @@ pub fn parse_mapped(
         identifiers,
         traits,
         properties,
+        wrong_type_fields,
     })
 }
 
@@ -216,25 +223,38 @@ fn parse_canonical(
     let timestamp = require(take_string(&mut object, "timestamp")?, "timestamp")?;
     let source = take_string(&mut object, "source")?.unwrap_or_else(|| default_source.to_owned());
     let mut identifiers = Vec::new();
-    if let Some(ids) = object.remove("identifiers") {
-        let Value::Object(ids) = ids else {
-            return Err(not_an_object(&ids, "identifiers"));
-        };
-        for (kind, value) in ids {
-            match value {
-                Value::String(text) => identifiers.push((kind.into(), text.into())),
-                other => collect_identifier_values(&kind, &other, &mut identifiers)?,
+    let mut wrong_type_fields = Vec::new();
+    match object.remove("identifiers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(ids)) => {
+            for (kind, value) in ids {
+                match value {
+                    Value::String(text) => identifiers.push((kind.into(), text.into())),
+                    other => {
+                        if !collect_identifier_values(&kind, &other, &mut identifiers) {
+                            wrong_type_fields.push(format!("identifiers.{kind}"));
+                        }
+                    }
+                }
             }
         }
+        Some(_) => wrong_type_fields.push("identifiers".to_owned()),
     }
     let traits = match object.get("traits") {
-        Some(traits) => collect_traits(expect_object(traits, "traits")?, &[]),
-        None => SortedMap::new(),
+        None | Some(Value::Null) => SortedMap::new(),
+        Some(Value::Object(traits)) => collect_traits(traits, &[]),
+        Some(_) => {
+            wrong_type_fields.push("traits".to_owned());
+            SortedMap::new()
+        }
     };
     let properties = match object.remove("properties") {
         Some(Value::Null) | None => Map::new(),
         Some(Value::Object(properties)) => properties,
-        Some(other) => return Err(not_an_object(&other, "properties")),
+        Some(_) => {
+            wrong_type_fields.push("properties".to_owned());
+            Map::new()
+        }
     };
     Ok(RawEvent {
         event_id: event_id.into(),
@@ -244,6 +264,7 @@ fn parse_canonical(
         identifiers,
         traits,
         properties,
+        wrong_type_fields,
     })
 }
 
@@ -263,14 +284,16 @@ fn parse_segment(
         other => other.to_owned(),
     };
     let mut identifiers = Vec::new();
+    let mut wrong_type_fields = Vec::new();
     for (field, kind) in [
         ("userId", "user_id"),
         ("anonymousId", "cookie_id"),
         ("previousId", "cookie_id"),
     ] {
         if let Some(value) = object.get(field) {
-            collect_identifier_values(kind, value, &mut identifiers)
-                .map_err(|e| e.with_field(field))?;
+            if !collect_identifier_values(kind, value, &mut identifiers) {
+                wrong_type_fields.push(field.to_owned());
+            }
         }
     }
     let context = object.get("context").and_then(Value::as_object);
@@ -278,7 +301,9 @@ fn parse_segment(
         .and_then(|c| c.get("device"))
         .and_then(|d| d.get("id"))
     {
-        collect_identifier_values("device_id", device_id, &mut identifiers)?;
+        if !collect_identifier_values("device_id", device_id, &mut identifiers) {
+            wrong_type_fields.push("context.device.id".to_owned());
+        }
     }
     let mut traits = SortedMap::new();
     let trait_objects = [
@@ -290,7 +315,9 @@ fn parse_segment(
     for trait_object in trait_objects.into_iter().flatten() {
         for kind in SEGMENT_IDENTIFIER_TRAITS {
             if let Some(value) = trait_object.get(kind) {
-                collect_identifier_values(kind, value, &mut identifiers)?;
+                if !collect_identifier_values(kind, value, &mut identifiers) {
+                    wrong_type_fields.push(format!("traits.{kind}"));
+                }
             }
         }
         traits.extend(collect_traits(trait_object, &SEGMENT_IDENTIFIER_TRAITS));
@@ -308,6 +335,7 @@ fn parse_segment(
         identifiers,
         traits,
         properties,
+        wrong_type_fields,
     })
 }
 
@@ -371,56 +399,37 @@ fn optional_string(object: &Map<String, Value>, field: &str) -> Result<Option<St
     }
 }
 
-fn expect_object<'a>(value: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ParseError> {
-    value.as_object().ok_or_else(|| not_an_object(value, field))
-}
-
-fn not_an_object(value: &Value, field: &str) -> ParseError {
-    ParseError::new(
-        FailureKind::WrongType,
-        format!(
-            "field {field:?} must be an object, found {}",
-            json_type(value)
-        ),
-    )
-    .with_field(field)
-}
-
 /// Adds the values of one identifier kind: a string, a number, or an array of them. Nulls are
-/// skipped (they say "no value"); other types are a wrong-type error for the whole message
-/// because the sender's schema is broken, not one value.
+/// skipped (they say "no value"). Returns false, adding nothing, if the value has another type
+/// (an object, an array of arrays): the sender's schema is broken for this field, and the
+/// event is kept without it.
 fn collect_identifier_values(
     kind: &str,
     value: &Value,
     out: &mut Vec<(CompactString, CompactString)>,
-) -> Result<(), ParseError> {
-    match value {
-        Value::Null => Ok(()),
-        Value::String(s) => {
-            out.push((kind.into(), s.as_str().into()));
-            Ok(())
-        }
-        Value::Number(n) => {
-            out.push((kind.into(), n.to_string().into()));
-            Ok(())
-        }
-        Value::Array(items) => items.iter().try_for_each(|item| match item {
-            Value::Array(_) => Err(wrong_identifier_type(kind, item)),
-            _ => collect_identifier_values(kind, item, out),
-        }),
-        other => Err(wrong_identifier_type(kind, other)),
+) -> bool {
+    let well_typed = match value {
+        Value::Array(items) => items
+            .iter()
+            .all(|item| matches!(item, Value::Null | Value::String(_) | Value::Number(_))),
+        Value::Null | Value::String(_) | Value::Number(_) => true,
+        _ => false,
+    };
+    if !well_typed {
+        return false;
     }
-}
-
-fn wrong_identifier_type(kind: &str, value: &Value) -> ParseError {
-    ParseError::new(
-        FailureKind::WrongType,
-        format!(
-            "identifier {kind:?} must be a string or an array of strings, found {}",
-            json_type(value)
-        ),
-    )
-    .with_field(&format!("identifiers.{kind}"))
+    let items = match value {
+        Value::Array(items) => items.as_slice(),
+        single => std::slice::from_ref(single),
+    };
+    for item in items {
+        match item {
+            Value::String(s) => out.push((kind.into(), s.as_str().into())),
+            Value::Number(n) => out.push((kind.into(), n.to_string().into())),
+            _ => {}
+        }
+    }
+    true
 }
 
 /// Keeps scalar trait values as strings; nested objects (a Segment `address`) are flattened
@@ -599,8 +608,44 @@ mod tests {
             FailureKind::InvalidTimestamp
         );
         assert_eq!(
-            kind(br#"{"event_id":"1","event_type":"x","timestamp":"2026-03-01T12:00:00Z","identifiers":{"email":{"a":1}}}"#),
-            FailureKind::WrongType
+            kind(br#"{"event_id":{"a":1},"event_type":"x","timestamp":"2026-03-01T12:00:00Z"}"#),
+            FailureKind::WrongType,
+            "a required field of the wrong type"
         );
+    }
+
+    #[test]
+    fn optional_fields_of_the_wrong_type_are_left_out_and_the_event_kept() {
+        let event = parse_event(
+            br#"{"event_id":"1","event_type":"x","timestamp":"2026-03-01T12:00:00Z",
+            "identifiers":{"email":{"a":1},"phone":[["+1"]],"user_id":"u-1"},
+            "traits":"none","properties":[1]}"#,
+            "web",
+        )
+        .unwrap();
+        assert_eq!(event.identifiers, vec![("user_id".into(), "u-1".into())]);
+        assert_eq!(
+            event.wrong_type_fields,
+            [
+                "identifiers.email",
+                "identifiers.phone",
+                "traits",
+                "properties"
+            ]
+        );
+        let event = parse_event(
+            br#"{"event_id":"2","event_type":"x","timestamp":"2026-03-01T12:00:00Z","identifiers":"a@b.co"}"#,
+            "web",
+        )
+        .unwrap();
+        assert_eq!(event.wrong_type_fields, ["identifiers"]);
+        let segment = parse_event(
+            br#"{"type":"track","messageId":"s2","userId":"u-2","anonymousId":{"x":1},
+            "event":"Order","timestamp":"2026-01-01T00:00:00Z","context":{"traits":{"email":[{}]}}}"#,
+            "web",
+        )
+        .unwrap();
+        assert_eq!(segment.identifiers, vec![("user_id".into(), "u-2".into())]);
+        assert_eq!(segment.wrong_type_fields, ["anonymousId", "traits.email"]);
     }
 }

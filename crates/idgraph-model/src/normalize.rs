@@ -80,12 +80,15 @@ pub enum IssueKind {
     Invalid,
     /// The value is a known junk or configured blocked value.
     Blocked,
+    /// The field's JSON type was wrong (an object where an identifier or a string belongs).
+    WrongType,
 }
 
 /// One field of a valid event that was dropped from matching: a data-quality problem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QualityIssue {
-    /// `identifiers.<kind>` or `traits.<name>`.
+    /// `identifiers.<kind>` or `traits.<name>`; for a wrongly typed field, the field as sent
+    /// (`identifiers`, `anonymousId`, or a mapping's JSON pointer).
     pub field: String,
     pub kind: IssueKind,
 }
@@ -215,7 +218,14 @@ impl Normalizer {
     }
 
     pub fn normalize(&self, raw: RawEvent) -> NormalizedEvent {
-        let mut issues = Vec::new();
+        let mut issues: Vec<QualityIssue> = raw
+            .wrong_type_fields
+            .iter()
+            .map(|field| QualityIssue {
+                field: field.clone(),
+                kind: IssueKind::WrongType,
+            })
+            .collect();
         let mut identifiers = Vec::with_capacity(raw.identifiers.len());
         let network = raw.properties.get("network").and_then(|v| v.as_str());
         for (kind, value) in &raw.identifiers {
@@ -738,6 +748,30 @@ mod tests {
         assert!(
             !event.traits.contains_key("first_name"),
             "blank is no value"
+        );
+    }
+
+    #[test]
+    fn a_wrongly_typed_field_is_a_quality_issue_of_the_kept_event() {
+        let raw = crate::event::parse_event(
+            br#"{"event_id":"1","event_type":"t","timestamp":"2026-01-01T00:00:00Z",
+            "identifiers":{"email":"a@b.co","phone":{"n":1}},"traits":"none"}"#,
+            "web",
+        )
+        .unwrap();
+        let event = normalizer().normalize(raw);
+        assert_eq!(event.identifiers, vec![Identifier::new("email", "a@b.co")]);
+        let issues: Vec<_> = event
+            .issues
+            .iter()
+            .map(|i| (i.field.as_str(), i.kind))
+            .collect();
+        assert_eq!(
+            issues,
+            [
+                ("identifiers.phone", IssueKind::WrongType),
+                ("traits", IssueKind::WrongType)
+            ]
         );
     }
 }
