@@ -77,6 +77,33 @@ fn events_strategy(max_events: usize) -> impl Strategy<Value = Vec<GenEvent>> {
     })
 }
 
+/// The input coordinates of batch `batch_index`'s `len` lines, with `batch_size` per batch.
+fn batch_coordinates(batch_index: usize, batch_size: usize, len: usize) -> Vec<InputCoordinates> {
+    (0..len)
+        .map(|i| InputCoordinates::File {
+            file: "prop".into(),
+            line: (batch_index * batch_size + i + 1) as u64,
+        })
+        .collect()
+}
+
+/// Resolves `chunk`, batch `batch.0` of `batch.1` events each, reading through `pending`.
+fn resolve_through(
+    engine: &Engine,
+    chunk: &[GenEvent],
+    batch: (usize, usize),
+    pending: &[&PendingWrites],
+    store: &MemoryStore,
+    cache: &mut StateCache,
+) -> ResolvedBatch {
+    let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
+    let coordinates = batch_coordinates(batch.0, batch.1, chunk.len());
+    let messages = InputMessage::batch(&payloads, &coordinates, "web");
+    let prepared = messages.iter().map(|m| engine.prepare(m)).collect();
+    let view = ReadThrough { pending, store };
+    engine.resolve_prepared(&view, cache, prepared).unwrap()
+}
+
 /// Runs `events` in batches of `batch_size` and returns event id → customer id, and the store.
 fn resolve(
     engine: &Engine,
@@ -87,12 +114,7 @@ fn resolve(
     let mut assigned = BTreeMap::new();
     for (batch_index, chunk) in events.chunks(batch_size).enumerate() {
         let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
-        let coordinates: Vec<InputCoordinates> = (0..chunk.len())
-            .map(|i| InputCoordinates::File {
-                file: "prop".into(),
-                line: (batch_index * batch_size + i + 1) as u64,
-            })
-            .collect();
+        let coordinates = batch_coordinates(batch_index, batch_size, chunk.len());
         let messages = InputMessage::batch(&payloads, &coordinates, "web");
         let outcome = engine.process_batch(&store, &messages).unwrap();
         store.write(&outcome.writes).unwrap();
@@ -176,23 +198,9 @@ fn outputs_of_run(
     let mut pending: Option<(PendingWrites, ResolvedBatch)> = None;
     let mut lines = Vec::new();
     for (batch_index, chunk) in events.chunks(4).enumerate() {
-        let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
-        let coordinates: Vec<InputCoordinates> = (0..chunk.len())
-            .map(|i| InputCoordinates::File {
-                file: "prop".into(),
-                line: (batch_index * 4 + i + 1) as u64,
-            })
-            .collect();
-        let messages = InputMessage::batch(&payloads, &coordinates, "web");
-        let prepared = messages.iter().map(|m| engine.prepare(m)).collect();
         let layers: Vec<&PendingWrites> = pending.iter().map(|(writes, _)| writes).collect();
-        let view = ReadThrough {
-            pending: &layers,
-            store: &store,
-        };
-        let mut resolved = engine
-            .resolve_prepared(&view, &mut cache, prepared)
-            .unwrap();
+        let mut resolved =
+            resolve_through(engine, chunk, (batch_index, 4), &layers, &store, &mut cache);
         if commit_late {
             let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
             let next = PendingWrites::new(writes).with_profiles(resolved.profiles());
@@ -278,23 +286,15 @@ fn run_with_checkpoints(
         }
     };
     for (batch_index, chunk) in events.chunks(batch_size).enumerate() {
-        let payloads: Vec<Vec<u8>> = chunk.iter().map(payload).collect();
-        let coordinates: Vec<InputCoordinates> = (0..chunk.len())
-            .map(|i| InputCoordinates::File {
-                file: "prop".into(),
-                line: (batch_index * batch_size + i + 1) as u64,
-            })
-            .collect();
-        let messages = InputMessage::batch(&payloads, &coordinates, "web");
-        let prepared = messages.iter().map(|m| engine.prepare(m)).collect();
         let layers: Vec<&PendingWrites> = std::iter::once(&open).chain(&committing).collect();
-        let view = ReadThrough {
-            pending: &layers,
-            store: &store,
-        };
-        let mut resolved = engine
-            .resolve_prepared(&view, &mut cache, prepared)
-            .unwrap();
+        let mut resolved = resolve_through(
+            engine,
+            chunk,
+            (batch_index, batch_size),
+            &layers,
+            &store,
+            &mut cache,
+        );
         let writes = Arc::new(std::mem::take(&mut resolved.outcome.writes));
         cache.pin_customers(resolved.profile_ids());
         open.push(writes, std::iter::empty());

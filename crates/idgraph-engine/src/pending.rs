@@ -307,22 +307,8 @@ mod tests {
         };
         let mut committed = base();
         committed.write(&pending_writes()).unwrap();
+        assert_reads_equal(&view, &committed);
         for table in [Table::Nodes, Table::Customers, Table::Evidence] {
-            for key in [
-                "a",
-                "b",
-                "c",
-                "untouched",
-                "c1\u{0}1",
-                "c1\u{0}2",
-                "c1\u{0}3",
-            ] {
-                assert_eq!(
-                    view.get(table, key.as_bytes()).unwrap(),
-                    committed.get(table, key.as_bytes()).unwrap(),
-                    "{table:?} {key:?}"
-                );
-            }
             let keys: Vec<&[u8]> = ["c1\u{0}3", "a", "untouched", "zz", "b", "c1\u{0}1", "a"]
                 .iter()
                 .map(|key| key.as_bytes())
@@ -332,13 +318,6 @@ mod tests {
                 committed.get_many(table, &keys).unwrap(),
                 "{table:?}: pending answers and stored ones land in the order asked"
             );
-            for prefix in ["", "c1\u{0}", "a", "zz"] {
-                assert_eq!(
-                    view.scan_prefix(table, prefix.as_bytes()).unwrap(),
-                    committed.scan_prefix(table, prefix.as_bytes()).unwrap(),
-                    "{table:?} {prefix:?}"
-                );
-            }
         }
     }
 
@@ -375,6 +354,7 @@ mod tests {
             for key in [
                 "a",
                 "b",
+                "c",
                 "untouched",
                 "gone",
                 "live",
@@ -388,7 +368,7 @@ mod tests {
                     "{table:?} {key:?}"
                 );
             }
-            for prefix in ["", "c1\u{0}", "g"] {
+            for prefix in ["", "c1\u{0}", "a", "g", "zz"] {
                 assert_eq!(
                     view.scan_prefix(table, prefix.as_bytes()).unwrap(),
                     committed.scan_prefix(table, prefix.as_bytes()).unwrap(),

@@ -44,15 +44,22 @@ impl LineFile {
     pub fn create(path: &Path) -> Result<Self> {
         let (file, direct) =
             open_output(path, true).with_context(|| format!("cannot create {}", path.display()))?;
-        let (buffer, start) = aligned_buffer(CHUNK);
-        Ok(LineFile {
+        Ok(Self::writing_at(file, path, direct, 0, &[]))
+    }
+
+    /// A line file whose next byte goes to offset `written`, with `pending` (bytes from
+    /// `written` on, shorter than a block) still to be written there.
+    fn writing_at(file: File, path: &Path, direct: bool, written: u64, pending: &[u8]) -> Self {
+        let (mut buffer, start) = aligned_buffer(CHUNK);
+        buffer.extend_from_slice(pending);
+        LineFile {
             file,
             path: path.to_owned(),
             direct,
             buffer,
             start,
-            written: 0,
-        })
+            written,
+        }
     }
 
     /// Opens the file at `path` to go on writing after its first `length` bytes (the length a
@@ -82,25 +89,16 @@ impl LineFile {
         } else {
             length
         };
-        let (mut buffer, start) = aligned_buffer(CHUNK);
-        if written < length {
+        let mut tail = vec![0; (length - written) as usize];
+        if !tail.is_empty() {
             use std::os::unix::fs::FileExt;
-            let mut tail = vec![0; (length - written) as usize];
             File::open(path)
                 .and_then(|reader| reader.read_exact_at(&mut tail, written))
                 .with_context(|| format!("cannot read the end of {}", path.display()))?;
-            buffer.extend_from_slice(&tail);
         }
         file.seek(SeekFrom::Start(written))
             .with_context(|| format!("cannot seek in {}", path.display()))?;
-        Ok(LineFile {
-            file,
-            path: path.to_owned(),
-            direct,
-            buffer,
-            start,
-            written,
-        })
+        Ok(Self::writing_at(file, path, direct, written, &tail))
     }
 
     /// Puts every line written so far into the file, where it outlives the process (and
