@@ -49,7 +49,10 @@ pub struct BatchStats {
 }
 
 impl BatchStats {
-    /// Adds `other` into `self`; the sample vectors are appended.
+    /// Adds `other`'s counters into `self`, for a run's totals. The per-profile, score and
+    /// candidate samples are not kept: they belong to their batch (the worker's metrics
+    /// observe them batch by batch), and appending them made a long run's totals grow by a
+    /// few values per event, without end.
     pub fn absorb(&mut self, other: BatchStats) {
         fn add(into: &mut BTreeMap<String, u64>, from: BTreeMap<String, u64>) {
             for (k, v) in from {
@@ -77,10 +80,6 @@ impl BatchStats {
         self.identifiers_made_generic += other.identifiers_made_generic;
         self.generic_identifier_hits += other.generic_identifier_hits;
         self.fuzzy_links += other.fuzzy_links;
-        self.fuzzy_scores.extend(other.fuzzy_scores);
-        self.candidates_per_event.extend(other.candidates_per_event);
-        self.profile_sizes.extend(other.profile_sizes);
-        self.profile_event_counts.extend(other.profile_event_counts);
     }
 
     pub fn total_events(&self) -> u64 {
@@ -173,5 +172,29 @@ impl QualityReport {
             trait_completeness,
             match_rate: per_source(&stats.matched_by_source),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_totals_add_counters_and_do_not_grow_with_samples() {
+        let mut totals = BatchStats::default();
+        for _ in 0..1000 {
+            let mut batch = BatchStats::default();
+            bump(&mut batch.events, "web");
+            batch.merges = 2;
+            batch.fuzzy_scores = vec![20.0; 50];
+            batch.candidates_per_event = vec![3; 50];
+            batch.profile_sizes = vec![4; 50];
+            batch.profile_event_counts = vec![9; 50];
+            totals.absorb(batch);
+        }
+        assert_eq!(totals.events["web"], 1000);
+        assert_eq!(totals.merges, 2000);
+        assert!(totals.fuzzy_scores.is_empty() && totals.candidates_per_event.is_empty());
+        assert!(totals.profile_sizes.is_empty() && totals.profile_event_counts.is_empty());
     }
 }

@@ -11,6 +11,7 @@
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod latency;
 pub mod metrics;
 pub mod sink;
 pub mod tools;

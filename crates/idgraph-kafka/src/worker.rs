@@ -47,6 +47,7 @@ use serde::Serialize;
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
+use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
 use crate::sink::{
     client_config, decode_outbox, encode_outbox, wire_records, DeliveryStatus, OutputSink,
@@ -168,12 +169,12 @@ pub struct WorkerSummary {
     /// From the first message polled to the last batch's outputs acknowledged: the time spent
     /// working.
     pub active_secs: f64,
-    /// Per message, milliseconds from being polled to its outputs being acknowledged.
+    /// Milliseconds from a message being polled to its outputs being acknowledged.
     #[serde(skip)]
-    pub poll_to_output_ms: Vec<f32>,
-    /// Per message, milliseconds from its Kafka timestamp to its outputs being acknowledged.
+    pub poll_to_output_ms: LatencyHistogram,
+    /// Milliseconds from a message's Kafka timestamp to its outputs being acknowledged.
     #[serde(skip)]
-    pub timestamp_to_output_ms: Vec<f32>,
+    pub timestamp_to_output_ms: LatencyHistogram,
     #[serde(skip)]
     pub stats: BatchStats,
 }
@@ -617,14 +618,14 @@ impl<'e, S: StateStore> Worker<'e, S> {
             for polled in &done.polled_at {
                 let took = (now - *polled).as_secs_f64();
                 self.metrics.poll_to_output_seconds.observe(took);
-                self.summary.poll_to_output_ms.push(took as f32 * 1000.0);
+                self.summary.poll_to_output_ms.record(took * 1000.0);
             }
             for timestamp in &done.timestamps_ms {
                 let took_ms = (now_ms - timestamp).max(0);
                 self.metrics
                     .timestamp_to_output_seconds
                     .observe(took_ms as f64 / 1000.0);
-                self.summary.timestamp_to_output_ms.push(took_ms as f32);
+                self.summary.timestamp_to_output_ms.record(took_ms as f64);
             }
             self.last_output = Some(now);
             self.set_ready(true);

@@ -215,15 +215,6 @@ pub fn dump(config: &AppConfig, topic: &str, output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The value at quantile `q` (0..=1) of `samples`.
-fn quantile(samples: &mut [f32], q: f64) -> f32 {
-    if samples.is_empty() {
-        return f32::NAN;
-    }
-    samples.sort_by(f32::total_cmp);
-    samples[((samples.len() - 1) as f64 * q).round() as usize]
-}
-
 /// Measures, in one run on one in-process broker: raw consume→produce passthrough of the
 /// generated messages, then the worker on the same messages; prints both rates and their
 /// ratio, and the worker's latencies.
@@ -279,7 +270,7 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
         Metrics::with_labels(config.metric_labels()),
     )?;
     let stop = AtomicBool::new(false);
-    let mut summary = worker.run(
+    let summary = worker.run(
         &stop,
         RunOptions {
             exit_when_idle: Some(Duration::from_secs(2)),
@@ -313,13 +304,13 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
     );
     println!(
         "worker latency, poll -> outputs acknowledged       p50 {:.0} ms  p99 {:.0} ms",
-        quantile(&mut summary.poll_to_output_ms, 0.5),
-        quantile(&mut summary.poll_to_output_ms, 0.99)
+        summary.poll_to_output_ms.quantile(0.5),
+        summary.poll_to_output_ms.quantile(0.99)
     );
     println!(
         "worker latency, message timestamp -> acknowledged  p50 {:.0} ms  p99 {:.0} ms  (includes waiting in the backlog)",
-        quantile(&mut summary.timestamp_to_output_ms, 0.5),
-        quantile(&mut summary.timestamp_to_output_ms, 0.99)
+        summary.timestamp_to_output_ms.quantile(0.5),
+        summary.timestamp_to_output_ms.quantile(0.99)
     );
     Ok(())
 }
@@ -398,7 +389,7 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
         "   metrics at http://{address}/metrics and profiles at http://{address}/v1/profiles/{{id}} while the worker runs"
     );
     let stop = stop_on_signal()?;
-    let mut summary = worker.run(
+    let summary = worker.run(
         &stop,
         RunOptions {
             exit_when_idle: Some(Duration::from_secs(3)),
@@ -420,8 +411,8 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
     println!(
         "   {:.0} messages/s while working; latency poll -> outputs acknowledged p50 {:.0} ms, p99 {:.0} ms",
         summary.messages as f64 / summary.active_secs.max(1e-9),
-        quantile(&mut summary.poll_to_output_ms, 0.5),
-        quantile(&mut summary.poll_to_output_ms, 0.99)
+        summary.poll_to_output_ms.quantile(0.5),
+        summary.poll_to_output_ms.quantile(0.99)
     );
     println!("== reading idgraph.enriched and idgraph.profiles back");
     for (topic, file) in [
