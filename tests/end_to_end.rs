@@ -453,13 +453,14 @@ fn an_unknown_config_key_stops_the_run_with_the_key_named() {
     assert!(stderr.contains("engine.fuzzy.treshold"), "{stderr}");
 }
 
-/// Sends one HTTP/1.1 request and returns the status code and the body.
-fn http(address: &str, method: &str, target: &str) -> (u16, String) {
+/// Sends one HTTP/1.1 request with `headers` (each ending in CRLF) and returns the status
+/// code and the body.
+fn http_with(address: &str, method: &str, target: &str, headers: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     write!(
         stream,
-        "{method} {target} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nhost: {address}\r\n{headers}connection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -467,6 +468,19 @@ fn http(address: &str, method: &str, target: &str) -> (u16, String) {
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, body.to_owned())
+}
+
+fn http(address: &str, method: &str, target: &str) -> (u16, String) {
+    http_with(address, method, target, "")
+}
+
+/// The address printed after `marker` in `line`.
+fn address_after(line: &str, marker: &str) -> String {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split(['/', ' ', '\n']).next())
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+        .to_owned()
 }
 
 #[test]
@@ -504,27 +518,60 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
         .find(|r| r["customer_id"] == survivor && r.get("profile").is_some())
         .unwrap();
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_idgraph"))
-        .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_idgraph"))
+            .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
+            .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
+            .env("IDGRAPH__HTTP__API_TOKEN", "s3cret")
+            .env("IDGRAPH__HTTP__HEADER_READ_TIMEOUT_MS", "300")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut first_line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
         &mut first_line,
     )
     .unwrap();
-    let address = first_line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {first_line:?}"))
-        .to_owned();
+    let address = address_after(&first_line, "serving http://");
+    let operations = address_after(&first_line, "health at http://");
+    let token = "authorization: Bearer s3cret\r\n";
     let json = |target: &str| -> (u16, Value) {
-        let (status, body) = http(&address, "GET", target);
+        let (status, body) = http_with(&address, "GET", target, token);
         (status, serde_json::from_str(&body).unwrap())
     };
+
+    // The API wants its token; the metrics address serves no customer data.
+    let (status, body) = http(&address, "GET", "/v1/lookup?kind=device_id&value=dev-9");
+    assert_eq!(status, 401, "{body}");
+    let wrong = "authorization: Bearer s3creT\r\n";
+    assert_eq!(http_with(&address, "GET", "/v1/profiles/x", wrong).0, 401);
+    assert_eq!(
+        http(&operations, "GET", &format!("/v1/profiles/{survivor}")).0,
+        404
+    );
+    let (status, metrics) = http(&operations, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("idgraph_merges_total 0"), "{metrics}");
+    assert_eq!(http(&operations, "GET", "/readyz").0, 200);
+    // A request head past 16 KiB is refused as too large, not cut off and misrouted.
+    let huge = format!("x-padding: {}\r\n", "p".repeat(20 * 1024));
+    assert_eq!(http_with(&address, "GET", "/v1/profiles/x", &huge).0, 431);
+    // A connection that sends nothing is closed after the head deadline (300 ms here).
+    {
+        use std::io::Read;
+        let mut idle = std::net::TcpStream::connect(&address).unwrap();
+        idle.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let _ = idle.read_to_end(&mut rest);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "an idle connection stayed open"
+        );
+    }
 
     // An absorbed id redirects to the survivor's current profile, as the profile topic has it.
     let (status, body) = json(&format!("/v1/profiles/{absorbed}"));
@@ -564,12 +611,23 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
     );
     let (status, body) = json("/v1/lookup?kind=email&value=nobody%40example.com");
     assert_eq!(status, 404, "{body}");
+    assert!(
+        !body.to_string().contains("nobody"),
+        "an error echoes a value: {body}"
+    );
     let (status, body) = json("/v1/lookup?kind=email");
     assert_eq!(status, 400, "{body}");
-    assert_eq!(http(&address, "POST", "/v1/profiles/x").0, 405);
-    assert_eq!(http(&address, "GET", "/readyz").0, 200);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    assert_eq!(http_with(&address, "POST", "/v1/profiles/x", token).0, 405);
+}
+
+/// A child process that is killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The benchmark prints, under each size, the floors that bound its per-core rate: their parts

@@ -21,6 +21,7 @@ fn test_env(command: &mut Command) -> &mut Command {
         .env("IDGRAPH__RESOLVE__PROGRESS_INTERVAL_SECS", "0")
         .env("IDGRAPH__LOG__FILTER", "warn")
         .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
+        .env("IDGRAPH__HTTP__API_LISTEN", "127.0.0.1:0")
 }
 
 /// A broker process that is killed when the test ends.
@@ -628,12 +629,16 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         panic!("no {needle:?} within {within:?}; saw {seen:?}");
     };
     let started = wait_for("partitions assigned", Duration::from_secs(30));
-    let http = started
-        .iter()
-        .find(|l| l.contains("http listening"))
-        .and_then(|l| serde_json::from_str::<Value>(l).ok())
-        .and_then(|l| l["fields"]["address"].as_str().map(str::to_owned))
-        .expect("the worker logs its http address");
+    let logged_address = |field: &str| {
+        started
+            .iter()
+            .find(|l| l.contains("http listening"))
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .and_then(|l| l["fields"][field].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("the worker logs its http {field}"))
+    };
+    let http = logged_address("address");
+    let api = logged_address("api_address");
     assert!(get(&http, "/healthz").starts_with("HTTP/1.1 200"));
     // Take the only broker down in the middle of the run, then bring it back.
     broker_command(&mut broker, "down 1");
@@ -672,7 +677,7 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
     let body = |path: &str| -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let response = get(&http, path);
+            let response = get(&api, path);
             if response.starts_with("HTTP/1.1 200") {
                 return serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
             }

@@ -244,22 +244,37 @@ pub fn explain(config: &AppConfig, state: &Path, customer: &str) -> Result<()> {
     Ok(())
 }
 
-/// Serves the profile API over `state` until SIGINT/SIGTERM.
+/// Serves the profile API over `state` on `listen`, and its own metrics and health on
+/// `http.listen`, until SIGINT/SIGTERM.
 pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {
+    if listen.trim().is_empty() {
+        bail!("the profile API is off (http.api_listen is empty); give --listen ADDRESS");
+    }
     let store = open_existing_state(config, state)?;
     let engine = engine(config)?;
-    let address = crate::http::serve(
-        listen,
-        crate::http::Endpoints {
+    let limits = config.http.limits();
+    let operations = crate::http::serve(
+        &config.http.listen,
+        "http.listen",
+        crate::http::Site::Operations {
             metrics: idgraph_kafka::Metrics::with_labels(config.metric_labels()),
             ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            profiles: Some(crate::http::ProfileApi {
+        },
+        limits,
+    )?;
+    let address = crate::http::serve(
+        listen,
+        "--listen",
+        crate::http::Site::Profiles {
+            api: std::sync::Arc::new(crate::http::ProfileApi {
                 state: store.reader(),
                 normalizer: engine.normalizer().clone(),
             }),
+            token: config.http.token(),
         },
+        limits,
     )?;
-    println!("serving http://{address}/v1/profiles/{{customer_id}}, /v1/lookup?kind=K&value=V and /v1/profiles/{{customer_id}}/explain over {}", state.display());
+    println!("serving http://{address}/v1/profiles/{{customer_id}}, /v1/lookup?kind=K&value=V and /v1/profiles/{{customer_id}}/explain over {}; metrics and health at http://{operations}", state.display());
     let stop = crate::streaming::stop_on_signal()?;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         std::thread::sleep(std::time::Duration::from_millis(200));

@@ -27,6 +27,29 @@ pub struct AppConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// The profile API's address; empty turns the API off.
+    pub api_listen: String,
+    /// A bearer token the profile API requires; empty requires none.
+    pub api_token: String,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    /// The limits both servers apply.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+
+    /// The API's token, if one is set.
+    pub fn token(&self) -> Option<String> {
+        Some(self.api_token.trim().to_owned()).filter(|token| !token.is_empty())
+    }
 }
 
 /// `[resolve]`: file mode.
@@ -119,6 +142,12 @@ impl AppConfig {
         }
         if self.resolve.batch_size == 0 {
             bail!("resolve.batch_size must be at least 1");
+        }
+        if self.http.max_connections == 0 {
+            bail!("http.max_connections must be at least 1");
+        }
+        if self.http.header_read_timeout_ms == 0 || self.http.request_timeout_ms == 0 {
+            bail!("http.header_read_timeout_ms and http.request_timeout_ms must be at least 1");
         }
         if self.resolve.checkpoint_interval == 0 {
             bail!("resolve.checkpoint_interval must be at least 1 (batches per checkpoint)");

@@ -1,36 +1,57 @@
-//! The HTTP endpoints of SPEC §6: `GET /metrics` (Prometheus text format), `GET /healthz`
-//! (the process is up), `GET /readyz` (it is consuming and its outputs are being
-//! acknowledged), and the profile API read from the committed state:
+//! The HTTP endpoints of SPEC §6, on two addresses.
 //!
-//! - `GET /v1/profiles/{customer_id}`: the live profile, following merge redirects;
-//! - `GET /v1/lookup?kind=email&value=...`: the profile holding an identifier (the value is
-//!   normalized the way events are);
-//! - `GET /v1/profiles/{customer_id}/explain`: why the members of the profile are linked.
+//! - Operations on `http.listen`: `GET /metrics` (Prometheus text format), `GET /healthz`
+//!   (the process is up), `GET /readyz` (it is consuming and its outputs are being
+//!   acknowledged).
+//! - The profile API on `http.api_listen` (off when empty), behind an optional bearer token
+//!   (`http.api_token`), read from the committed state:
+//!   - `GET /v1/profiles/{customer_id}`: the live profile, following merge redirects;
+//!   - `GET /v1/lookup?kind=email&value=...`: the profile holding an identifier (the value is
+//!     normalized the way events are);
+//!   - `GET /v1/profiles/{customer_id}/explain`: why the members of the profile are linked.
 //!
-//! The API reads through a [`RocksReader`], so it sees each batch's write whole once it is
-//! committed and never waits for the worker. Every answer is JSON; errors are
-//! `{"error": "..."}` with a 4xx status.
+//! Opening the metrics port to Prometheus thus does not open customer data. Both run on
+//! hyper, one request per connection, with a connection limit, a deadline for the request
+//! head and for the whole exchange, and a 16 KiB limit on the head (431 past it). The API
+//! reads through a [`RocksReader`], so it sees each write whole once it is committed and never
+//! waits for the worker. Every answer is JSON; errors are `{"error": "..."}` and never carry
+//! an identifier value or an internal error text (those go to the log).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use idgraph_engine::read::{customer_for_identifier, explain, profile_by_id};
 use idgraph_engine::{Normalizer, StateRead};
 use idgraph_kafka::Metrics;
 use idgraph_model::{Profile, SCHEMA_VERSION};
 use idgraph_store_rocksdb::RocksReader;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-/// What the server answers from.
-pub struct Endpoints {
-    pub metrics: Metrics,
-    pub ready: Arc<AtomicBool>,
-    /// The profile API; without it, `/v1/...` answers 404 with a reason.
-    pub profiles: Option<ProfileApi>,
+/// What one HTTP server answers.
+// Two of these exist per process, behind an `Arc`: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum Site {
+    /// `/metrics`, `/healthz` and `/readyz`.
+    Operations {
+        metrics: Metrics,
+        ready: Arc<AtomicBool>,
+    },
+    /// The profile API; with a token, only requests that carry `Authorization: Bearer <token>`.
+    Profiles {
+        api: Arc<ProfileApi>,
+        token: Option<String>,
+    },
 }
 
 /// Read access to the state, and the normalizer that turns a looked-up value into the form
@@ -39,6 +60,22 @@ pub struct ProfileApi {
     pub state: RocksReader,
     pub normalizer: Normalizer,
 }
+
+/// What a server lets its clients take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Longest wait for a request's head, so idle or half-open connections do not pin a
+    /// descriptor that RocksDB and librdkafka share.
+    pub header_read_timeout: Duration,
+    /// Longest a connection may last, answer included.
+    pub request_timeout: Duration,
+}
+
+/// The largest request head taken (hyper's smallest allowed buffer is 8 KiB); a larger one
+/// is answered 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// The body of `/v1/profiles/{id}` and `/v1/lookup`.
 #[derive(Debug, Serialize)]
@@ -81,101 +118,150 @@ impl Response {
     fn error(status: u16, message: &str) -> Self {
         Response::json(status, &serde_json::json!({ "error": message }))
     }
-
-    fn reason(&self) -> &'static str {
-        match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            500 => "Internal Server Error",
-            503 => "Service Unavailable",
-            _ => "Unknown",
-        }
-    }
 }
 
-/// Binds `listen` and serves on a thread of its own; returns the bound address (useful with
-/// port 0).
-pub fn serve(listen: &str, endpoints: Endpoints) -> Result<SocketAddr> {
+/// Binds `listen` and serves `site` on a thread of its own; returns the bound address
+/// (useful with port 0). `what` names the setting in errors (`http.listen`).
+pub fn serve(listen: &str, what: &str, site: Site, limits: Limits) -> Result<SocketAddr> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the http runtime")?;
     let listener = runtime
         .block_on(TcpListener::bind(listen))
-        .with_context(|| format!("cannot listen on http.listen = {listen:?}"))?;
+        .with_context(|| format!("cannot listen on {what} = {listen:?}"))?;
     let address = listener.local_addr()?;
-    let endpoints = Arc::new(endpoints);
-    std::thread::spawn(move || {
-        runtime.block_on(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let endpoints = Arc::clone(&endpoints);
-                tokio::spawn(async move {
-                    let _ = respond(stream, endpoints).await;
-                });
-            }
-        })
-    });
+    let site = Arc::new(site);
+    std::thread::spawn(move || runtime.block_on(accept_forever(listener, site, limits)));
     Ok(address)
 }
 
-async fn respond(mut stream: tokio::net::TcpStream, endpoints: Arc<Endpoints>) -> Result<()> {
-    // Read until the end of the request head (a request line can arrive in pieces).
-    let mut request = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            break;
-        }
-        request.extend_from_slice(&chunk[..read]);
+async fn accept_forever(listener: TcpListener, site: Arc<Site>, limits: Limits) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        // At the limit, stop accepting: new connections wait in the kernel's backlog.
+        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, for one: retrying at once would spin a core.
+                tracing::warn!(%error, "http accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let site = Arc::clone(&site);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let site = Arc::clone(&site);
+                async move { Ok::<_, Infallible>(handle(site, request).await) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .keep_alive(false);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(limits.request_timeout, connection).await;
+            drop(permit);
+        });
     }
-    let head = String::from_utf8_lossy(&request).into_owned();
-    let mut words = head.split_whitespace();
-    let method = words.next().unwrap_or("").to_owned();
-    let target = words.next().unwrap_or("/").to_owned();
-    // State reads block on RocksDB; keep them off the thread that accepts connections.
-    let response = tokio::task::spawn_blocking(move || route(&method, &target, &endpoints))
-        .await
-        .unwrap_or_else(|_| Response::error(500, "the request handler failed"));
-    let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        response.status,
-        response.reason(),
-        response.content_type,
-        response.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
 }
 
-/// Answers one request; `target` is the request target (path and query).
-pub fn route(method: &str, target: &str, endpoints: &Endpoints) -> Response {
+async fn handle(
+    site: Arc<Site>,
+    request: hyper::Request<Incoming>,
+) -> hyper::Response<Full<Bytes>> {
+    let method = request.method().as_str().to_owned();
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |target| target.as_str().to_owned());
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    // State reads block on RocksDB; keep them off the thread that accepts connections.
+    let response = tokio::task::spawn_blocking(move || {
+        route(&site, &method, &target, authorization.as_deref())
+    })
+    .await
+    .unwrap_or_else(|_| Response::error(500, "the request handler failed"));
+    let status = response.status;
+    let mut answer = hyper::Response::new(Full::new(Bytes::from(response.body)));
+    *answer.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    answer.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(response.content_type),
+    );
+    if status == 401 {
+        answer
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    answer
+}
+
+/// Answers one request; `target` is the request target (path and query), `authorization`
+/// the request's `Authorization` header.
+pub fn route(site: &Site, method: &str, target: &str, authorization: Option<&str>) -> Response {
     if method != "GET" {
         return Response::error(405, &format!("method {method} is not supported; use GET"));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    match path {
-        "/metrics" => Response {
-            status: 200,
-            content_type: "text/plain; version=0.0.4",
-            body: endpoints.metrics.render(),
+    match site {
+        Site::Operations { metrics, ready } => match path {
+            "/metrics" => Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: metrics.render(),
+            },
+            "/healthz" => Response::text(200, "ok"),
+            "/readyz" if ready.load(Ordering::SeqCst) => Response::text(200, "ready"),
+            "/readyz" => Response::text(503, "not ready"),
+            _ if path.starts_with("/v1/") => Response::error(
+                404,
+                "the profile API is served on its own address, http.api_listen",
+            ),
+            _ => Response::error(404, &format!("no endpoint at {path}")),
         },
-        "/healthz" => Response::text(200, "ok"),
-        "/readyz" if endpoints.ready.load(Ordering::SeqCst) => Response::text(200, "ready"),
-        "/readyz" => Response::text(503, "not ready"),
-        _ if path.starts_with("/v1/") => match &endpoints.profiles {
-            Some(api) => api.route(path, query),
-            None => Response::error(404, "this process serves no profile API"),
-        },
-        _ => Response::error(404, &format!("no endpoint at {path}")),
+        Site::Profiles { api, token } => {
+            if let Some(token) = token {
+                if !bearer_matches(authorization, token) {
+                    return Response::error(
+                        401,
+                        "give the API token: Authorization: Bearer <token>",
+                    );
+                }
+            }
+            if path.starts_with("/v1/") {
+                api.route(path, query)
+            } else {
+                Response::error(404, &format!("no endpoint at {path}"))
+            }
+        }
     }
+}
+
+/// Whether `authorization` is `Bearer <token>`, compared in time that does not depend on
+/// where the first difference is.
+fn bearer_matches(authorization: Option<&str>, token: &str) -> bool {
+    let Some(given) = authorization.and_then(|header| header.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (given, token) = (given.trim().as_bytes(), token.as_bytes());
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token)
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
 }
 
 impl ProfileApi {
@@ -191,8 +277,12 @@ impl ProfileApi {
             Ok(Response::error(404, &format!("no endpoint at {path}")))
         };
         result.unwrap_or_else(|error| {
+            // The error may name a stored key, an identifier value: it goes to the log only.
             tracing::error!(%error, path, "profile API read failed");
-            Response::error(500, &format!("cannot read the state: {error}"))
+            Response::error(
+                500,
+                "cannot read the state; the server's log has the details",
+            )
         })
     }
 

@@ -135,7 +135,7 @@ enum Command {
     Serve {
         #[arg(long)]
         state: PathBuf,
-        /// Address to listen on; overrides http.listen.
+        /// Address of the profile API; overrides http.api_listen.
         #[arg(long)]
         listen: Option<String>,
     },
@@ -267,7 +267,7 @@ fn main() -> Result<()> {
         Command::Serve { state, listen } => commands::serve(
             &config,
             &state,
-            listen.as_deref().unwrap_or(&config.http.listen),
+            listen.as_deref().unwrap_or(&config.http.api_listen),
         ),
         Command::Bench {
             sizes,

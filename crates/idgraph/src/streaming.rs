@@ -129,25 +129,39 @@ fn topic_list(config: &AppConfig) -> String {
     topics.join(", ")
 }
 
-/// Starts the HTTP endpoints with the profile API over `reader`.
-fn serve_http(
+/// Starts the operations endpoints and, if `http.api_listen` is set, the profile API over
+/// `reader`; returns their addresses.
+pub(crate) fn serve_http(
     config: &AppConfig,
     engine: &idgraph_engine::Engine,
     metrics: Metrics,
     ready: Arc<AtomicBool>,
     reader: idgraph_store_rocksdb::RocksReader,
-) -> Result<std::net::SocketAddr> {
-    crate::http::serve(
+) -> Result<(std::net::SocketAddr, Option<std::net::SocketAddr>)> {
+    let limits = config.http.limits();
+    let operations = crate::http::serve(
         &config.http.listen,
-        crate::http::Endpoints {
-            metrics,
-            ready,
-            profiles: Some(crate::http::ProfileApi {
-                state: reader,
-                normalizer: engine.normalizer().clone(),
-            }),
-        },
-    )
+        "http.listen",
+        crate::http::Site::Operations { metrics, ready },
+        limits,
+    )?;
+    let api = if config.http.api_listen.trim().is_empty() {
+        None
+    } else {
+        Some(crate::http::serve(
+            &config.http.api_listen,
+            "http.api_listen",
+            crate::http::Site::Profiles {
+                api: Arc::new(crate::http::ProfileApi {
+                    state: reader,
+                    normalizer: engine.normalizer().clone(),
+                }),
+                token: config.http.token(),
+            },
+            limits,
+        )?)
+    };
+    Ok((operations, api))
 }
 
 /// The streaming worker.
@@ -164,8 +178,9 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
         config.engine.cache.max_entries,
         metrics.clone(),
     )?;
-    let address = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
-    tracing::info!(%address, "http listening for /metrics, /healthz, /readyz and /v1/profiles");
+    let (address, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    let api_address = api.map_or_else(|| "off".to_owned(), |api| api.to_string());
+    tracing::info!(%address, %api_address, "http listening: /metrics, /healthz and /readyz on address, /v1/profiles on api_address");
     tracing::info!(bootstrap = %config.kafka.bootstrap_servers, state = %state.display(), "worker starting");
     let summary = worker.run(
         &stop,
@@ -384,10 +399,13 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
         config.engine.cache.max_entries,
         metrics.clone(),
     )?;
-    let address = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
-    println!(
-        "   metrics at http://{address}/metrics and profiles at http://{address}/v1/profiles/{{id}} while the worker runs"
-    );
+    let (address, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    match api {
+        Some(api) => println!(
+            "   metrics at http://{address}/metrics and profiles at http://{api}/v1/profiles/{{id}} while the worker runs"
+        ),
+        None => println!("   metrics at http://{address}/metrics while the worker runs"),
+    }
     let stop = stop_on_signal()?;
     let summary = worker.run(
         &stop,
