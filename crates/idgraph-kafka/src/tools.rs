@@ -2,11 +2,12 @@
 //! topic back into JSON Lines. They let tests, the demo and operators drive the worker with
 //! nothing but the `idgraph` binary (kcat works too; see README).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -84,7 +85,7 @@ pub fn dump_topic(
     let consumer: BaseConsumer = client_config(config)
         .set("group.id", "idgraph-dump")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(KafkaWorkerError::kafka("create dump consumer"))?;
     let metadata = consumer
@@ -95,32 +96,41 @@ pub fn dump_topic(
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut ends: HashMap<i32, i64> = HashMap::new();
+    if partitions.is_empty() {
+        return Ok(0);
+    }
+    // Every partition from its beginning, whatever its reported high watermark: a Kafka-API
+    // broker was seen to report 1 for a partition holding thousands of records, and a dump
+    // that stopped there missed them. The dump ends once every partition has reported its end
+    // while fetching (librdkafka's partition EOF) and nothing more has come for a moment.
     let mut tpl = TopicPartitionList::new();
     for partition in &partitions {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, *partition, Duration::from_secs(10))
-            .map_err(KafkaWorkerError::kafka("fetch watermarks"))?;
-        if high > 0 {
-            ends.insert(*partition, high);
-            tpl.add_partition_offset(topic, *partition, Offset::Beginning)
-                .map_err(KafkaWorkerError::kafka("plan dump"))?;
-        }
-    }
-    if ends.is_empty() {
-        return Ok(0);
+        tpl.add_partition_offset(topic, *partition, Offset::Beginning)
+            .map_err(KafkaWorkerError::kafka("plan dump"))?;
     }
     consumer
         .assign(&tpl)
         .map_err(KafkaWorkerError::kafka("assign dump partitions"))?;
-    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
+    let mut at_end: HashSet<i32> = HashSet::new();
+    let mut last_record = Instant::now();
     let mut count = 0u64;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while done.values().any(|d| !d) && Instant::now() < deadline {
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
+    while Instant::now() < deadline {
+        let caught_up = at_end.len() == partitions.len();
+        if caught_up && last_record.elapsed() >= DUMP_QUIET_PERIOD {
+            break;
+        }
+        let message = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+                continue;
+            }
+            Some(Err(error)) => return Err(KafkaWorkerError::kafka("read topic")(error)),
+            Some(Ok(message)) => message,
         };
-        let message = result.map_err(KafkaWorkerError::kafka("read topic"))?;
+        at_end.remove(&message.partition());
+        last_record = Instant::now();
         let headers = message
             .headers()
             .map(|h| {
@@ -154,12 +164,13 @@ pub fn dump_topic(
         out.write_all(b"\n")
             .map_err(|e| KafkaWorkerError::Config(format!("cannot write dump: {e}")))?;
         count += 1;
-        if message.offset() + 1 >= ends[&message.partition()] {
-            done.insert(message.partition(), true);
-        }
     }
     Ok(count)
 }
+
+/// How long a dump waits, once every partition has reported its end, for records that were
+/// still on their way.
+const DUMP_QUIET_PERIOD: Duration = Duration::from_millis(500);
 
 /// What the passthrough baseline did.
 #[derive(Debug, Clone, Default, Serialize)]
