@@ -323,7 +323,7 @@ fn run_with_checkpoints(
             if let Some(previous) = committing.take() {
                 commit_checkpoint(&mut store, &previous);
             }
-            let done = close_checkpoint(&mut open, &mut cache);
+            let done = open.close(&mut cache);
             emit_profiles(&mut records, &done);
             committing = Some(done);
         }
@@ -331,24 +331,15 @@ fn run_with_checkpoints(
     if let Some(previous) = committing.take() {
         commit_checkpoint(&mut store, &previous);
     }
-    let last = close_checkpoint(&mut open, &mut cache);
+    let last = open.close(&mut cache);
     emit_profiles(&mut records, &last);
     commit_checkpoint(&mut store, &last);
     run.store = store;
     run
 }
 
-/// The open checkpoint's write sets with the states of the profiles pinned in the cache.
-fn close_checkpoint(open: &mut PendingWrites, cache: &mut StateCache) -> PendingWrites {
-    let profiles = cache.take_pinned_profiles();
-    std::mem::take(open).with_profiles(profiles.iter().map(|(id, state)| (id.as_str(), state)))
-}
-
 fn commit_checkpoint(store: &mut MemoryStore, pending: &PendingWrites) {
-    let profiles = pending.encode_profiles();
-    let mut ops = pending.checkpoint_ops();
-    ops.extend(&profiles.ops);
-    store.write_ops(&ops).unwrap();
+    pending.commit(store, &[]).unwrap();
 }
 
 fn record_lines(outcome: &BatchOutcome) -> Vec<String> {

@@ -15,8 +15,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 #[cfg(not(test))]
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::cache::StateCache;
 use crate::state::{encode_live, ProfileState};
-use crate::store::{Entries, StateRead, StoreError, Table, WriteOp, WriteSet};
+use crate::store::{Entries, StateRead, StateStore, StoreError, Table, WriteOp, WriteSet};
 
 /// The write sets of one or more batches on their way to the store, indexed for point reads,
 /// and the live profiles that will be written with them once they are encoded (see
@@ -30,7 +31,6 @@ pub struct PendingWrites {
     /// Live customer records whose newest change is not in `sets`, by id; they are encoded
     /// only when read or committed.
     profiles: FxHashMap<String, Arc<ProfileState>>,
-    batches: usize,
 }
 
 #[cfg(not(test))]
@@ -79,10 +79,7 @@ impl PendingWrites {
             }
         }
         self.sets.push(writes);
-        for (id, state) in profiles {
-            self.profiles.insert(id.to_owned(), Arc::clone(state));
-        }
-        self.batches += 1;
+        self.insert_profiles(profiles);
     }
 
     /// Adds the live profiles that go to the store with the newest write set; see
@@ -91,10 +88,44 @@ impl PendingWrites {
         mut self,
         profiles: impl IntoIterator<Item = (&'p str, &'p Arc<ProfileState>)>,
     ) -> Self {
+        self.insert_profiles(profiles);
+        self
+    }
+
+    fn insert_profiles<'p>(
+        &mut self,
+        profiles: impl IntoIterator<Item = (&'p str, &'p Arc<ProfileState>)>,
+    ) {
         for (id, state) in profiles {
             self.profiles.insert(id.to_owned(), Arc::clone(state));
         }
-        self
+    }
+
+    /// Ends this open checkpoint: hands over its write sets together with the states of the
+    /// profiles its batches pinned in `cache` ([`StateCache::pin_customers`]), and leaves an
+    /// empty checkpoint in its place.
+    pub fn close(&mut self, cache: &mut StateCache) -> PendingWrites {
+        let profiles = cache.take_pinned_profiles();
+        std::mem::take(self).with_profiles(profiles.iter().map(|(id, state)| (id.as_str(), state)))
+    }
+
+    /// Commits the checkpoint to `store` in one atomic write: the last operation per key, the
+    /// live profiles' state records and `extra` (which must write no key the checkpoint
+    /// writes).
+    pub fn commit<S: StateStore>(
+        &self,
+        store: &mut S,
+        extra: &[&WriteOp],
+    ) -> Result<(), StoreError> {
+        let profiles = self.encode_profiles();
+        let mut ops = self.checkpoint_ops();
+        ops.extend(&profiles.ops);
+        ops.extend(extra);
+        // Every key is written once, so the order is free: in key order, RocksDB inserts each
+        // key into its memtable next to the one before instead of searching its skip list
+        // from the top.
+        ops.sort_unstable_by(|a, b| a.target().cmp(&b.target()));
+        store.write_ops(&ops)
     }
 
     /// A live profile's state as the checkpoint will write it, if the checkpoint has it.
@@ -104,11 +135,11 @@ impl PendingWrites {
 
     /// How many batches this holds.
     pub fn batches(&self) -> usize {
-        self.batches
+        self.sets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.batches == 0
+        self.sets.is_empty()
     }
 
     /// The stored form of a pending profile: the bytes the checkpoint will write.

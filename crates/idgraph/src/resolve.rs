@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use idgraph_engine::{
     BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage,
-    ProfileRecordCache, ProfileUpdates, QualityReport, ReadThrough, StateCache, StateRead,
-    StateStore, Table, WriteOp,
+    ProfileRecordCache, ProfileUpdates, QualityReport, ReadThrough, StateCache, StateRead, Table,
+    WriteOp,
 };
 use idgraph_model::InputCoordinates;
 use idgraph_store_rocksdb::RocksStore;
@@ -67,10 +67,9 @@ impl OutputFiles {
         })
     }
 
-    /// Writes a batch's records, except profile records, which wait for the checkpoint.
+    /// Writes a batch's records; its profile records wait for the checkpoint.
     fn write_batch(&mut self, outcome: &BatchOutcome) -> Result<()> {
         self.enriched.write_lines(&outcome.enriched)?;
-        self.profiles.write_lines(&outcome.profiles)?;
         self.changes.write_lines(&outcome.changes)?;
         self.dead_letters.write_lines(&outcome.dead_letters)?;
         Ok(())
@@ -328,7 +327,6 @@ impl CheckpointTarget {
         pending: &PendingWrites,
         lengths: OutputLengths,
     ) -> Result<()> {
-        let profiles = pending.encode_profiles();
         let outputs = OutputCheckpoint {
             output_dir: self.output_dir.clone(),
             lengths,
@@ -338,15 +336,8 @@ impl CheckpointTarget {
             key: self.key.clone(),
             value: serde_json::to_vec(&outputs)?,
         };
-        let mut ops = pending.checkpoint_ops();
-        ops.extend(&profiles.ops);
-        ops.push(&marker);
-        // Every key is written once, so the order is free: in key order, RocksDB inserts each
-        // key into its memtable next to the one before instead of searching its skip list
-        // from the top.
-        ops.sort_unstable_by(|a, b| a.target().cmp(&b.target()));
-        store
-            .write_ops(&ops)
+        pending
+            .commit(store, &[&marker])
             .context("cannot commit a checkpoint to the state store")
     }
 }
@@ -495,7 +486,7 @@ pub fn resolve_file(
                 // Only one checkpoint is committed at a time: the resolver then reads through
                 // at most two.
                 committer = committer.wait_for_checkpoints()?;
-                let done = Arc::new(close_checkpoint(&mut open, &mut cache));
+                let done = Arc::new(open.close(&mut cache));
                 committer = committer.send_checkpoint(Arc::clone(&done))?;
                 committing = Some(done);
             }
@@ -509,7 +500,7 @@ pub fn resolve_file(
             }
         }
         if !open.is_empty() {
-            let done = close_checkpoint(&mut open, &mut cache);
+            let done = open.close(&mut cache);
             committer = committer.send_checkpoint(Arc::new(done))?;
         }
         let reader_cpu = preparer
@@ -540,13 +531,6 @@ pub fn resolve_file(
         cpu,
         stats,
     })
-}
-
-/// Ends the open checkpoint: its write sets and the state of every profile its batches
-/// changed, taken from the cache.
-fn close_checkpoint(open: &mut PendingWrites, cache: &mut StateCache) -> PendingWrites {
-    let profiles = cache.take_pinned_profiles();
-    std::mem::take(open).with_profiles(profiles.iter().map(|(id, state)| (id.as_str(), state)))
 }
 
 /// The split of a run's CPU time, if every reading was taken. The threads' clocks tick in
