@@ -495,10 +495,11 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
 fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("big.toml");
-    // Allow large messages through the clients. The mock broker keeps only the last 5 MB of a
-    // partition, so the oversized message is 3 MB (the worker's limit is 1 MB) rather than
-    // 10 MB; against a real broker the same path handles any size the broker accepts.
-    std::fs::write(&config, "[kafka.client]\n\"message.max.bytes\" = \"12000000\"\n\"fetch.max.bytes\" = \"60000000\"\n\"max.partition.fetch.bytes\" = \"15000000\"\n").unwrap();
+    // Let the consumer fetch large messages (`produce` sends any size). The mock broker keeps
+    // only the last 5 MB of a partition, so the oversized message is 3 MB (the worker's limit
+    // is 1 MB) rather than 10 MB; against a real broker the same path handles any size the
+    // broker accepts.
+    std::fs::write(&config, "[kafka.client]\n\"fetch.max.bytes\" = \"60000000\"\n\"max.partition.fetch.bytes\" = \"15000000\"\n").unwrap();
     let good = |id: &str| {
         format!(
             r#"{{"event_id":"{id}","event_type":"page_view","timestamp":"2026-03-01T12:00:00Z","identifiers":{{"email":"a@x.com"}}}}"#
@@ -580,6 +581,76 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_the_worker_keeps_going() {
     }
     assert!(letters[4]["payload_size"].as_u64().unwrap() > 3 * 1024 * 1024);
     assert_eq!(letters[4]["truncated"], true);
+}
+
+#[test]
+fn a_profile_grown_past_the_producer_limit_is_dead_lettered_by_reference_and_the_worker_goes_on() {
+    // Inputs of at most 2,000 bytes give a producer limit of 2 × 2,000 + 64 KiB = 69,536
+    // bytes. One customer's events each add a 900-byte trait, so its profile record passes
+    // that limit in the second batch; the producer refuses it for good.
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    for k in 0..100 {
+        lines.push(format!(
+            r#"{{"event_id":"big-{k}","event_type":"identify","timestamp":"2026-03-01T12:00:00Z","identifiers":{{"user_id":"u-big"}},"traits":{{"note_{k}":"{}"}}}}"#,
+            "x".repeat(900)
+        ));
+    }
+    for k in 0..5 {
+        lines.push(format!(
+            r#"{{"event_id":"small-{k}","event_type":"page_view","timestamp":"2026-03-01T12:00:00Z","identifiers":{{"email":"p{k}@example.com"}}}}"#
+        ));
+    }
+    let input = dir.path().join("growing.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let broker = Broker::start(dir.path());
+    broker.produce_in_order(&input);
+    let state = dir.path().join("state");
+    let args = ["run", "--state", p(&state), "--exit-when-idle", "3"];
+    let output = broker
+        .command(&args)
+        .env("IDGRAPH__ENGINE__DEAD_LETTER__MAX_MESSAGE_BYTES", "2000")
+        .env("IDGRAPH__KAFKA__BATCH_SIZE", "50")
+        .output()
+        .unwrap();
+    let summary = check(output, &args);
+    assert!(summary.contains("refused records 1"), "{summary}");
+
+    // Every event went through, the ones after the refusal included.
+    assert_eq!(broker.dump("idgraph.enriched", dir.path()).len(), 105);
+    let profiles: Vec<Value> = broker
+        .dump("idgraph.profiles", dir.path())
+        .iter()
+        .map(value)
+        .collect();
+    let small_customers: HashSet<&str> = profiles
+        .iter()
+        .filter(|p| p["profile"]["identifiers"].to_string().contains("example.com"))
+        .map(|p| p["customer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(small_customers.len(), 5, "the last batch's profiles arrived");
+    assert!(profiles
+        .iter()
+        .all(|p| p.to_string().len() < 69_536 + 1000));
+
+    let letters: Vec<Value> = broker
+        .dump("idgraph.dead-letter", dir.path())
+        .iter()
+        .map(value)
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["failure_kind"], "undeliverable");
+    assert_eq!(letter["output_topic"], "idgraph.profiles");
+    assert_eq!(letter["input"]["topic"], "touchpoints.web");
+    assert_eq!(letter["input"]["offset"], 99, "the batch's last event touched it");
+    assert!(letter["payload_size"].as_u64().unwrap() > 69_536);
+    assert_eq!(letter["truncated"], true);
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("profiles record") && reason.contains("too_large"),
+        "{reason}"
+    );
 }
 
 #[test]

@@ -313,6 +313,11 @@ impl Engine {
         &self.normalizer
     }
 
+    /// The version dead letters name as their processor.
+    pub fn processor_version(&self) -> &str {
+        &self.processor_version
+    }
+
     /// Resolves a batch of messages against `store` without changing it. The outcome's write
     /// set holds every state change and the new input positions.
     pub fn process_batch<S: StateRead>(

@@ -60,6 +60,22 @@ pub struct OutputTopics {
 }
 
 impl OutputTopics {
+    /// The output a topic carries (`enriched`, `profiles`, `identity_changes`, `quality`,
+    /// `dead_letter`), as a metric label; `other` for a topic that is none of them.
+    pub fn output_of(&self, topic: &str) -> &'static str {
+        const NAMES: [&str; 5] = [
+            "enriched",
+            "profiles",
+            "identity_changes",
+            "quality",
+            "dead_letter",
+        ];
+        self.all()
+            .iter()
+            .position(|t| *t == topic)
+            .map_or("other", |i| NAMES[i])
+    }
+
     pub fn all(&self) -> [&str; 5] {
         [
             &self.enriched,
@@ -99,6 +115,9 @@ impl KafkaConfig {
                 "kafka.topics.replication_factor = {} must be at least 1, or -1 for the broker's default",
                 self.topics.replication_factor
             ));
+        }
+        if self.client.contains_key("message.max.bytes") {
+            return Err("kafka.client.\"message.max.bytes\" cannot be set: the producer's limit follows engine.dead_letter.max_message_bytes (twice it plus 64 KiB), so that every valid input's outputs fit; raise that instead".into());
         }
         if self.max_batches_in_flight == 0 {
             return Err(

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub timestamp_to_output_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub delivery_retries: IntCounter,
+    records_refused: IntCounterVec,
     pub store_retries: IntCounter,
     pub replayed_batches: IntCounter,
     pub ready: IntGauge,
@@ -271,6 +272,12 @@ impl Metrics {
                 "idgraph_output_delivery_retries_total",
                 "Batches whose outputs had to be sent again",
             ),
+            records_refused: counter_vec(
+                &r,
+                "idgraph_output_records_refused_total",
+                "Output records the producer or the broker refused for good, by output and reason; each one's reference goes to the dead-letter topic (output dead_letter: lost, see the log)",
+                &["output", "reason"],
+            ),
             store_retries: counter(
                 &r,
                 "idgraph_state_write_retries_total",
@@ -351,6 +358,19 @@ impl Metrics {
         }
         for candidates in &stats.candidates_per_event {
             self.candidates_per_event.observe(f64::from(*candidates));
+        }
+    }
+
+    /// Counts an output record refused for good, and the dead letter that references it
+    /// (`undeliverable`) unless the refused record was a dead letter itself.
+    pub fn record_refusal(&self, output: &str, reason: &str) {
+        self.records_refused
+            .with_label_values(&[output, reason])
+            .inc();
+        if output != "dead_letter" {
+            self.dead_letters
+                .with_label_values(&["undeliverable"])
+                .inc();
         }
     }
 

@@ -23,8 +23,66 @@ pub const HEADER_INPUT: &str = "idgraph.input";
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idgraph.idempotency_key";
 pub const HEADER_SCHEMA_VERSION: &str = "idgraph.schema_version";
 
-/// The delivery opaque of records nobody tracks.
+/// The batch number of records nobody tracks.
 const UNTRACKED: usize = 0;
+
+/// Which record of which batch a delivery report is about.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef {
+    batch: usize,
+    index: usize,
+}
+
+/// Why the producer or the broker refused a record for good: sending it again cannot help,
+/// so its reference goes to the dead-letter topic and the pipeline goes on. Every other
+/// failure (a broker away, a missing permission, a timeout) is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// Larger than the producer's `message.max.bytes` or the topic's `max.message.bytes`.
+    TooLarge,
+    /// The topic does not exist in the cluster, or its name is not valid.
+    UnknownTopic,
+    /// The broker judged the record invalid or against its policy.
+    InvalidRecord,
+}
+
+impl RefusalReason {
+    /// The permanent refusals among librdkafka's error codes.
+    pub fn of(code: RDKafkaErrorCode) -> Option<Self> {
+        use RDKafkaErrorCode as Code;
+        match code {
+            Code::MessageSizeTooLarge | Code::MessageBatchTooLarge | Code::InvalidMessageSize => {
+                Some(RefusalReason::TooLarge)
+            }
+            Code::UnknownTopic | Code::InvalidTopic => Some(RefusalReason::UnknownTopic),
+            Code::InvalidRecord | Code::PolicyViolation => Some(RefusalReason::InvalidRecord),
+            _ => None,
+        }
+    }
+
+    /// The `reason` label of `idgraph_output_records_refused_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::TooLarge => "too_large",
+            RefusalReason::UnknownTopic => "unknown_topic",
+            RefusalReason::InvalidRecord => "invalid_record",
+        }
+    }
+
+    fn of_error(error: &KafkaError) -> Option<Self> {
+        error.rdkafka_error_code().and_then(Self::of)
+    }
+}
+
+/// A record of a batch that was refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Its position in the records the batch was sent with.
+    pub index: usize,
+    pub reason: RefusalReason,
+    /// librdkafka's words for it, for the dead letter and the log.
+    pub error: String,
+}
 
 /// One output record exactly as it goes on the wire. A batch's records are stored in this
 /// form (the outbox) before they are sent, so a re-send after a crash is byte-identical.
@@ -190,20 +248,21 @@ impl<'a> OutboxReader<'a> {
 pub enum DeliveryStatus {
     /// Some records await an acknowledgement.
     InFlight,
-    /// The broker acknowledged every record.
+    /// Every record was acknowledged or refused for good ([`OutputSink::take_refusals`]).
     Delivered,
-    /// Every record has an answer and at least one was a failure.
+    /// Every record has an answer and at least one was a failure worth retrying.
     Failed,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct BatchProgress {
     pending: usize,
     failed: usize,
+    refused: Vec<Refusal>,
 }
 
 impl BatchProgress {
-    fn status(self) -> DeliveryStatus {
+    fn status(&self) -> DeliveryStatus {
         match (self.pending, self.failed) {
             (0, 0) => DeliveryStatus::Delivered,
             (0, _) => DeliveryStatus::Failed,
@@ -223,21 +282,28 @@ pub struct DeliveryTracker {
 
 impl ClientContext for DeliveryTracker {}
 
-impl ProducerContext for DeliveryTracker {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, batch: usize) {
-        if let Err((error, _)) = result {
+impl DeliveryTracker {
+    /// Counts one answer for `record`: an acknowledgement (`None`), a refusal for good, or a
+    /// failure worth retrying.
+    fn answer(&self, record: RecordRef, error: Option<&KafkaError>) {
+        if let Some(error) = error {
             *self.last_error.lock().expect("delivery error lock") = Some(error.to_string());
         }
-        if batch == UNTRACKED {
+        if record.batch == UNTRACKED {
             return;
         }
         let mut batches = self.batches.lock().expect("delivery tracker lock");
-        if let Some(progress) = batches.get_mut(&batch) {
+        if let Some(progress) = batches.get_mut(&record.batch) {
             progress.pending = progress.pending.saturating_sub(1);
-            if result.is_err() {
-                progress.failed += 1;
+            if let Some(error) = error {
+                match RefusalReason::of_error(error) {
+                    Some(reason) => progress.refused.push(Refusal {
+                        index: record.index,
+                        reason,
+                        error: error.to_string(),
+                    }),
+                    None => progress.failed += 1,
+                }
             }
             if progress.pending == 0 {
                 self.changed.notify_all();
@@ -246,11 +312,31 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
+impl ProducerContext for DeliveryTracker {
+    // A box per record (not a packed number): a batch's record count has no small bound.
+    type DeliveryOpaque = Box<RecordRef>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, record: Box<RecordRef>) {
+        self.answer(*record, result.as_ref().err().map(|(error, _)| error));
+    }
+}
+
 /// The idempotent producer of the five outputs.
 pub struct OutputSink {
     producer: ThreadedProducer<DeliveryTracker>,
     topics: OutputTopics,
     delivery_timeout: Duration,
+    max_record_bytes: usize,
+}
+
+/// The largest output record the producer takes (its `message.max.bytes`) for inputs of at
+/// most `max_input_bytes`: an enriched event is its input normalized plus a customer id and a
+/// resolution, so twice the input and 64 KiB more hold any enriched event. Deriving the one
+/// from the other keeps them in agreement: a valid input cannot make an output the producer
+/// refuses. What can still be refused (a profile grown past it, a topic with a smaller
+/// `max.message.bytes`) is dead-lettered by reference, never retried forever.
+pub fn max_record_bytes(max_input_bytes: usize) -> usize {
+    max_input_bytes.saturating_mul(2).saturating_add(64 * 1024)
 }
 
 /// Base librdkafka settings shared by every client: servers plus the user's extra properties.
@@ -264,8 +350,11 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 impl OutputSink {
-    pub fn new(config: &KafkaConfig) -> Result<Self, KafkaWorkerError> {
+    /// A producer whose `message.max.bytes` is [`max_record_bytes`] of `max_input_bytes`.
+    pub fn new(config: &KafkaConfig, max_input_bytes: usize) -> Result<Self, KafkaWorkerError> {
+        let max_record_bytes = max_record_bytes(max_input_bytes);
         let producer = client_config(config)
+            .set("message.max.bytes", max_record_bytes.to_string())
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "1000000")
@@ -277,7 +366,13 @@ impl OutputSink {
             producer,
             topics: config.outputs.clone(),
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms),
+            max_record_bytes,
         })
+    }
+
+    /// The producer's `message.max.bytes`.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
     }
 
     pub fn topics(&self) -> &OutputTopics {
@@ -287,7 +382,8 @@ impl OutputSink {
     /// Hands every record of batch number `batch` (never 0) to the producer and returns
     /// without waiting for acknowledgements; [`OutputSink::status`] and
     /// [`OutputSink::wait`] tell how delivery goes. Sending the same batch again restarts
-    /// its count. Records that cannot even be queued count as failed.
+    /// its count. A record the producer refuses for good is noted as refused; when one cannot
+    /// even be queued for another reason, it and the rest count as failed.
     pub fn enqueue(&self, batch: usize, records: &[WireRecord]) {
         assert_ne!(batch, UNTRACKED, "batch numbers start at 1");
         let tracker = self.producer.context();
@@ -299,22 +395,45 @@ impl OutputSink {
                 batch,
                 BatchProgress {
                     pending: records.len(),
-                    failed: 0,
+                    ..BatchProgress::default()
                 },
             );
-        for (sent, record) in records.iter().enumerate() {
-            if let Err(error) = self.send(record, batch) {
-                tracing::warn!(%error, batch, "cannot queue an output record");
-                let mut batches = tracker.batches.lock().expect("delivery tracker lock");
-                if let Some(progress) = batches.get_mut(&batch) {
-                    let unsent = records.len() - sent;
-                    progress.pending -= unsent;
-                    progress.failed += unsent;
+        for (index, record) in records.iter().enumerate() {
+            let reference = RecordRef { batch, index };
+            match self.send(record, reference) {
+                Ok(()) => {}
+                Err(KafkaWorkerError::Kafka { source, .. })
+                    if RefusalReason::of_error(&source).is_some() =>
+                {
+                    tracker.answer(reference, Some(&source));
                 }
-                tracker.changed.notify_all();
-                return;
+                Err(error) => {
+                    tracing::warn!(%error, batch, "cannot queue an output record");
+                    let mut batches = tracker.batches.lock().expect("delivery tracker lock");
+                    if let Some(progress) = batches.get_mut(&batch) {
+                        let unsent = records.len() - index;
+                        progress.pending -= unsent;
+                        progress.failed += unsent;
+                    }
+                    tracker.changed.notify_all();
+                    return;
+                }
             }
         }
+    }
+
+    /// The records of `batch` refused for good since it was last sent; taken once.
+    pub fn take_refusals(&self, batch: usize) -> Vec<Refusal> {
+        let mut batches = self
+            .producer
+            .context()
+            .batches
+            .lock()
+            .expect("delivery tracker lock");
+        batches
+            .get_mut(&batch)
+            .map(|progress| std::mem::take(&mut progress.refused))
+            .unwrap_or_default()
     }
 
     pub fn status(&self, batch: usize) -> DeliveryStatus {
@@ -396,7 +515,7 @@ impl OutputSink {
         }
     }
 
-    fn send(&self, record: &WireRecord, batch: usize) -> Result<(), KafkaWorkerError> {
+    fn send(&self, record: &WireRecord, reference: RecordRef) -> Result<(), KafkaWorkerError> {
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: HEADER_INPUT,
@@ -410,7 +529,7 @@ impl OutputSink {
                 key: HEADER_SCHEMA_VERSION,
                 value: Some(record.schema_version.as_bytes()),
             });
-        let message = BaseRecord::with_opaque_to(&record.topic, batch)
+        let message = BaseRecord::with_opaque_to(&record.topic, Box::new(reference))
             .key(&record.key)
             .payload(&record.payload)
             .headers(headers);
@@ -464,6 +583,41 @@ mod tests {
             idempotency_key: "2f1c".into(),
             schema_version: "1".into(),
         }
+    }
+
+    #[test]
+    fn only_refusals_that_a_retry_cannot_cure_are_permanent() {
+        use RDKafkaErrorCode as Code;
+        assert_eq!(
+            RefusalReason::of(Code::MessageSizeTooLarge),
+            Some(RefusalReason::TooLarge)
+        );
+        assert_eq!(
+            RefusalReason::of(Code::UnknownTopic),
+            Some(RefusalReason::UnknownTopic)
+        );
+        assert_eq!(
+            RefusalReason::of(Code::InvalidRecord),
+            Some(RefusalReason::InvalidRecord)
+        );
+        // A broker away, a leader moving, a missing permission or a timeout may pass.
+        for passing in [
+            Code::BrokerTransportFailure,
+            Code::NotLeaderForPartition,
+            Code::UnknownTopicOrPartition,
+            Code::TopicAuthorizationFailed,
+            Code::MessageTimedOut,
+            Code::QueueFull,
+        ] {
+            assert_eq!(RefusalReason::of(passing), None, "{passing:?}");
+        }
+    }
+
+    #[test]
+    fn the_producer_takes_the_enriched_event_of_any_valid_input() {
+        let input = 1024 * 1024;
+        assert!(max_record_bytes(input) >= 2 * input);
+        assert_eq!(max_record_bytes(usize::MAX), usize::MAX);
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub fn produce_lines(
         // Lines have no key; without stickiness they spread evenly over the partitions
         // instead of filling a few.
         .set("sticky.partitioning.linger.ms", "0")
+        // A loader sends every line, whatever its size, so that what a worker does with an
+        // oversized message can be tried; the broker's own limit still applies.
+        .set("message.max.bytes", "100000000")
         .create()
         .map_err(KafkaWorkerError::kafka("create producer"))?;
     let fallback = config.sources.values().next().cloned().unwrap_or_default();

@@ -22,12 +22,16 @@ pub struct TopicSetup {
 }
 
 /// Creates the configured output topics the cluster does not have. The profile topic gets
-/// `cleanup.policy=compact`, so it keeps the latest profile per customer id.
+/// `cleanup.policy=compact`, so it keeps the latest profile per customer id, and every topic
+/// `max.message.bytes = max_record_bytes`, so the broker takes whatever the producer sends.
 ///
 /// Fails with the names of the topics that could not be created (no permission, a
 /// replication factor above the broker count, a broker without the admin API); the caller
 /// decides whether that is fatal.
-pub fn ensure_output_topics(config: &KafkaConfig) -> Result<TopicSetup, KafkaWorkerError> {
+pub fn ensure_output_topics(
+    config: &KafkaConfig,
+    max_record_bytes: usize,
+) -> Result<TopicSetup, KafkaWorkerError> {
     let timeout = Duration::from_millis(config.topics.admin_timeout_ms);
     let probe: BaseConsumer = client_config(config)
         .create()
@@ -51,6 +55,7 @@ pub fn ensure_output_topics(config: &KafkaConfig) -> Result<TopicSetup, KafkaWor
     let admin: AdminClient<DefaultClientContext> = client_config(config)
         .create()
         .map_err(KafkaWorkerError::kafka("create admin client"))?;
+    let max_record_bytes = max_record_bytes.to_string();
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|topic| {
@@ -58,7 +63,8 @@ pub fn ensure_output_topics(config: &KafkaConfig) -> Result<TopicSetup, KafkaWor
                 topic,
                 config.topics.partitions,
                 TopicReplication::Fixed(config.topics.replication_factor),
-            );
+            )
+            .set("max.message.bytes", &max_record_bytes);
             if *topic == config.outputs.profiles {
                 new.set("cleanup.policy", "compact")
             } else {

@@ -37,7 +37,7 @@ use idgraph_engine::{
     BatchStats, Engine, ErrorClass, InputMessage, QualityReport, StateCache, StateStore, Table,
     WriteSet,
 };
-use idgraph_model::{InputCoordinates, RecordMeta};
+use idgraph_model::{DeadLetter, InputCoordinates, RecordMeta};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -50,8 +50,8 @@ use crate::error::KafkaWorkerError;
 use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
 use crate::sink::{
-    client_config, decode_outbox, encode_outbox, wire_records, DeliveryStatus, OutputSink,
-    WireRecord,
+    client_config, decode_outbox, encode_outbox, max_record_bytes, wire_records, DeliveryStatus,
+    OutputSink, Refusal, WireRecord,
 };
 
 /// Key prefix of outbox entries in [`Table::Meta`]; the batch number follows, big-endian, so a
@@ -81,6 +81,9 @@ struct InFlight {
     /// When each of its messages was polled, and each message's Kafka timestamp (ms).
     polled_at: Vec<Instant>,
     timestamps_ms: Vec<i64>,
+    /// Set once some records were refused for good and `records` became the dead letters
+    /// that reference them.
+    reporting_refusals: bool,
 }
 
 /// Next offset to read, per (topic, partition), as stored with the state.
@@ -165,6 +168,8 @@ pub struct WorkerSummary {
     /// Outbox entries of an earlier run sent again at start.
     pub replayed_batches: u64,
     pub delivery_retries: u64,
+    /// Output records refused for good, whose references went to the dead-letter topic.
+    pub refused_records: u64,
     pub elapsed_secs: f64,
     /// From the first message polled to the last batch's outputs acknowledged: the time spent
     /// working.
@@ -221,7 +226,10 @@ impl<'e, S: StateStore> Worker<'e, S> {
     ) -> Result<Self, KafkaWorkerError> {
         config.validate().map_err(KafkaWorkerError::Config)?;
         if config.topics.create {
-            let setup = crate::topics::ensure_output_topics(&config)?;
+            let setup = crate::topics::ensure_output_topics(
+                &config,
+                max_record_bytes(engine.config().dead_letter.max_message_bytes),
+            )?;
             if !setup.created.is_empty() {
                 tracing::info!(topics = ?setup.created, "created absent output topics");
             }
@@ -243,7 +251,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             .set("enable.partition.eof", "false")
             .create_with_context(context)
             .map_err(KafkaWorkerError::kafka("create consumer"))?;
-        let sink = OutputSink::new(&config)?;
+        let sink = OutputSink::new(&config, engine.config().dead_letter.max_message_bytes)?;
         Ok(Worker {
             engine,
             store,
@@ -552,6 +560,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 .iter()
                 .filter_map(|m| m.timestamp().to_millis())
                 .collect(),
+            reporting_refusals: false,
         });
         let waiting = Instant::now();
         self.settle(self.config.max_batches_in_flight, stop)?;
@@ -602,10 +611,16 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
     }
 
-    /// Takes fully acknowledged batches off the front of the queue, in batch order.
+    /// Takes fully acknowledged batches off the front of the queue, in batch order. A batch
+    /// with records refused for good first sends the dead letters that reference them, under
+    /// its own number, and retires once those are acknowledged.
     fn retire_delivered(&mut self) {
         while let Some(front) = self.in_flight.front() {
             if self.sink.status(front.batch) != DeliveryStatus::Delivered {
+                break;
+            }
+            let refusals = self.sink.take_refusals(front.batch);
+            if !refusals.is_empty() && self.report_refusals(refusals) {
                 break;
             }
             let done = self.in_flight.pop_front().expect("front exists");
@@ -630,6 +645,75 @@ impl<'e, S: StateStore> Worker<'e, S> {
             self.last_output = Some(now);
             self.set_ready(true);
         }
+    }
+
+    /// Counts the front batch's refused records and, unless they are its dead letters already,
+    /// sends the dead letters that reference them in their place. Returns whether it sent
+    /// any (the batch then waits for them).
+    fn report_refusals(&mut self, refusals: Vec<Refusal>) -> bool {
+        let topics = self.sink.topics().clone();
+        let front = self.in_flight.front_mut().expect("a front batch");
+        self.summary.refused_records += refusals.len() as u64;
+        for refusal in &refusals {
+            let record = &front.records[refusal.index];
+            let output = topics.output_of(&record.topic);
+            self.metrics
+                .record_refusal(output, refusal.reason.as_str());
+            tracing::error!(
+                batch = front.batch,
+                output,
+                topic = %record.topic,
+                input = %record.input,
+                bytes = record.payload.len(),
+                reason = refusal.reason.as_str(),
+                error = %refusal.error,
+                "an output record was refused for good; {}",
+                if front.reporting_refusals {
+                    "it was the dead letter of another refused record, which is now lost"
+                } else {
+                    "its reference goes to the dead-letter topic"
+                }
+            );
+        }
+        if front.reporting_refusals {
+            return false;
+        }
+        let config = &self.engine.config().dead_letter;
+        let references: Vec<WireRecord> = refusals
+            .iter()
+            .map(|refusal| {
+                let record = &front.records[refusal.index];
+                let meta = RecordMeta {
+                    input: InputCoordinates::parse_display(&record.input).unwrap_or_else(|| {
+                        InputCoordinates::File {
+                            file: record.input.as_str().into(),
+                            line: 0,
+                        }
+                    }),
+                    idempotency_key: record.idempotency_key.clone(),
+                };
+                let reason = format!(
+                    "the {} record of {} bytes was refused for good ({}): {}",
+                    topics.output_of(&record.topic),
+                    record.payload.len(),
+                    refusal.reason.as_str(),
+                    refusal.error
+                );
+                let letter = DeadLetter::undeliverable(
+                    &record.topic,
+                    &record.payload,
+                    reason,
+                    config.max_payload_bytes,
+                    self.engine.processor_version(),
+                    meta,
+                );
+                WireRecord::of(&topics.dead_letter, &record.input, &letter.meta, &letter)
+            })
+            .collect();
+        front.records = references;
+        front.reporting_refusals = true;
+        self.sink.enqueue(front.batch, &front.records);
+        true
     }
 
     /// Waits until no send of the window is pending, then sends the first failed batch and
@@ -757,6 +841,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 records,
                 polled_at: Vec::new(),
                 timestamps_ms: Vec::new(),
+                reporting_refusals: false,
             });
             self.next_batch = self.next_batch.max(number + 1);
             self.summary.replayed_batches += 1;

@@ -13,6 +13,9 @@ pub enum FailureKind {
     MissingField,
     InvalidTimestamp,
     TooLarge,
+    /// An output record the producer or the broker refused for good (too large for the
+    /// broker, an invalid topic): its reference goes to the dead-letter topic instead.
+    Undeliverable,
 }
 
 impl FailureKind {
@@ -26,6 +29,7 @@ impl FailureKind {
             FailureKind::MissingField => "missing_field",
             FailureKind::InvalidTimestamp => "invalid_timestamp",
             FailureKind::TooLarge => "too_large",
+            FailureKind::Undeliverable => "undeliverable",
         }
     }
 }

@@ -73,6 +73,30 @@ impl InputCoordinates {
         }
     }
 
+    /// Reads back what [`InputCoordinates::display`] wrote. Kafka topic names cannot hold `/`
+    /// or `@`, so `topic/partition@offset` is told apart from `file:line` without doubt.
+    pub fn parse_display(text: &str) -> Option<Self> {
+        let kafka = text.rsplit_once('@').and_then(|(stream, offset)| {
+            let (topic, partition) = stream.rsplit_once('/')?;
+            let valid_topic = !topic.is_empty()
+                && topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            valid_topic.then_some(InputCoordinates::Kafka {
+                topic: topic.into(),
+                partition: partition.parse().ok()?,
+                offset: offset.parse().ok()?,
+            })
+        });
+        kafka.or_else(|| {
+            let (file, line) = text.rsplit_once(':')?;
+            Some(InputCoordinates::File {
+                file: file.into(),
+                line: line.parse().ok()?,
+            })
+        })
+    }
+
     /// A compact text form for headers and logs: `file:line` or `topic/partition@offset`.
     pub fn display(&self) -> String {
         let mut text = String::new();
@@ -454,6 +478,10 @@ pub struct DeadLetter {
     /// The real size of the payload in bytes, even when `payload` is truncated.
     pub payload_size: u64,
     pub truncated: bool,
+    /// For [`FailureKind::Undeliverable`](crate::error::FailureKind::Undeliverable): the
+    /// output topic that refused the record, whose payload this letter carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_topic: Option<String>,
     #[serde(flatten)]
     pub meta: RecordMeta,
 }
@@ -467,8 +495,56 @@ impl DeadLetter {
         processor_version: &str,
         meta: RecordMeta,
     ) -> Self {
-        let kept = &payload[..payload.len().min(max_payload_bytes)];
-        let (payload_encoding, text) = match std::str::from_utf8(kept) {
+        let (payload_encoding, text, truncated) = kept_payload(payload, max_payload_bytes);
+        DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            failure_kind: error.kind,
+            reason: error.reason.clone(),
+            field: error.field.clone(),
+            processor_version: processor_version.to_owned(),
+            payload_encoding: payload_encoding.to_owned(),
+            payload: text,
+            payload_size: payload.len() as u64,
+            truncated,
+            output_topic: None,
+            meta,
+        }
+    }
+
+    /// The reference to an output record that `output_topic` refused for good (`reason`
+    /// says why), carrying at most `max_payload_bytes` of the record and the input
+    /// coordinates and idempotency key of the message it came from.
+    pub fn undeliverable(
+        output_topic: &str,
+        record: &[u8],
+        reason: String,
+        max_payload_bytes: usize,
+        processor_version: &str,
+        meta: RecordMeta,
+    ) -> Self {
+        let (payload_encoding, text, truncated) = kept_payload(record, max_payload_bytes);
+        DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            failure_kind: crate::error::FailureKind::Undeliverable,
+            reason,
+            field: None,
+            processor_version: processor_version.to_owned(),
+            payload_encoding: payload_encoding.to_owned(),
+            payload: text,
+            payload_size: record.len() as u64,
+            truncated,
+            output_topic: Some(output_topic.to_owned()),
+            meta,
+        }
+    }
+}
+
+/// The first `max_payload_bytes` of `payload` as text (`utf8`) or `base64`, and whether it
+/// was cut.
+fn kept_payload(payload: &[u8], max_payload_bytes: usize) -> (&'static str, String, bool) {
+    let kept = &payload[..payload.len().min(max_payload_bytes)];
+    let truncated = kept.len() < payload.len();
+    let (payload_encoding, text) = match std::str::from_utf8(kept) {
             Ok(text) => ("utf8", text.to_owned()),
             // A cut in the middle of a multi-byte character is not bad data; keep the valid
             // prefix as text.
@@ -481,19 +557,7 @@ impl DeadLetter {
                 base64::engine::general_purpose::STANDARD.encode(kept),
             ),
         };
-        DeadLetter {
-            schema_version: SCHEMA_VERSION,
-            failure_kind: error.kind,
-            reason: error.reason.clone(),
-            field: error.field.clone(),
-            processor_version: processor_version.to_owned(),
-            payload_encoding: payload_encoding.to_owned(),
-            payload: text,
-            payload_size: payload.len() as u64,
-            truncated: kept.len() < payload.len(),
-            meta,
-        }
-    }
+    (payload_encoding, text, truncated)
 }
 
 #[cfg(test)]
@@ -509,6 +573,26 @@ mod tests {
             },
             idempotency_key: "k".into(),
         }
+    }
+
+    #[test]
+    fn input_coordinates_read_back_from_their_display_form() {
+        let kafka = InputCoordinates::Kafka {
+            topic: "touchpoints.web-v2".into(),
+            partition: 3,
+            offset: 17,
+        };
+        let file = InputCoordinates::File {
+            file: "data/in@2026/x:y.jsonl".into(),
+            line: 9,
+        };
+        for coordinates in [kafka, file] {
+            assert_eq!(
+                InputCoordinates::parse_display(&coordinates.display()),
+                Some(coordinates)
+            );
+        }
+        assert_eq!(InputCoordinates::parse_display("no position"), None);
     }
 
     #[test]

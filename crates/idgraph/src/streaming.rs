@@ -190,7 +190,7 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
     )?;
     let stats = &summary.stats;
     println!(
-        "batches {}  messages {}  events {}  dead letters {}  profiles created {}  merges {}  merges refused {}  replayed batches {}  delivery retries {}",
+        "batches {}  messages {}  events {}  dead letters {}  profiles created {}  merges {}  merges refused {}  replayed batches {}  delivery retries {}  refused records {}",
         summary.batches,
         summary.messages,
         stats.total_events(),
@@ -199,7 +199,8 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
         stats.merges,
         stats.merges_refused.values().sum::<u64>(),
         summary.replayed_batches,
-        summary.delivery_retries
+        summary.delivery_retries,
+        summary.refused_records
     );
     println!(
         "elapsed {:.2} s  throughput {:.0} messages/s",
