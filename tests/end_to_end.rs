@@ -618,6 +618,93 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
     let (status, body) = json("/v1/lookup?kind=email");
     assert_eq!(status, 400, "{body}");
     assert_eq!(http_with(&address, "POST", "/v1/profiles/x", token).0, 405);
+
+    // The server counts its own answers and watches its state's disk and its memory.
+    let (_, metrics) = http(&operations, "GET", "/metrics");
+    for present in [
+        "idgraph_http_requests_total{code=\"401\",server=\"profiles\"} 2",
+        "idgraph_http_requests_total{code=\"200\",server=\"operations\"}",
+    ] {
+        assert!(metrics.contains(present), "{present} missing:\n{metrics}");
+    }
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert!(gauge("idgraph_state_disk_available_bytes") > 0.0);
+    assert!(gauge("idgraph_state_disk_size_bytes") >= gauge("idgraph_state_disk_available_bytes"));
+    assert!(gauge("idgraph_process_resident_memory_bytes") > 1e6);
+    assert!(gauge("idgraph_rocksdb_sst_bytes") > 0.0);
+}
+
+#[test]
+fn serve_lets_a_request_under_way_finish_on_sigterm_and_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        r#"{"event_id":"a1","source":"web","event_type":"page_view","timestamp":"2026-03-01T10:00:00Z","identifiers":{"email":"ann@example.com"}}"#.to_owned() + "\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    ok(&[
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&dir.path().join("out")),
+        "--state",
+        p(&state),
+    ]);
+    let mut server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_idgraph"))
+            .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
+            .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    let address = address_after(&first_line, "serving http://");
+    use std::io::{Read, Write};
+    // Half a request is under way when the server is told to stop.
+    let mut under_way = std::net::TcpStream::connect(&address).unwrap();
+    under_way
+        .write_all(b"GET /v1/lookup?kind=email&value=ann%40example.com HTTP/1.1\r\n")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let terminated = Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    // The server stops accepting at once...
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(&address).is_ok() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "still accepting after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // ...but answers the request it had taken, and only then exits, cleanly.
+    under_way
+        .write_all(b"host: idgraph\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    under_way.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"customer_id\""), "{answer}");
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
 }
 
 /// A child process that is killed when the test ends, passed or failed.

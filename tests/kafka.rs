@@ -625,13 +625,19 @@ fn a_profile_grown_past_the_producer_limit_is_dead_lettered_by_reference_and_the
         .collect();
     let small_customers: HashSet<&str> = profiles
         .iter()
-        .filter(|p| p["profile"]["identifiers"].to_string().contains("example.com"))
+        .filter(|p| {
+            p["profile"]["identifiers"]
+                .to_string()
+                .contains("example.com")
+        })
         .map(|p| p["customer_id"].as_str().unwrap())
         .collect();
-    assert_eq!(small_customers.len(), 5, "the last batch's profiles arrived");
-    assert!(profiles
-        .iter()
-        .all(|p| p.to_string().len() < 69_536 + 1000));
+    assert_eq!(
+        small_customers.len(),
+        5,
+        "the last batch's profiles arrived"
+    );
+    assert!(profiles.iter().all(|p| p.to_string().len() < 69_536 + 1000));
 
     let letters: Vec<Value> = broker
         .dump("idgraph.dead-letter", dir.path())
@@ -643,7 +649,10 @@ fn a_profile_grown_past_the_producer_limit_is_dead_lettered_by_reference_and_the
     assert_eq!(letter["failure_kind"], "undeliverable");
     assert_eq!(letter["output_topic"], "idgraph.profiles");
     assert_eq!(letter["input"]["topic"], "touchpoints.web");
-    assert_eq!(letter["input"]["offset"], 99, "the batch's last event touched it");
+    assert_eq!(
+        letter["input"]["offset"], 99,
+        "the batch's last event touched it"
+    );
     assert!(letter["payload_size"].as_u64().unwrap() > 69_536);
     assert_eq!(letter["truncated"], true);
     let reason = letter["reason"].as_str().unwrap();

@@ -168,6 +168,9 @@ pub struct StoreFigures {
     pub block_cache_hit: u64,
     pub block_cache_miss: u64,
     pub write_stalled: bool,
+    /// Space left to an unprivileged writer, and the size, of the file system the state is on.
+    pub disk_available_bytes: u64,
+    pub disk_total_bytes: u64,
 }
 
 /// Reading key-value state, split into [`Table`]s. Kept apart from [`StateStore`] so that a

@@ -48,6 +48,15 @@ pub struct TopicCreation {
     pub admin_timeout_ms: u64,
 }
 
+/// The outputs' names as metric labels, in the order of [`OutputTopics::all`].
+pub const OUTPUTS: [&str; 5] = [
+    "enriched",
+    "profiles",
+    "identity_changes",
+    "quality",
+    "dead_letter",
+];
+
 /// Output topic names (SPEC §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,17 +72,10 @@ impl OutputTopics {
     /// The output a topic carries (`enriched`, `profiles`, `identity_changes`, `quality`,
     /// `dead_letter`), as a metric label; `other` for a topic that is none of them.
     pub fn output_of(&self, topic: &str) -> &'static str {
-        const NAMES: [&str; 5] = [
-            "enriched",
-            "profiles",
-            "identity_changes",
-            "quality",
-            "dead_letter",
-        ];
         self.all()
             .iter()
             .position(|t| *t == topic)
-            .map_or("other", |i| NAMES[i])
+            .map_or("other", |i| OUTPUTS[i])
     }
 
     pub fn all(&self) -> [&str; 5] {

@@ -11,6 +11,7 @@
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod gauges;
 pub mod latency;
 pub mod metrics;
 pub mod sink;

@@ -7,6 +7,10 @@
 use std::collections::BTreeSet;
 
 use idgraph_engine::BatchStats;
+use idgraph_model::{FailureKind, RefusalRule, ResolutionAction};
+
+use crate::config::OUTPUTS;
+use crate::sink::RefusalReason;
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry,
@@ -86,6 +90,11 @@ pub struct Metrics {
     pub state_bytes: IntGauge,
     pub block_cache_hit_ratio: prometheus::Gauge,
     pub write_stalled: IntGauge,
+    pub disk_available_bytes: IntGauge,
+    pub disk_total_bytes: IntGauge,
+    pub resident_memory_bytes: IntGauge,
+    pub open_descriptors: IntGauge,
+    http_requests: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -164,7 +173,7 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(block_cache_hit_ratio.clone()))
             .expect("metric registered once");
-        Metrics {
+        let metrics = Metrics {
             labels,
             messages_consumed: counter_vec(
                 &r,
@@ -304,7 +313,69 @@ impl Metrics {
                 "idgraph_rocksdb_write_stalled",
                 "1 while RocksDB delays or stops writes",
             ),
+            disk_available_bytes: gauge(
+                &r,
+                "idgraph_state_disk_available_bytes",
+                "Bytes left to the worker on the file system of the state directory",
+            ),
+            disk_total_bytes: gauge(
+                &r,
+                "idgraph_state_disk_size_bytes",
+                "Size of the file system of the state directory",
+            ),
+            resident_memory_bytes: gauge(
+                &r,
+                "idgraph_process_resident_memory_bytes",
+                "Resident memory of the worker process",
+            ),
+            open_descriptors: gauge(
+                &r,
+                "idgraph_process_open_fds",
+                "Open file descriptors of the worker process (RocksDB, librdkafka and HTTP share them)",
+            ),
+            http_requests: counter_vec(
+                &r,
+                "idgraph_http_requests_total",
+                "HTTP requests answered, by server (operations, profiles) and status code",
+                &["server", "code"],
+            ),
             registry: r,
+        };
+        metrics.start_known_series();
+        metrics
+    }
+
+    /// Creates every series whose labels are known in advance at zero, so that a rate or an
+    /// alert on it works before its first event (a missing series is not a zero).
+    fn start_known_series(&self) {
+        let sources = self
+            .labels
+            .sources
+            .iter()
+            .map(String::as_str)
+            .chain([OTHER_SOURCE]);
+        for source in sources {
+            self.messages_consumed.with_label_values(&[source]);
+            self.events.with_label_values(&[source]);
+            self.no_identifier_events.with_label_values(&[source]);
+        }
+        for kind in FailureKind::ALL {
+            self.dead_letters.with_label_values(&[kind.as_str()]);
+        }
+        for action in ResolutionAction::ALL {
+            self.actions.with_label_values(&[action.as_str()]);
+        }
+        for rule in RefusalRule::ALL {
+            self.merges_refused.with_label_values(&[rule.as_str()]);
+        }
+        for phase in ["resolve", "commit", "send", "wait_for_acks"] {
+            self.batch_seconds.with_label_values(&[phase]);
+        }
+        for output in OUTPUTS {
+            for reason in RefusalReason::ALL {
+                self.records_refused
+                    .with_label_values(&[output, reason.as_str()]);
+            }
         }
     }
 
@@ -374,6 +445,14 @@ impl Metrics {
         }
     }
 
+    /// Counts an HTTP answer. `server` is `operations` or `profiles`; codes are the few the
+    /// servers give, so the label set stays small.
+    pub fn count_http_request(&self, server: &str, status: u16) {
+        self.http_requests
+            .with_label_values(&[server, &status.to_string()])
+            .inc();
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -421,12 +500,15 @@ mod tests {
         let scrape = metrics.render();
         assert!(!scrape.contains("leak-"), "an input value reached /metrics");
         assert!(!scrape.contains("kind-"), "an input value reached /metrics");
+        // Every configured source has its series from the start (at zero for `pos`).
+        let configured: BTreeSet<String> = ["other".into(), "pos".into(), "web".into()].into();
         let sources = label_values(&scrape, "idgraph_events_processed_total", "source");
-        assert_eq!(sources, BTreeSet::from(["other".into(), "web".into()]));
+        assert_eq!(sources, configured);
+        assert!(scrape.contains("idgraph_events_processed_total{source=\"pos\"} 0"));
         let kinds = label_values(&scrape, "idgraph_invalid_identifiers_total", "kind");
         assert_eq!(kinds, BTreeSet::from(["custom".into(), "email".into()]));
         assert!(scrape.contains("idgraph_events_processed_total{source=\"other\"} 1000"));
         let without = label_values(&scrape, "idgraph_events_without_identifier_total", "source");
-        assert_eq!(without, BTreeSet::from(["other".into()]));
+        assert_eq!(without, configured);
     }
 }

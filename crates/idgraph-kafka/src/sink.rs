@@ -47,6 +47,12 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
+    pub const ALL: [RefusalReason; 3] = [
+        RefusalReason::TooLarge,
+        RefusalReason::UnknownTopic,
+        RefusalReason::InvalidRecord,
+    ];
+
     /// The permanent refusals among librdkafka's error codes.
     pub fn of(code: RDKafkaErrorCode) -> Option<Self> {
         use RDKafkaErrorCode as Code;

@@ -47,6 +47,7 @@ use serde::Serialize;
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
+use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
 use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
 use crate::sink::{
@@ -86,15 +87,14 @@ struct InFlight {
     reporting_refusals: bool,
 }
 
-/// Next offset to read, per (topic, partition), as stored with the state.
-type Positions = Arc<Mutex<HashMap<(String, i32), i64>>>;
-
 /// Seeks newly assigned partitions to the stored positions and notes revoked ones.
 struct WorkerContext {
     positions: Positions,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     /// Set once the group has given this worker its partitions; idleness counts from then.
     assigned: Arc<AtomicBool>,
+    /// The partitions held, for the lag gauges.
+    assignment: Assignment,
 }
 
 impl ClientContext for WorkerContext {}
@@ -128,6 +128,10 @@ impl ConsumerContext for WorkerContext {
                     "partitions assigned; seeking to stored positions"
                 );
                 self.assigned.store(true, Ordering::SeqCst);
+                self.assignment
+                    .lock()
+                    .expect("assignment lock")
+                    .extend(assigned);
                 if let Err(error) = consumer.assign(tpl) {
                     tracing::error!(%error, "cannot take the assigned partitions");
                 }
@@ -135,12 +139,20 @@ impl ConsumerContext for WorkerContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // Messages of these partitions that are polled but not committed are dropped by
                 // the loop; they stay after this state's stored position, so nothing is lost.
-                let mut revoked = self.revoked.lock().expect("revoked lock");
-                revoked.extend(
-                    tpl.elements()
-                        .iter()
-                        .map(|e| (e.topic().to_owned(), e.partition())),
-                );
+                let partitions: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                let mut assignment = self.assignment.lock().expect("assignment lock");
+                for partition in &partitions {
+                    assignment.remove(partition);
+                }
+                drop(assignment);
+                self.revoked
+                    .lock()
+                    .expect("revoked lock")
+                    .extend(partitions);
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
                 if let Err(error) = consumer.unassign() {
                     tracing::error!(%error, "cannot release revoked partitions");
@@ -202,6 +214,9 @@ pub struct Worker<'e, S: StateStore> {
     positions: Positions,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     assigned: Arc<AtomicBool>,
+    assignment: Assignment,
+    /// Where the gauge thread reads the store's figures, if anywhere.
+    figures: Option<FiguresSource>,
     ready: Arc<AtomicBool>,
     summary: WorkerSummary,
     quality_sequence: u64,
@@ -237,10 +252,12 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let positions: Positions = Arc::new(Mutex::new(load_positions(&store)?));
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let assigned = Arc::new(AtomicBool::new(false));
+        let assignment = Assignment::default();
         let context = WorkerContext {
             positions: Arc::clone(&positions),
             revoked: Arc::clone(&revoked),
             assigned: Arc::clone(&assigned),
+            assignment: Arc::clone(&assignment),
         };
         let consumer: BaseConsumer<WorkerContext> = client_config(&config)
             .set("group.id", &config.group_id)
@@ -262,6 +279,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
             positions,
             revoked,
             assigned,
+            assignment,
+            figures: None,
             ready: Arc::new(AtomicBool::new(false)),
             summary: WorkerSummary::default(),
             quality_sequence: 0,
@@ -271,6 +290,15 @@ impl<'e, S: StateStore> Worker<'e, S> {
             delivered: Vec::new(),
             next_batch: 1,
         })
+    }
+
+    /// Lets the gauge thread report the store's size, stalls and disk space through
+    /// `figures` (a read handle on the store; the worker's own store stays on its thread).
+    pub fn watch_store(
+        &mut self,
+        figures: impl Fn() -> idgraph_engine::StoreFigures + Send + 'static,
+    ) {
+        self.figures = Some(Box::new(figures));
     }
 
     /// True while the worker is consuming and its outputs are being acknowledged.
@@ -292,6 +320,14 @@ impl<'e, S: StateStore> Worker<'e, S> {
             .subscribe(&topics)
             .map_err(KafkaWorkerError::kafka("subscribe"))?;
         self.set_ready(true);
+        let _gauges = GaugeRefresher::start(
+            &self.config,
+            self.metrics.clone(),
+            Arc::clone(&self.assignment),
+            Arc::clone(&self.positions),
+            self.figures.take(),
+            Duration::from_secs(self.config.quality_interval_secs.clamp(1, 15)),
+        )?;
         let mut last_message = Instant::now();
         let mut last_quality = Instant::now();
         let mut first_poll: Option<Instant> = None;
@@ -321,7 +357,6 @@ impl<'e, S: StateStore> Worker<'e, S> {
             if last_quality.elapsed() >= quality_every {
                 last_quality = Instant::now();
                 self.publish_quality();
-                self.refresh_gauges();
             }
         }
         self.settle(0, stop)?;
@@ -381,42 +416,6 @@ impl<'e, S: StateStore> Worker<'e, S> {
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.ready.set(i64::from(ready));
-    }
-
-    /// Refreshes the gauges that need a look at the broker or the store: lag per partition,
-    /// state size, block-cache hit ratio, write stalls.
-    fn refresh_gauges(&self) {
-        let figures = self.store.figures();
-        self.metrics.state_bytes.set(figures.sst_bytes as i64);
-        self.metrics
-            .write_stalled
-            .set(i64::from(figures.write_stalled));
-        let lookups = figures.block_cache_hit + figures.block_cache_miss;
-        if lookups > 0 {
-            self.metrics
-                .block_cache_hit_ratio
-                .set(figures.block_cache_hit as f64 / lookups as f64);
-        }
-        let Ok(assignment) = self.consumer.assignment() else {
-            return;
-        };
-        let positions = self.positions.lock().expect("positions lock").clone();
-        for element in assignment.elements() {
-            let (topic, partition) = (element.topic(), element.partition());
-            if let Ok((_, high)) =
-                self.consumer
-                    .fetch_watermarks(topic, partition, Duration::from_secs(2))
-            {
-                let next = positions
-                    .get(&(topic.to_owned(), partition))
-                    .copied()
-                    .unwrap_or(0);
-                self.metrics
-                    .consumer_lag
-                    .with_label_values(&[topic, &partition.to_string()])
-                    .set((high - next).max(0));
-            }
-        }
     }
 
     /// Whether every assigned partition has been processed up to its high watermark and all
@@ -657,8 +656,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         for refusal in &refusals {
             let record = &front.records[refusal.index];
             let output = topics.output_of(&record.topic);
-            self.metrics
-                .record_refusal(output, refusal.reason.as_str());
+            self.metrics.record_refusal(output, refusal.reason.as_str());
             tracing::error!(
                 batch = front.batch,
                 output,

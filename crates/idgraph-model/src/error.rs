@@ -19,6 +19,17 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    pub const ALL: [FailureKind; 8] = [
+        FailureKind::InvalidUtf8,
+        FailureKind::InvalidJson,
+        FailureKind::EmptyPayload,
+        FailureKind::WrongType,
+        FailureKind::MissingField,
+        FailureKind::InvalidTimestamp,
+        FailureKind::TooLarge,
+        FailureKind::Undeliverable,
+    ];
+
     /// The stable snake_case name used in records and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -144,6 +144,13 @@ pub enum ResolutionAction {
 }
 
 impl ResolutionAction {
+    pub const ALL: [ResolutionAction; 4] = [
+        ResolutionAction::New,
+        ResolutionAction::Matched,
+        ResolutionAction::Merged,
+        ResolutionAction::Duplicate,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ResolutionAction::New => "new",
@@ -202,6 +209,14 @@ pub enum RefusalRule {
 }
 
 impl RefusalRule {
+    pub const ALL: [RefusalRule; 5] = [
+        RefusalRule::KindLimit,
+        RefusalRule::GenericValue,
+        RefusalRule::MaxProfileSize,
+        RefusalRule::WeakIdentifier,
+        RefusalRule::ConflictingTraits,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalRule::KindLimit => "kind_limit",
@@ -545,18 +560,18 @@ fn kept_payload(payload: &[u8], max_payload_bytes: usize) -> (&'static str, Stri
     let kept = &payload[..payload.len().min(max_payload_bytes)];
     let truncated = kept.len() < payload.len();
     let (payload_encoding, text) = match std::str::from_utf8(kept) {
-            Ok(text) => ("utf8", text.to_owned()),
-            // A cut in the middle of a multi-byte character is not bad data; keep the valid
-            // prefix as text.
-            Err(e) if e.error_len().is_none() && std::str::from_utf8(payload).is_ok() => (
-                "utf8",
-                String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned(),
-            ),
-            Err(_) => (
-                "base64",
-                base64::engine::general_purpose::STANDARD.encode(kept),
-            ),
-        };
+        Ok(text) => ("utf8", text.to_owned()),
+        // A cut in the middle of a multi-byte character is not bad data; keep the valid
+        // prefix as text.
+        Err(e) if e.error_len().is_none() && std::str::from_utf8(payload).is_ok() => (
+            "utf8",
+            String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned(),
+        ),
+        Err(_) => (
+            "base64",
+            base64::engine::general_purpose::STANDARD.encode(kept),
+        ),
+    };
     (payload_encoding, text, truncated)
 }
 

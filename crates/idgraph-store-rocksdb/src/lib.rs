@@ -161,27 +161,10 @@ impl RocksStore {
 
     /// Size, cache and stall figures from RocksDB's properties.
     pub fn stats(&self) -> StorageStats {
-        let mut stats = StorageStats::default();
-        for table in Table::ALL {
-            let cf = self.handle(table);
-            let int = |name: &str| {
-                self.db
-                    .property_int_value_cf(cf, name)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0)
-            };
-            stats.live_data_bytes += int("rocksdb.estimate-live-data-size");
-            stats.sst_files_bytes += int("rocksdb.total-sst-files-size");
-            stats.write_stalled |=
-                int("rocksdb.actual-delayed-write-rate") > 0 || int("rocksdb.is-write-stopped") > 0;
+        StorageStats {
+            block_cache_usage_bytes: self.cache.get_usage() as u64,
+            ..storage_stats(&self.db)
         }
-        stats.block_cache_usage_bytes = self.cache.get_usage() as u64;
-        if let Ok(Some(text)) = self.db.property_value("rocksdb.stats") {
-            stats.block_cache_hit = ticker(&text, "rocksdb.block.cache.hit");
-            stats.block_cache_miss = ticker(&text, "rocksdb.block.cache.miss");
-        }
-        stats
     }
 
     /// Flushes memtables to disk; used before measuring size.
@@ -249,6 +232,58 @@ impl std::fmt::Debug for RocksReader {
     }
 }
 
+/// Size and stall figures from RocksDB's properties (all but the block cache's usage).
+fn storage_stats(db: &DB) -> StorageStats {
+    let mut stats = StorageStats::default();
+    for table in Table::ALL {
+        let cf = handle(db, table);
+        let int = |name: &str| {
+            db.property_int_value_cf(cf, name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        stats.live_data_bytes += int("rocksdb.estimate-live-data-size");
+        stats.sst_files_bytes += int("rocksdb.total-sst-files-size");
+        stats.write_stalled |=
+            int("rocksdb.actual-delayed-write-rate") > 0 || int("rocksdb.is-write-stopped") > 0;
+    }
+    if let Ok(Some(text)) = db.property_value("rocksdb.stats") {
+        stats.block_cache_hit = ticker(&text, "rocksdb.block.cache.hit");
+        stats.block_cache_miss = ticker(&text, "rocksdb.block.cache.miss");
+    }
+    stats
+}
+
+/// The figures an operator watches, for either handle on the database.
+fn store_figures(db: &DB) -> StoreFigures {
+    let stats = storage_stats(db);
+    let (disk_available_bytes, disk_total_bytes) = disk_space(db.path()).unwrap_or((0, 0));
+    StoreFigures {
+        sst_bytes: stats.sst_files_bytes,
+        block_cache_hit: stats.block_cache_hit,
+        block_cache_miss: stats.block_cache_miss,
+        write_stalled: stats.write_stalled,
+        disk_available_bytes,
+        disk_total_bytes,
+    }
+}
+
+/// Bytes available to an unprivileged writer and the size of the file system holding
+/// `path`, from `statvfs` (the standard library has no call for it).
+fn disk_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stat` a writable statvfs that outlives
+    // the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    let block = stat.f_frsize as u64;
+    Some((stat.f_bavail as u64 * block, stat.f_blocks as u64 * block))
+}
+
 fn handle(db: &DB, table: Table) -> &ColumnFamily {
     db.cf_handle(table.name())
         .expect("every table's column family is created at open")
@@ -285,6 +320,13 @@ fn scan_prefix(db: &DB, table: Table, prefix: &[u8]) -> Result<Entries, StoreErr
         out.push((key.into_vec(), value.into_vec()));
     }
     Ok(out)
+}
+
+impl RocksReader {
+    /// The same figures as the store's [`StateStore::figures`], from another thread.
+    pub fn figures(&self) -> StoreFigures {
+        store_figures(&self.db)
+    }
 }
 
 impl StateRead for RocksReader {
@@ -341,12 +383,6 @@ impl StateStore for RocksStore {
     }
 
     fn figures(&self) -> StoreFigures {
-        let stats = self.stats();
-        StoreFigures {
-            sst_bytes: stats.sst_files_bytes,
-            block_cache_hit: stats.block_cache_hit,
-            block_cache_miss: stats.block_cache_miss,
-            write_stalled: stats.write_stalled,
-        }
+        store_figures(&self.db)
     }
 }

@@ -253,32 +253,49 @@ pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {
     let store = open_existing_state(config, state)?;
     let engine = engine(config)?;
     let limits = config.http.limits();
+    let metrics = idgraph_kafka::Metrics::with_labels(config.metric_labels());
     let operations = crate::http::serve(
         &config.http.listen,
         "http.listen",
         crate::http::Site::Operations {
-            metrics: idgraph_kafka::Metrics::with_labels(config.metric_labels()),
+            metrics: metrics.clone(),
             ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         },
         limits,
     )?;
-    let address = crate::http::serve(
+    let reader = store.reader();
+    let api = crate::http::serve(
         listen,
         "--listen",
         crate::http::Site::Profiles {
             api: std::sync::Arc::new(crate::http::ProfileApi {
-                state: store.reader(),
+                state: reader.clone(),
                 normalizer: engine.normalizer().clone(),
             }),
             token: config.http.token(),
+            metrics: metrics.clone(),
         },
         limits,
     )?;
-    println!("serving http://{address}/v1/profiles/{{customer_id}}, /v1/lookup?kind=K&value=V and /v1/profiles/{{customer_id}}/explain over {}; metrics and health at http://{operations}", state.display());
+    println!(
+        "serving http://{}/v1/profiles/{{customer_id}}, /v1/lookup?kind=K&value=V and /v1/profiles/{{customer_id}}/explain over {}; metrics and health at http://{}",
+        api.address(),
+        state.display(),
+        operations.address()
+    );
+    std::io::Write::flush(&mut std::io::stdout())?;
     let stop = crate::streaming::stop_on_signal()?;
+    let mut next_refresh = std::time::Instant::now();
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if std::time::Instant::now() >= next_refresh {
+            idgraph_kafka::gauges::refresh_local(&metrics, &reader.figures());
+            next_refresh = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // Requests under way finish before the state closes.
+    drop(api);
+    drop(operations);
     drop(store);
     Ok(())
 }

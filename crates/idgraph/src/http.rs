@@ -51,7 +51,25 @@ pub enum Site {
     Profiles {
         api: Arc<ProfileApi>,
         token: Option<String>,
+        /// Where the API counts its requests.
+        metrics: Metrics,
     },
+}
+
+impl Site {
+    /// The `server` label of `idgraph_http_requests_total`.
+    fn name(&self) -> &'static str {
+        match self {
+            Site::Operations { .. } => "operations",
+            Site::Profiles { .. } => "profiles",
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        match self {
+            Site::Operations { metrics, .. } | Site::Profiles { metrics, .. } => metrics,
+        }
+    }
 }
 
 /// Read access to the state, and the normalizer that turns a looked-up value into the form
@@ -120,9 +138,33 @@ impl Response {
     }
 }
 
-/// Binds `listen` and serves `site` on a thread of its own; returns the bound address
-/// (useful with port 0). `what` names the setting in errors (`http.listen`).
-pub fn serve(listen: &str, what: &str, site: Site, limits: Limits) -> Result<SocketAddr> {
+/// A running server. Dropping it shuts it down gracefully: it stops accepting, lets the
+/// exchanges under way finish (within the request deadline), then ends its thread.
+pub struct HttpServer {
+    address: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// The bound address (useful with port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Binds `listen` and serves `site` on a thread of its own until the returned server is
+/// dropped. `what` names the setting in errors (`http.listen`).
+pub fn serve(listen: &str, what: &str, site: Site, limits: Limits) -> Result<HttpServer> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -132,18 +174,38 @@ pub fn serve(listen: &str, what: &str, site: Site, limits: Limits) -> Result<Soc
         .with_context(|| format!("cannot listen on {what} = {listen:?}"))?;
     let address = listener.local_addr()?;
     let site = Arc::new(site);
-    std::thread::spawn(move || runtime.block_on(accept_forever(listener, site, limits)));
-    Ok(address)
+    let (shutdown, stopping) = tokio::sync::watch::channel(false);
+    let thread = std::thread::spawn(move || {
+        runtime.block_on(accept_until_shutdown(listener, site, limits, stopping))
+    });
+    Ok(HttpServer {
+        address,
+        shutdown,
+        thread: Some(thread),
+    })
 }
 
-async fn accept_forever(listener: TcpListener, site: Arc<Site>, limits: Limits) {
-    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+async fn accept_until_shutdown(
+    listener: TcpListener,
+    site: Arc<Site>,
+    limits: Limits,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let max_connections = limits.max_connections.max(1);
+    let connections = Arc::new(Semaphore::new(max_connections));
     loop {
         // At the limit, stop accepting: new connections wait in the kernel's backlog.
-        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
-            return;
+        let accepted = tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => break,
+            accepted = async {
+                let permit = Arc::clone(&connections).acquire_owned().await;
+                (permit, listener.accept().await)
+            } => accepted,
         };
-        let stream = match listener.accept().await {
+        let (Ok(permit), accepted) = accepted else {
+            break;
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 // Out of descriptors, for one: retrying at once would spin a core.
@@ -152,24 +214,34 @@ async fn accept_forever(listener: TcpListener, site: Arc<Site>, limits: Limits) 
                 continue;
             }
         };
-        let site = Arc::clone(&site);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let site = Arc::clone(&site);
-                async move { Ok::<_, Infallible>(handle(site, request).await) }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .keep_alive(false);
-            let connection =
-                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.request_timeout, connection).await;
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, Arc::clone(&site), limits, permit));
     }
+    // Stop listening at once, then give the exchanges under way their deadline to finish:
+    // each holds a permit until it ends.
+    drop(listener);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(limits.request_timeout, connections.acquire_many(all)).await;
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    site: Arc<Site>,
+    limits: Limits,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let service = hyper::service::service_fn(move |request| {
+        let site = Arc::clone(&site);
+        async move { Ok::<_, Infallible>(handle(site, request).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(limits.request_timeout, connection).await;
+    drop(permit);
 }
 
 async fn handle(
@@ -187,12 +259,14 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
     // State reads block on RocksDB; keep them off the thread that accepts connections.
+    let routed = Arc::clone(&site);
     let response = tokio::task::spawn_blocking(move || {
-        route(&site, &method, &target, authorization.as_deref())
+        route(&routed, &method, &target, authorization.as_deref())
     })
     .await
     .unwrap_or_else(|_| Response::error(500, "the request handler failed"));
     let status = response.status;
+    site.metrics().count_http_request(site.name(), status);
     let mut answer = hyper::Response::new(Full::new(Bytes::from(response.body)));
     *answer.status_mut() =
         hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
@@ -229,9 +303,9 @@ pub fn route(site: &Site, method: &str, target: &str, authorization: Option<&str
                 404,
                 "the profile API is served on its own address, http.api_listen",
             ),
-            _ => Response::error(404, &format!("no endpoint at {path}")),
+            _ => no_endpoint(),
         },
-        Site::Profiles { api, token } => {
+        Site::Profiles { api, token, .. } => {
             if let Some(token) = token {
                 if !bearer_matches(authorization, token) {
                     return Response::error(
@@ -243,10 +317,18 @@ pub fn route(site: &Site, method: &str, target: &str, authorization: Option<&str
             if path.starts_with("/v1/") {
                 api.route(path, query)
             } else {
-                Response::error(404, &format!("no endpoint at {path}"))
+                no_endpoint()
             }
         }
     }
+}
+
+/// The answer to an unknown path, which it does not repeat: a path may hold an identifier.
+fn no_endpoint() -> Response {
+    Response::error(
+        404,
+        "no such endpoint; see /metrics, /healthz, /readyz or /v1/profiles/{customer_id}",
+    )
 }
 
 /// Whether `authorization` is `Bearer <token>`, compared in time that does not depend on
@@ -274,7 +356,7 @@ impl ProfileApi {
                 None => self.profile(&decode_segment(rest)),
             }
         } else {
-            Ok(Response::error(404, &format!("no endpoint at {path}")))
+            Ok(no_endpoint())
         };
         result.unwrap_or_else(|error| {
             // The error may name a stored key, an identifier value: it goes to the log only.
@@ -311,10 +393,7 @@ impl ProfileApi {
         };
         match customer_for_identifier(&self.state, &self.normalizer, &kind, &value)? {
             Some(customer_id) => profile_response(&self.state, &customer_id),
-            None => Ok(Response::error(
-                404,
-                &format!("no profile holds identifier kind {kind:?} with that value"),
-            )),
+            None => Ok(Response::error(404, "no profile holds that identifier")),
         }
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use idgraph_kafka::worker::RunOptions;
 use idgraph_kafka::{tools, DevBroker, Metrics, Worker};
+use idgraph_store_rocksdb::{RocksReader, RocksStore};
 
 use crate::config::AppConfig;
 use crate::resolve::{open_state, PROCESSOR_VERSION};
@@ -130,19 +131,22 @@ fn topic_list(config: &AppConfig) -> String {
 }
 
 /// Starts the operations endpoints and, if `http.api_listen` is set, the profile API over
-/// `reader`; returns their addresses.
+/// `reader`; they serve until the returned servers are dropped.
 pub(crate) fn serve_http(
     config: &AppConfig,
     engine: &idgraph_engine::Engine,
     metrics: Metrics,
     ready: Arc<AtomicBool>,
     reader: idgraph_store_rocksdb::RocksReader,
-) -> Result<(std::net::SocketAddr, Option<std::net::SocketAddr>)> {
+) -> Result<(crate::http::HttpServer, Option<crate::http::HttpServer>)> {
     let limits = config.http.limits();
     let operations = crate::http::serve(
         &config.http.listen,
         "http.listen",
-        crate::http::Site::Operations { metrics, ready },
+        crate::http::Site::Operations {
+            metrics: metrics.clone(),
+            ready,
+        },
         limits,
     )?;
     let api = if config.http.api_listen.trim().is_empty() {
@@ -157,6 +161,7 @@ pub(crate) fn serve_http(
                     normalizer: engine.normalizer().clone(),
                 }),
                 token: config.http.token(),
+                metrics: metrics.clone(),
             },
             limits,
         )?)
@@ -164,22 +169,47 @@ pub(crate) fn serve_http(
     Ok((operations, api))
 }
 
+/// A worker over the RocksDB state in `state`, whose gauges watch that state, and a read
+/// handle on it for the profile API.
+fn worker_on_state<'e>(
+    config: &AppConfig,
+    engine: &'e idgraph_engine::Engine,
+    kafka: idgraph_kafka::KafkaConfig,
+    state: &Path,
+    metrics: Metrics,
+) -> Result<(Worker<'e, RocksStore>, RocksReader)> {
+    let (store, _) = open_state(config, Some(state))?;
+    let reader = store.reader();
+    let mut worker = Worker::new(
+        engine,
+        store,
+        kafka,
+        config.engine.cache.max_entries,
+        metrics,
+    )?;
+    let figures = reader.clone();
+    worker.watch_store(move || figures.figures());
+    Ok((worker, reader))
+}
+
 /// The streaming worker.
 pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Result<()> {
     let stop = stop_on_signal()?;
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
-    let (store, _) = open_state(config, Some(state))?;
-    let reader = store.reader();
     let metrics = Metrics::with_labels(config.metric_labels());
-    let mut worker = Worker::new(
+    let (mut worker, reader) = worker_on_state(
+        config,
         &engine,
-        store,
         config.kafka.clone(),
-        config.engine.cache.max_entries,
+        state,
         metrics.clone(),
     )?;
-    let (address, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
-    let api_address = api.map_or_else(|| "off".to_owned(), |api| api.to_string());
+    // Dropped when the worker has stopped, so /metrics and /readyz answer while it drains.
+    let (operations, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    let address = operations.address();
+    let api_address = api
+        .as_ref()
+        .map_or_else(|| "off".to_owned(), |api| api.address().to_string());
     tracing::info!(%address, %api_address, "http listening: /metrics, /healthz and /readyz on address, /v1/profiles on api_address");
     tracing::info!(bootstrap = %config.kafka.bootstrap_servers, state = %state.display(), "worker starting");
     let summary = worker.run(
@@ -277,12 +307,11 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
     )?;
     eprintln!("running the worker");
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
-    let (store, _) = open_state(config, Some(&temp.path().join("state")))?;
-    let mut worker = Worker::new(
+    let (mut worker, _) = worker_on_state(
+        config,
         &engine,
-        store,
         kafka.clone(),
-        config.engine.cache.max_entries,
+        &temp.path().join("state"),
         Metrics::with_labels(config.metric_labels()),
     )?;
     let stop = AtomicBool::new(false);
@@ -390,18 +419,12 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
         state.display()
     );
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
-    let (store, _) = open_state(config, Some(&state))?;
-    let reader = store.reader();
     let metrics = Metrics::with_labels(config.metric_labels());
-    let mut worker = Worker::new(
-        &engine,
-        store,
-        kafka.clone(),
-        config.engine.cache.max_entries,
-        metrics.clone(),
-    )?;
-    let (address, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
-    match api {
+    let (mut worker, reader) =
+        worker_on_state(config, &engine, kafka.clone(), &state, metrics.clone())?;
+    let (operations, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    let address = operations.address();
+    match api.as_ref().map(|api| api.address()) {
         Some(api) => println!(
             "   metrics at http://{address}/metrics and profiles at http://{api}/v1/profiles/{{id}} while the worker runs"
         ),
