@@ -2,7 +2,7 @@
 //! (librdkafka's mock cluster on loopback), driven through the `idgraph` binary, and once
 //! in-process over a state store that fails on purpose.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -963,5 +963,179 @@ fn transient_state_write_failures_are_waited_out_without_loss() {
         streamed,
         file_mode_customers(&reference),
         "nothing was lost and the result is unchanged"
+    );
+}
+
+/// Every `idgraph_` metric a file names (alert expressions, dashboard queries).
+fn idgraph_metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("idgraph_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        // Prose such as "every idgraph_ metric" names none.
+        if name.len() > "idgraph_".len() {
+            names.insert(name);
+        }
+    }
+    names
+}
+
+/// The files under `deploy/` whose name ends with one of `extensions`.
+fn deploy_files(extensions: &[&str]) -> Vec<PathBuf> {
+    fn walk(dir: &Path, extensions: &[&str], found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, extensions, found);
+            } else if extensions
+                .iter()
+                .any(|e| path.to_str().unwrap().ends_with(e))
+            {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy"),
+        extensions,
+        &mut found,
+    );
+    found.sort();
+    found
+}
+
+#[test]
+fn the_deploy_files_parse_and_every_metric_they_name_is_in_a_live_scrape() {
+    let yaml = deploy_files(&[".yml", ".yaml"]);
+    assert!(yaml.len() >= 8, "deploy/ lost its manifests: {yaml:?}");
+    for path in &yaml {
+        let text = std::fs::read_to_string(path).unwrap();
+        let documents = yaml_rust2::YamlLoader::load_from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
+        assert!(!documents.is_empty(), "{} is empty", path.display());
+    }
+    let dashboards = deploy_files(&[".json"]);
+    let mut named = BTreeSet::new();
+    for path in &dashboards {
+        let text = std::fs::read_to_string(path).unwrap();
+        let dashboard: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() > 10));
+        named.extend(idgraph_metric_names(&text));
+    }
+    let rules = deploy_files(&["alerts.yml"]);
+    assert_eq!(rules.len(), 1);
+    named.extend(idgraph_metric_names(
+        &std::fs::read_to_string(&rules[0]).unwrap(),
+    ));
+    assert!(named.len() >= 25, "{named:?}");
+
+    // A live worker, part-way through its input, serves every one of them.
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = generate_and_resolve(dir.path(), 3_000, 66);
+    let broker = Broker::start(dir.path());
+    broker.ok(&["produce", "--input", p(&input)]);
+    let mut worker = broker
+        .command(&[
+            "run",
+            "--state",
+            p(&dir.path().join("state")),
+            "--exit-when-idle",
+            "120",
+        ])
+        .env("IDGRAPH__LOG__FILTER", "idgraph=info")
+        .env("IDGRAPH__LOG__FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let address = {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(worker.stderr.take().unwrap())
+            .lines()
+            .map_while(Result::ok);
+        let line = lines
+            .find(|l| l.contains("http listening"))
+            .expect("the worker logs its http address");
+        // Keep reading, so the worker never writes its log into a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let line: Value = serde_json::from_str(&line).unwrap();
+        line["fields"]["address"].as_str().unwrap().to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let scrape = loop {
+        let response = get(&address, "/metrics");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        let lagging = body.contains("idgraph_consumer_lag_messages{");
+        let processed = body.contains("idgraph_event_to_output_seconds_count")
+            && !body.contains("idgraph_event_to_output_seconds_count 0\n");
+        if lagging && processed {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never caught up:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // A sample line of the name, or the declaration of a histogram by that name.
+    let served = |name: &str| {
+        scrape.contains(&format!("# TYPE {name} "))
+            || scrape.lines().any(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+    };
+    let missing: Vec<&String> = named.iter().filter(|name| !served(name)).collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/ names metrics the worker does not serve: {missing:?}"
+    );
+
+    // The exposition passes Prometheus's own linter where it is installed (.ci/run installs
+    // it and sets IDGRAPH_REQUIRE_PROMTOOL).
+    let promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    match promtool {
+        Ok(mut promtool) => {
+            use std::io::Write;
+            promtool
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(scrape.as_bytes())
+                .unwrap();
+            let output = promtool.wait_with_output().unwrap();
+            assert!(
+                output.status.success(),
+                "promtool check metrics:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Err(error) => assert!(
+            std::env::var_os("IDGRAPH_REQUIRE_PROMTOOL").is_none(),
+            "promtool is required here: {error}"
+        ),
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status();
+    let status = worker.wait().unwrap();
+    assert!(
+        status.success(),
+        "the worker stopped on SIGTERM with {status}"
     );
 }

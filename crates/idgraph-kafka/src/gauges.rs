@@ -170,16 +170,22 @@ fn set_process_gauges(metrics: &Metrics) {
     if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
         metrics.open_descriptors.set(entries.count() as i64);
     }
+    if let Some(limit) = descriptor_limit() {
+        metrics.max_descriptors.set(limit);
+    }
 }
 
-/// The process's resident set, from `/proc/self/statm` (in pages; Linux pages are 4 KiB on
-/// the platforms we run on, and the kernel's page size is asked for all the same).
+/// The soft limit on open descriptors.
+fn descriptor_limit() -> Option<i64> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current.and_then(|n| i64::try_from(n).ok())
+}
+
+/// The process's resident set, from `/proc/self/statm` (in pages).
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a system setting.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page_size).ok()?)
+    Some(pages * rustix::param::page_size() as u64)
 }
 
 #[cfg(test)]

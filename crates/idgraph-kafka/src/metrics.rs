@@ -94,6 +94,8 @@ pub struct Metrics {
     pub disk_total_bytes: IntGauge,
     pub resident_memory_bytes: IntGauge,
     pub open_descriptors: IntGauge,
+    pub max_descriptors: IntGauge,
+    pub profile_identifier_limit: IntGauge,
     http_requests: IntCounterVec,
 }
 
@@ -332,6 +334,16 @@ impl Metrics {
                 &r,
                 "idgraph_process_open_fds",
                 "Open file descriptors of the worker process (RocksDB, librdkafka and HTTP share them)",
+            ),
+            max_descriptors: gauge(
+                &r,
+                "idgraph_process_max_fds",
+                "The worker process's limit on open file descriptors (RLIMIT_NOFILE)",
+            ),
+            profile_identifier_limit: gauge(
+                &r,
+                "idgraph_profile_identifiers_limit",
+                "engine.protection.max_profile_identifiers: merges past it are refused",
             ),
             http_requests: counter_vec(
                 &r,

@@ -269,6 +269,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
             .create_with_context(context)
             .map_err(KafkaWorkerError::kafka("create consumer"))?;
         let sink = OutputSink::new(&config, engine.config().dead_letter.max_message_bytes)?;
+        metrics.profile_identifier_limit.set(i64::from(
+            engine.config().protection.max_profile_identifiers,
+        ));
         Ok(Worker {
             engine,
             store,

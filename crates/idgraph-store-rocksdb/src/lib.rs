@@ -270,18 +270,10 @@ fn store_figures(db: &DB) -> StoreFigures {
 }
 
 /// Bytes available to an unprivileged writer and the size of the file system holding
-/// `path`, from `statvfs` (the standard library has no call for it).
+/// `path`, from `statvfs`.
 fn disk_space(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `stat` a writable statvfs that outlives
-    // the call.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return None;
-    }
-    let block = stat.f_frsize as u64;
-    Some((stat.f_bavail as u64 * block, stat.f_blocks as u64 * block))
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some((stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize))
 }
 
 fn handle(db: &DB, table: Table) -> &ColumnFamily {

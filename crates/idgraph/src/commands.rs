@@ -254,6 +254,9 @@ pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {
     let engine = engine(config)?;
     let limits = config.http.limits();
     let metrics = idgraph_kafka::Metrics::with_labels(config.metric_labels());
+    metrics
+        .profile_identifier_limit
+        .set(i64::from(config.engine.protection.max_profile_identifiers));
     let operations = crate::http::serve(
         &config.http.listen,
         "http.listen",
