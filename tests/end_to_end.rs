@@ -641,6 +641,69 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
 }
 
 #[test]
+fn fifteen_hundred_idle_connections_keep_neither_health_probes_out_nor_descriptors_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        r#"{"event_id":"a1","source":"web","event_type":"page_view","timestamp":"2026-03-01T10:00:00Z","identifiers":{"email":"ann@example.com"}}"#.to_owned() + "\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    ok(&[
+        "resolve",
+        "--input",
+        p(&input),
+        "--output-dir",
+        p(&dir.path().join("out")),
+        "--state",
+        p(&state),
+    ]);
+    // Default limits: 64 connections, 5 s for a request head.
+    let mut server = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_idgraph"))
+            .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
+            .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    let operations = address_after(&first_line, "health at http://");
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let _ = rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    );
+    let idle: Vec<std::net::TcpStream> = (0..1500)
+        .map(|_| std::net::TcpStream::connect(&operations).unwrap())
+        .collect();
+    // The probe is answered at once, though every idle connection is still open on our side.
+    let started = std::time::Instant::now();
+    let (status, body) = http(&operations, "GET", "/healthz");
+    assert_eq!((status, body.trim()), (200, "ok"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "/healthz took {:?}",
+        started.elapsed()
+    );
+    // The server kept at most its limit of them; the rest it closed.
+    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", server.0.id()))
+        .unwrap()
+        .count();
+    assert!(descriptors < 64 + 100, "{descriptors} descriptors open");
+    drop(idle);
+}
+
+#[test]
 fn serve_lets_a_request_under_way_finish_on_sigterm_and_then_exits() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");

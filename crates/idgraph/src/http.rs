@@ -12,7 +12,9 @@
 //!
 //! Opening the metrics port to Prometheus thus does not open customer data. Both run on
 //! hyper, one request per connection, with a connection limit, a deadline for the request
-//! head and for the whole exchange, and a 16 KiB limit on the head (431 past it). The API
+//! head and for the whole exchange, and a 16 KiB limit on the head (431 past it). At the
+//! connection limit a new connection closes the oldest one still waiting for its head, so
+//! idle or slow clients cannot keep a health probe out. The API
 //! reads through a [`RocksReader`], so it sees each write whole once it is committed and never
 //! waits for the worker. Every answer is JSON; errors are `{"error": "..."}` and never carry
 //! an identifier value or an internal error text (those go to the log).
@@ -35,7 +37,6 @@ use idgraph_model::{Profile, SCHEMA_VERSION};
 use idgraph_store_rocksdb::RocksReader;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// What one HTTP server answers.
 // Two of these exist per process, behind an `Arc`: the size of a variant does not matter.
@@ -82,7 +83,9 @@ pub struct ProfileApi {
 /// What a server lets its clients take.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections open at once. Past it, a new connection closes the oldest one that has
+    /// not sent a request head; only when all are serving requests do new ones wait in the
+    /// listen backlog.
     pub max_connections: usize,
     /// Longest wait for a request's head, so idle or half-open connections do not pin a
     /// descriptor that RocksDB and librdkafka share.
@@ -185,25 +188,90 @@ pub fn serve(listen: &str, what: &str, site: Site, limits: Limits) -> Result<Htt
     })
 }
 
+/// What the accept loop knows of one open connection.
+struct Connection {
+    /// Set once hyper has read the request head and called the service: from then on the
+    /// connection is doing work, not just holding a descriptor.
+    head_read: AtomicBool,
+    /// Wakes the connection's task to close it.
+    evict: tokio::sync::Notify,
+}
+
+/// The open connections, oldest first. At the limit, a new connection evicts the oldest one
+/// that has not sent its request head yet, so idle or slow clients can never keep a health
+/// probe or a real request out; only when every connection is busy with a request does the
+/// new one wait in the kernel's backlog.
+struct OpenConnections {
+    max: usize,
+    open: std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<Connection>>>,
+    /// Wakes the accept loop when a connection closes.
+    closed: tokio::sync::Notify,
+}
+
+impl OpenConnections {
+    fn count(&self) -> usize {
+        let mut open = self.open.lock().expect("connections lock");
+        open.retain(|c| c.strong_count() > 0);
+        open.len()
+    }
+
+    /// Makes room for one more connection, evicting the oldest idle one if the limit is
+    /// reached; false when every open connection is serving a request.
+    fn make_room(&self) -> bool {
+        let mut open = self.open.lock().expect("connections lock");
+        open.retain(|c| c.strong_count() > 0);
+        if open.len() < self.max {
+            return true;
+        }
+        let idle = open.iter().position(|c| {
+            c.upgrade()
+                .is_some_and(|c| !c.head_read.load(Ordering::SeqCst))
+        });
+        match idle.and_then(|i| open.remove(i)).and_then(|c| c.upgrade()) {
+            Some(evicted) => {
+                evicted.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn register(&self) -> Arc<Connection> {
+        let connection = Arc::new(Connection {
+            head_read: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
+        });
+        self.open
+            .lock()
+            .expect("connections lock")
+            .push_back(Arc::downgrade(&connection));
+        connection
+    }
+}
+
 async fn accept_until_shutdown(
     listener: TcpListener,
     site: Arc<Site>,
     limits: Limits,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
-    let max_connections = limits.max_connections.max(1);
-    let connections = Arc::new(Semaphore::new(max_connections));
+    let connections = Arc::new(OpenConnections {
+        max: limits.max_connections.max(1),
+        open: Default::default(),
+        closed: tokio::sync::Notify::new(),
+    });
     loop {
-        // At the limit, stop accepting: new connections wait in the kernel's backlog.
+        // Every connection is busy with a request: leave new ones in the backlog meanwhile.
+        while !connections.make_room() {
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => break,
+                _ = connections.closed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let accepted = tokio::select! {
             _ = stopping.wait_for(|stop| *stop) => break,
-            accepted = async {
-                let permit = Arc::clone(&connections).acquire_owned().await;
-                (permit, listener.accept().await)
-            } => accepted,
-        };
-        let (Ok(permit), accepted) = accepted else {
-            break;
+            accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
@@ -214,22 +282,32 @@ async fn accept_until_shutdown(
                 continue;
             }
         };
-        tokio::spawn(serve_connection(stream, Arc::clone(&site), limits, permit));
+        let connection = connections.register();
+        let connections = Arc::clone(&connections);
+        let site = Arc::clone(&site);
+        tokio::spawn(async move {
+            serve_connection(stream, site, limits, &connection).await;
+            drop(connection);
+            connections.closed.notify_one();
+        });
     }
-    // Stop listening at once, then give the exchanges under way their deadline to finish:
-    // each holds a permit until it ends.
+    // Stop listening at once, then give the exchanges under way their deadline to finish.
     drop(listener);
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(limits.request_timeout, connections.acquire_many(all)).await;
+    let deadline = tokio::time::Instant::now() + limits.request_timeout;
+    while connections.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     site: Arc<Site>,
     limits: Limits,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    connection: &Arc<Connection>,
 ) {
+    let seen = Arc::clone(connection);
     let service = hyper::service::service_fn(move |request| {
+        seen.head_read.store(true, Ordering::SeqCst);
         let site = Arc::clone(&site);
         async move { Ok::<_, Infallible>(handle(site, request).await) }
     });
@@ -239,9 +317,11 @@ async fn serve_connection(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(false);
-    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(limits.request_timeout, connection).await;
-    drop(permit);
+    let exchange = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::select! {
+        _ = tokio::time::timeout(limits.request_timeout, exchange) => {}
+        _ = connection.evict.notified() => {}
+    }
 }
 
 async fn handle(

@@ -9,6 +9,7 @@ mod cpu;
 mod http;
 mod line_file;
 mod resolve;
+mod soak;
 mod streaming;
 mod train;
 
@@ -197,6 +198,23 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         partitions: i32,
     },
+    /// Run the worker as its own process over a long generated stream on the development
+    /// broker, printing its resident memory as it goes (is it flat after warm-up?)
+    Soak {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 16)]
+        partitions: i32,
+        /// Most messages produced ahead of the worker (the mock broker keeps 5 MB per
+        /// partition, so the stream is produced as it is consumed).
+        #[arg(long, default_value_t = 40_000)]
+        max_outstanding: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 5)]
+        sample_secs: u64,
+    },
     /// A local demo with no external services: generated touchpoints through the development
     /// broker and the worker, scored against the generator's truth.
     Demo {
@@ -225,8 +243,25 @@ fn init_logging(config: &AppConfig) {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one, as Go's runtime does: RocksDB's
+/// files, librdkafka's sockets and the HTTP connections share it, and the soft default
+/// (often 1,024) is a leftover of `select`, which nothing here uses.
+fn raise_descriptor_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        // A refusal leaves the old limit, which still works.
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
+}
+
 fn main() -> Result<()> {
     keep_freed_memory_between_batches();
+    raise_descriptor_limit();
     let cli = Cli::parse();
     let mut config = AppConfig::load(cli.config.as_deref())?;
     if let Some(servers) = cli.bootstrap_servers {
@@ -297,6 +332,22 @@ fn main() -> Result<()> {
             seed,
             partitions,
         } => streaming::bench_kafka(&config, events, seed, partitions),
+        Command::Soak {
+            events,
+            seed,
+            partitions,
+            max_outstanding,
+            sample_secs,
+        } => soak::soak(
+            &config,
+            &soak::SoakOptions {
+                events,
+                seed,
+                partitions,
+                max_outstanding,
+                sample_every: std::time::Duration::from_secs(sample_secs.max(1)),
+            },
+        ),
         Command::Demo {
             events,
             seed,
