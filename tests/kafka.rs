@@ -1139,3 +1139,33 @@ fn the_deploy_files_parse_and_every_metric_they_name_is_in_a_live_scrape() {
         "the worker stopped on SIGTERM with {status}"
     );
 }
+
+#[test]
+fn soak_runs_the_worker_as_its_own_process_and_prints_its_memory_curve() {
+    let output = Command::new(BIN)
+        .args(["soak", "--events", "4000", "--sample-secs", "1"])
+        .env("IDGRAPH__LOG__FILTER", "warn")
+        .output()
+        .unwrap();
+    let printed = check(output, &["soak"]);
+    // The worker got every message, and memory was sampled along the way.
+    let produced: u64 = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("produced ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no total in\n{printed}"));
+    assert!(produced > 4000, "{printed}");
+    assert!(
+        printed.contains(&format!("messages {produced} ")),
+        "the worker's summary has every message:\n{printed}"
+    );
+    let samples = printed
+        .lines()
+        .filter(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            fields.len() == 3 && fields.iter().all(|f| f.parse::<f64>().is_ok())
+        })
+        .count();
+    assert!(samples >= 2, "{printed}");
+    assert!(printed.contains("rss at 100% of the stream"), "{printed}");
+    assert!(printed.contains("over the second half"), "{printed}");
+}

@@ -54,7 +54,10 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
     kafka.bootstrap_servers = broker.bootstrap_servers();
     let mut worker = spawn_worker(&kafka.bootstrap_servers, &temp.path().join("state"))?;
     let (address, log) = worker_address(&mut worker)?;
-    println!("worker pid {} serving http://{address}/metrics", worker.id());
+    println!(
+        "worker pid {} serving http://{address}/metrics",
+        worker.id()
+    );
     println!("{:>8} {:>10} {:>9}", "seconds", "consumed", "rss_mib");
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -93,7 +96,10 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
         while produced.saturating_sub(consumed(&address).unwrap_or(0)) > options.max_outstanding {
             sample(&worker, &mut samples, false);
             if let Some(status) = worker.try_wait()? {
-                bail!("the worker stopped early with {status}; its log:\n{}", log_tail(&log));
+                bail!(
+                    "the worker stopped early with {status}; its log:\n{}",
+                    log_tail(&log)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -121,7 +127,10 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
     }
     print!("{summary}");
     if !status.success() {
-        bail!("the worker failed with {status}; its log:\n{}", log_tail(&log));
+        bail!(
+            "the worker failed with {status}; its log:\n{}",
+            log_tail(&log)
+        );
     }
     report(&samples, produced);
     Ok(())
@@ -145,7 +154,10 @@ fn spawn_worker(bootstrap: &str, state: &Path) -> Result<Child> {
 
 /// Waits for the worker to log its metrics address; its later log lines go to the channel.
 fn worker_address(worker: &mut Child) -> Result<(String, Receiver<String>)> {
-    let stderr = worker.stderr.take().context("the worker's stderr is piped")?;
+    let stderr = worker
+        .stderr
+        .take()
+        .context("the worker's stderr is piped")?;
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -155,8 +167,7 @@ fn worker_address(worker: &mut Child) -> Result<(String, Receiver<String>)> {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
-    while let Ok(line) = receiver.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
+    while let Ok(line) = receiver.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         if line.contains("http listening") {
             let line: Value = serde_json::from_str(&line)?;
             let address = line["fields"]["address"]
@@ -201,7 +212,8 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Prints RSS at fractions of the run and its growth after warm-up (the first fifth).
+/// Prints RSS at fractions of the run and its growth after the first fifth and over the
+/// second half.
 fn report(samples: &[Sample], produced: u64) {
     let at = |fraction: f64| {
         let target = (produced as f64 * fraction) as u64;
@@ -219,19 +231,22 @@ fn report(samples: &[Sample], produced: u64) {
             );
         }
     }
-    let after_warm_up: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| s.consumed as f64 >= produced as f64 * 0.2)
-        .collect();
-    if let (Some(first), Some(last)) = (after_warm_up.first(), after_warm_up.last()) {
-        let peak = after_warm_up
+    for (label, from) in [
+        ("after the first fifth", 0.2),
+        ("over the second half", 0.5),
+    ] {
+        let window: Vec<&Sample> = samples
             .iter()
-            .map(|s| s.rss_mib)
-            .fold(f64::MIN, f64::max);
+            .filter(|s| s.consumed as f64 >= produced as f64 * from)
+            .collect();
+        let (Some(first), Some(last)) = (window.first(), window.last()) else {
+            continue;
+        };
+        let peak = window.iter().map(|s| s.rss_mib).fold(f64::MIN, f64::max);
         let per_100k = (last.rss_mib - first.rss_mib)
             / ((last.consumed - first.consumed).max(1) as f64 / 100_000.0);
         println!(
-            "after warm-up: {:.1} -> {:.1} MiB (peak {:.1}), {:+.2} MiB per 100k messages",
+            "{label}: {:.1} -> {:.1} MiB (peak {:.1}), {:+.2} MiB per 100k messages",
             first.rss_mib, last.rss_mib, peak, per_100k
         );
     }
