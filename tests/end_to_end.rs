@@ -173,11 +173,12 @@ fn two_runs_on_the_same_input_write_byte_identical_outputs() {
     }
 }
 
-const OUTPUT_FILES: [&str; 4] = [
+const OUTPUT_FILES: [&str; 5] = [
     "enriched.jsonl",
     "profiles.jsonl",
     "identity-changes.jsonl",
     "dead-letter.jsonl",
+    "quality.json",
 ];
 
 /// Starts `idgraph resolve` with small batches and checkpoints, so that a run has many.

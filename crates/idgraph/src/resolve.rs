@@ -119,11 +119,15 @@ struct OutputLengths {
 
 /// What a file-mode checkpoint records besides the state and the input position (kept under
 /// [`Table::Positions`] beside that position): where the outputs went and how long they were.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutputCheckpoint {
     output_dir: PathBuf,
     lengths: OutputLengths,
+    /// The run's quality counters up to the checkpoint, so that a rerun writes the
+    /// `quality.json` of the whole input (absent in checkpoints of older versions).
+    #[serde(default)]
+    quality: BatchStats,
 }
 
 /// The key of an input's [`OutputCheckpoint`]: its position's key with a prefix.
@@ -151,16 +155,24 @@ fn resume_point(
     Ok(Some((lines, outputs)))
 }
 
+/// Where a run picks up: its output files, the input lines to skip, and the quality
+/// counters of those lines.
+pub struct Resumed {
+    pub outputs: OutputFiles,
+    pub after_line: u64,
+    pub quality: BatchStats,
+}
+
 /// Opens the outputs of a run: fresh files, or, if the state has a checkpoint of this input,
-/// the files it describes cut back to its lengths. Returns how many input lines to skip.
-pub fn open_outputs(
-    store: &impl StateRead,
-    input: &Path,
-    output_dir: &Path,
-) -> Result<(OutputFiles, u64)> {
+/// the files it describes cut back to its lengths.
+pub fn open_outputs(store: &impl StateRead, input: &Path, output_dir: &Path) -> Result<Resumed> {
     let input_name = input.display().to_string();
     let Some((lines, checkpoint)) = resume_point(store, &input_name)? else {
-        return Ok((OutputFiles::create(output_dir)?, 0));
+        return Ok(Resumed {
+            outputs: OutputFiles::create(output_dir)?,
+            after_line: 0,
+            quality: BatchStats::default(),
+        });
     };
     if !same_dir(&checkpoint.output_dir, output_dir) {
         bail!(
@@ -171,8 +183,11 @@ pub fn open_outputs(
             checkpoint.output_dir.display()
         );
     }
-    let outputs = OutputFiles::resume(output_dir, &checkpoint.lengths)?;
-    Ok((outputs, lines))
+    Ok(Resumed {
+        outputs: OutputFiles::resume(output_dir, &checkpoint.lengths)?,
+        after_line: lines,
+        quality: checkpoint.quality,
+    })
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -186,8 +201,9 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 enum Commit {
     /// A resolved batch: its records go to the files now, its profile records to the cache.
     Batch(Box<(BatchOutcome, ProfileUpdates)>),
-    /// The end of a checkpoint interval: the state changes of its batches.
-    Checkpoint(Arc<PendingWrites>),
+    /// The end of a checkpoint interval: the state changes of its batches, and the run's
+    /// quality counters up to its last batch.
+    Checkpoint(Arc<PendingWrites>, Box<BatchStats>),
 }
 
 /// Writes each batch's records and, at the end of each checkpoint interval, the interval's
@@ -235,12 +251,12 @@ impl<'scope> Committer<'scope> {
                         records.absorb(updates);
                         let _ = spent_sender.send(outcome);
                     }
-                    Commit::Checkpoint(pending) => {
+                    Commit::Checkpoint(pending, quality) => {
                         let profiles = records.take_records(|id| pending.profile(id))?;
                         outputs.profiles.write_lines(&profiles)?;
                         drop(profiles);
                         let lengths = outputs.checkpoint(checkpoint.sync)?;
-                        checkpoint.commit(store, &pending, lengths)?;
+                        checkpoint.commit(store, &pending, lengths, *quality)?;
                         // The resolver may be gone after an error of its own.
                         let _ = committed_sender.send(());
                     }
@@ -264,9 +280,13 @@ impl<'scope> Committer<'scope> {
     }
 
     /// Queues the end of a checkpoint interval.
-    fn send_checkpoint(mut self, pending: Arc<PendingWrites>) -> Result<Self> {
+    fn send_checkpoint(
+        mut self,
+        pending: Arc<PendingWrites>,
+        quality: &BatchStats,
+    ) -> Result<Self> {
         self.sent_count += 1;
-        self.send(Commit::Checkpoint(pending))
+        self.send(Commit::Checkpoint(pending, Box::new(quality.clone())))
     }
 
     fn send(self, work: Commit) -> Result<Self> {
@@ -320,16 +340,19 @@ struct CheckpointTarget {
 
 impl CheckpointTarget {
     /// One atomic write: the last change per key of the interval's batches (their input
-    /// position among them), the changed profiles' records and the outputs' lengths.
+    /// position among them), the changed profiles' records, the outputs' lengths and the
+    /// quality counters.
     fn commit(
         &self,
         store: &mut RocksStore,
         pending: &PendingWrites,
         lengths: OutputLengths,
+        quality: BatchStats,
     ) -> Result<()> {
         let outputs = OutputCheckpoint {
             output_dir: self.output_dir.clone(),
             lengths,
+            quality,
         };
         let marker = WriteOp::Put {
             table: Table::Positions,
@@ -419,7 +442,11 @@ pub fn resolve_file(
 ) -> Result<RunSummary> {
     let file =
         File::open(input).with_context(|| format!("cannot open input file {}", input.display()))?;
-    let (outputs, resumed_after) = open_outputs(&*store, input, output_dir)?;
+    let Resumed {
+        outputs,
+        after_line: resumed_after,
+        quality: resumed_quality,
+    } = open_outputs(&*store, input, output_dir)?;
     if resumed_after > 0 {
         eprintln!(
             "resuming {} after line {resumed_after}, the state's last checkpoint",
@@ -445,7 +472,8 @@ pub fn resolve_file(
     let interval = config.resolve.checkpoint_interval;
     let started = Instant::now();
     let mut last_progress = started;
-    let mut stats = BatchStats::default();
+    // Counters of the lines a checkpoint covers already, so quality.json covers the input.
+    let mut stats = resumed_quality;
     let mut cache = StateCache::new(config.engine.cache.max_entries);
     let mut line_number = resumed_after;
     let reader = store.reader();
@@ -487,7 +515,7 @@ pub fn resolve_file(
                 // at most two.
                 committer = committer.wait_for_checkpoints()?;
                 let done = Arc::new(open.close(&mut cache));
-                committer = committer.send_checkpoint(Arc::clone(&done))?;
+                committer = committer.send_checkpoint(Arc::clone(&done), &stats)?;
                 committing = Some(done);
             }
             if let Some(every) = progress {
@@ -501,7 +529,7 @@ pub fn resolve_file(
         }
         if !open.is_empty() {
             let done = open.close(&mut cache);
-            committer = committer.send_checkpoint(Arc::new(done))?;
+            committer = committer.send_checkpoint(Arc::new(done), &stats)?;
         }
         let reader_cpu = preparer
             .join()
