@@ -4,6 +4,7 @@
 mod support;
 
 use idgraph_engine::read::{customer_for_identifier, explain};
+use idgraph_engine::{StateRead, Table};
 use idgraph_model::{
     ChangeKind, FailureKind, LinkRule, ProfileRecord, RefusalRule, ResolutionAction,
 };
@@ -425,6 +426,77 @@ fn replaying_an_event_is_a_duplicate_that_changes_nothing() {
         ResolutionAction::Duplicate
     );
     assert_eq!(h.profile(&h.customer("e1")), before);
+}
+
+/// `count` page views of distinct new people on `day` of March 2026.
+fn later_traffic(first: u32, count: u32, day: u32) -> Vec<Value> {
+    (first..first + count)
+        .map(|k| {
+            let mut e = event(
+                &format!("later{k}"),
+                k,
+                json!({"email": format!("p{k}@x.com")}),
+                json!({}),
+            );
+            e["timestamp"] = json!(format!("2026-03-{day:02}T12:00:00Z"));
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn a_resent_event_is_a_duplicate_within_the_window_and_new_after_it() {
+    let e1 = event("e1", 1, json!({"email": "a@x.com"}), json!({}));
+    let mut h = Harness::new();
+    h.run(std::slice::from_ref(&e1));
+    // A week of traffic later (the window is 7 days of event time): still a duplicate.
+    h.run(&later_traffic(0, 150, 7));
+    h.run(std::slice::from_ref(&e1));
+    assert_eq!(
+        h.enriched.last().unwrap().resolution.action,
+        ResolutionAction::Duplicate
+    );
+    // Ten days later the first copy has left the window: its record is gone from the store,
+    // and the same event counts again (it joins its profile through the email).
+    h.run(&later_traffic(150, 150, 11));
+    let key = idgraph_engine::state::event_key("web", "e1");
+    assert_eq!(h.store.get(Table::Events, key.as_bytes()).unwrap(), None);
+    h.run(std::slice::from_ref(&e1));
+    assert_eq!(
+        h.enriched.last().unwrap().resolution.action,
+        ResolutionAction::Matched
+    );
+    // Its own event time is outside the window too, so its new record goes at once.
+    assert_eq!(h.store.get(Table::Events, key.as_bytes()).unwrap(), None);
+
+    // With window_days = 0 an event id is remembered for ever.
+    let mut forever = Harness::with(|c| c.duplicates.window_days = 0);
+    forever.run(std::slice::from_ref(&e1));
+    forever.run(&later_traffic(0, 300, 28));
+    forever.run(&[e1]);
+    assert_eq!(
+        forever.enriched.last().unwrap().resolution.action,
+        ResolutionAction::Duplicate
+    );
+}
+
+#[test]
+fn a_few_events_with_clocks_in_the_future_do_not_close_the_window() {
+    let e1 = event("e1", 1, json!({"email": "a@x.com"}), json!({}));
+    let mut h = Harness::new();
+    h.run(std::slice::from_ref(&e1));
+    h.run(&later_traffic(0, 150, 2));
+    // 99 devices with their clocks years ahead.
+    let mut future = later_traffic(150, 99, 2);
+    for e in &mut future {
+        e["timestamp"] = json!("2031-01-01T00:00:00Z");
+    }
+    h.run(&future);
+    h.run(&[e1]);
+    assert_eq!(
+        h.enriched.last().unwrap().resolution.action,
+        ResolutionAction::Duplicate
+    );
 }
 
 #[test]

@@ -353,8 +353,93 @@ fn record_lines(outcome: &BatchOutcome) -> Vec<String> {
         .collect()
 }
 
+/// A stream where event ids come back (re-sends) over weeks of event time: `(event id,
+/// day, email)` per event, days mostly rising.
+fn resent_events_strategy() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
+    prop::collection::vec((0u8..160, 0u8..4, 0u8..30), 200..320).prop_map(|raw| {
+        let mut day = 0u8;
+        raw.into_iter()
+            .map(|(id, step, email)| {
+                // Every few events the day moves on, so the stream spans weeks.
+                day = day.saturating_add(u8::from(step == 0)).min(27);
+                (id, day, email)
+            })
+            .collect()
+    })
+}
+
+/// The enriched records of `events` run in batches of `batch_size`; with `expire`, the store
+/// drops the event records past the window after each batch, as the drivers let it.
+fn enriched_with_window(
+    engine: &Engine,
+    events: &[(u8, u8, u8)],
+    batch_size: usize,
+    expire: bool,
+) -> Vec<String> {
+    let payloads: Vec<Vec<u8>> = events
+        .iter()
+        .map(|(id, day, email)| {
+            serde_json::to_vec(&json!({
+                "event_id": format!("e{id}"),
+                "source": "web",
+                "event_type": "page_view",
+                "timestamp": format!("2026-03-{:02}T12:00:00Z", day + 1),
+                "identifiers": {"email": format!("user{email}@example.com")},
+            }))
+            .unwrap()
+        })
+        .collect();
+    let mut store = MemoryStore::new();
+    let mut lines = Vec::new();
+    for (batch_index, chunk) in payloads.chunks(batch_size).enumerate() {
+        let coordinates = batch_coordinates(batch_index, batch_size, chunk.len());
+        let messages = InputMessage::batch(chunk, &coordinates, "web");
+        let outcome = engine.process_batch(&store, &messages).unwrap();
+        store.write(&outcome.writes).unwrap();
+        if expire {
+            engine.expire_old_events(&mut store).unwrap();
+        }
+        lines.extend(
+            outcome
+                .enriched
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap()),
+        );
+    }
+    lines
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn the_duplicate_window_answers_alike_whatever_the_batches_and_whatever_expired(
+        events in resent_events_strategy(),
+        batch_size in 2usize..40,
+    ) {
+        let engine = Engine::new(
+            {
+                let mut config = EngineConfig::defaults();
+                config.duplicates.window_days = 5;
+                config
+            },
+            "test",
+        )
+        .unwrap();
+        let one_by_one = enriched_with_window(&engine, &events, 1, true);
+        prop_assert_eq!(&enriched_with_window(&engine, &events, batch_size, false), &one_by_one);
+        prop_assert_eq!(&enriched_with_window(&engine, &events, batch_size, true), &one_by_one);
+        // The window did something: some re-sent ids were duplicates and some, sent again
+        // after the window, were not.
+        let mut seen = BTreeSet::new();
+        let (mut inside, mut after) = (0, 0);
+        for (line, (id, _, _)) in one_by_one.iter().zip(&events) {
+            if !seen.insert(*id) {
+                if line.contains("\"duplicate\"") { inside += 1 } else { after += 1 }
+            }
+        }
+        prop_assume!(inside > 0 && after > 0);
+    }
 
     /// SPEC §5: enriched events, identity changes and dead letters do not depend on the
     /// checkpoint interval or the batch size, nor does the last profile record per customer;

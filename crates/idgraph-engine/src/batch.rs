@@ -12,6 +12,7 @@ use idgraph_model::InputCoordinates;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cache::{Cached, StateCache};
+use crate::duplicates::{EventClock, EventRecord, EVENT_CLOCK_KEY};
 use crate::state::{
     decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, Evidence,
     NodeRecord, ProfileState, RootInfo,
@@ -77,10 +78,13 @@ pub(crate) struct Batch<'s, S: StateRead> {
     dirty_nodes: DirtyKeys,
     dirty_customers: DirtyKeys,
     dirty_blocks: DirtyKeys,
-    events: FxHashMap<String, String>,
+    /// The batch's processed events: event time (ms) and customer.
+    events: FxHashMap<String, (i64, String)>,
     /// What the store held for the batch's event keys when it started (see
     /// [`Batch::prefetch`]); `None` for an event not seen before.
-    stored_events: FxHashMap<String, Option<String>>,
+    stored_events: FxHashMap<String, Option<EventRecord>>,
+    /// "Now" in event time, for the duplicate window (read by [`Batch::prefetch`]).
+    clock: EventClock,
     evidence: Vec<(Vec<u8>, Evidence)>,
     positions: BTreeMap<String, u64>,
     /// The stream of the latest messages and the highest next position among them, not yet
@@ -106,6 +110,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
             dirty_blocks: DirtyKeys::with_capacity(messages),
             events: sized_map(messages),
             stored_events: sized_map(messages),
+            clock: EventClock::default(),
             evidence: Vec::with_capacity(messages),
             positions: BTreeMap::new(),
             current_stream: None,
@@ -127,6 +132,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     ) -> Result<(), StoreError> {
         self.prefetch_nodes(node_keys)?;
         self.prefetch_events(event_keys)?;
+        self.clock = EventClock::load(self.store)?;
         self.profiles_created_before = match self.store.get(Table::Meta, PROFILES_CREATED_KEY)? {
             Some(bytes) => u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
                 StoreError::Corrupt {
@@ -181,8 +187,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
         let asked: Vec<&[u8]> = missing.iter().map(|key| key.as_bytes()).collect();
         let values = self.store.get_many(Table::Events, &asked)?;
         for (key, value) in missing.into_iter().zip(values) {
-            let customer = value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-            self.stored_events.insert(key.to_owned(), customer);
+            let record = value.map(|bytes| EventRecord::decode(&bytes));
+            self.stored_events.insert(key.to_owned(), record);
         }
         Ok(())
     }
@@ -344,22 +350,35 @@ impl<'s, S: StateRead> Batch<'s, S> {
         Ok(Arc::clone(&self.cache.current.blocks[key]))
     }
 
-    /// The customer an event was assigned to before, if it was processed already.
-    pub(crate) fn event_customer(&self, key: &str) -> Result<Option<String>, StoreError> {
-        if let Some(id) = self.events.get(key) {
-            return Ok(Some(id.clone()));
+    /// The record of an earlier event with the same key, if there is one.
+    pub(crate) fn earlier_event(&self, key: &str) -> Result<Option<EventRecord>, StoreError> {
+        if let Some((time_ms, id)) = self.events.get(key) {
+            return Ok(Some(EventRecord {
+                time_ms: Some(*time_ms),
+                customer_id: id.clone(),
+            }));
         }
         if let Some(stored) = self.stored_events.get(key) {
             return Ok(stored.clone());
         }
-        match self.store.get(Table::Events, key.as_bytes())? {
-            Some(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-            None => Ok(None),
-        }
+        Ok(self
+            .store
+            .get(Table::Events, key.as_bytes())?
+            .map(|bytes| EventRecord::decode(&bytes)))
     }
 
-    pub(crate) fn record_event(&mut self, key: String, customer_id: &str) {
-        self.events.insert(key, customer_id.to_owned());
+    /// The oldest event time inside a window of `window_ms` before the next event counts.
+    pub(crate) fn event_horizon(&self, window_ms: Option<i64>) -> Option<i64> {
+        self.clock.horizon(window_ms)
+    }
+
+    /// Moves the event clock on by one event.
+    pub(crate) fn observe_event_time(&mut self, time_ms: i64) {
+        self.clock.observe(time_ms);
+    }
+
+    pub(crate) fn record_event(&mut self, key: String, time_ms: i64, customer_id: &str) {
+        self.events.insert(key, (time_ms, customer_id.to_owned()));
     }
 
     /// Appends evidence under `customer_id`, numbering it from the profile's counter.
@@ -438,10 +457,18 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 encode(&*self.cache.current.blocks[key]),
             );
         }
-        let mut events: Vec<(&String, &String)> = self.events.iter().collect();
+        let mut events: Vec<(&String, &(i64, String))> = self.events.iter().collect();
         events.sort_unstable();
-        for (key, customer) in events {
-            writes.put(Table::Events, key.as_bytes(), customer.as_bytes());
+        for (key, (time_ms, customer)) in events {
+            writes.put(
+                Table::Events,
+                key.as_bytes(),
+                EventRecord::encode(*time_ms, customer),
+            );
+        }
+        // Every event recorded moved the clock; a batch of duplicates leaves both alone.
+        if !self.events.is_empty() {
+            writes.put(Table::Meta, EVENT_CLOCK_KEY, self.clock.encode());
         }
         for (key, evidence) in &self.evidence {
             writes.put(Table::Evidence, key.clone(), encode(evidence));

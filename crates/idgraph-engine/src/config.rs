@@ -22,10 +22,26 @@ pub struct EngineConfig {
     pub protection: ProtectionConfig,
     pub fuzzy: FuzzyConfig,
     pub dead_letter: DeadLetterConfig,
+    pub duplicates: DuplicatesConfig,
     pub cache: CacheConfig,
     /// Source name → how to read that source's own format (instead of the canonical
     /// envelope or Segment Spec).
     pub mappings: BTreeMap<String, idgraph_model::FieldMapping>,
+}
+
+/// How long an event id is remembered to recognise a re-sent event (SPEC §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DuplicatesConfig {
+    /// The window in days of event time; 0 remembers every event id for ever.
+    pub window_days: u32,
+}
+
+impl DuplicatesConfig {
+    /// The window in milliseconds, if there is one.
+    pub fn window_ms(&self) -> Option<i64> {
+        (self.window_days > 0).then(|| i64::from(self.window_days) * 86_400_000)
+    }
 }
 
 /// The decoded-state cache kept between batches ([`crate::StateCache`]).

@@ -25,7 +25,7 @@ use crate::profile::apply_event;
 use crate::record_cache::{live_record, ProfileUpdates};
 use crate::state::{encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState};
 use crate::stats::{bump, BatchStats};
-use crate::store::{StateRead, StoreError, Table, WriteSet};
+use crate::store::{StateRead, StateStore, StoreError, Table, WriteSet};
 
 /// One input message and where it came from.
 #[derive(Debug, Clone, Copy)]
@@ -313,6 +313,12 @@ impl Engine {
         &self.normalizer
     }
 
+    /// Tells `store` which event records have left the duplicate window, by the event clock
+    /// of its committed state; call it after each committed write.
+    pub fn expire_old_events<S: StateStore>(&self, store: &mut S) -> Result<(), StoreError> {
+        crate::duplicates::expire_old_events(store, self.config.duplicates.window_ms())
+    }
+
     /// The version dead letters name as their processor.
     pub fn processor_version(&self) -> &str {
         &self.processor_version
@@ -530,7 +536,15 @@ impl Engine {
             merged_ids: Vec::new(),
             also_matched: Vec::new(),
         };
-        if let Some(previous) = batch.event_customer(&key)? {
+        // Only events that are not duplicates move the clock, so replaying a batch changes
+        // no state.
+        let time_ms = raw.time().timestamp_millis();
+        let horizon = batch.event_horizon(self.config.duplicates.window_ms());
+        let earlier = batch
+            .earlier_event(&key)?
+            .filter(|record| record.within(horizon));
+        if let Some(earlier) = earlier {
+            let previous = earlier.customer_id;
             let customer_id = batch.resolve_id(&previous)?.unwrap_or(previous);
             bump(
                 &mut outcome.stats.actions,
@@ -622,7 +636,8 @@ impl Engine {
             let found = self.search_from_profile(batch, &primary, &new_keys, &mut outcome.stats)?;
             primary = self.bridge(batch, &mut ctx, primary, found, &mut outcome.stats)?;
         }
-        batch.record_event(key, &primary);
+        batch.record_event(key, time_ms, &primary);
+        batch.observe_event_time(time_ms);
         if matches!(rule, LinkRule::Fuzzy { .. })
             && new_identifiers.is_empty()
             && action == ResolutionAction::Matched

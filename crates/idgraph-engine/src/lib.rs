@@ -16,6 +16,7 @@ mod batch;
 pub mod cache;
 pub mod config;
 pub mod conformance;
+pub mod duplicates;
 mod engine;
 pub mod matching;
 pub mod pending;

@@ -10,14 +10,16 @@ use std::collections::BTreeMap;
 /// is neither this one nor in [`UPGRADABLE_STATE_SCHEMA_VERSIONS`].
 /// Version 2 stores records as MessagePack instead of JSON; version 3 keeps a profile inside
 /// its record as the JSON bytes of its output record; version 4 writes live profiles in the
-/// packed form (`idgraph_model::packed`), a third of the bytes.
-pub const STATE_SCHEMA_VERSION: &str = "4";
+/// packed form (`idgraph_model::packed`), a third of the bytes; version 5 keeps each event
+/// record's event time, so records past the duplicate window can expire
+/// ([`crate::duplicates`]).
+pub const STATE_SCHEMA_VERSION: &str = "5";
 
 /// Older versions this build still reads. A store opened on one of them records
 /// [`STATE_SCHEMA_VERSION`] and goes on: old records stay readable, and each is rewritten in
 /// the current form when it next changes. Builds that predate the current version then
 /// refuse the state instead of misreading it.
-pub const UPGRADABLE_STATE_SCHEMA_VERSIONS: &[&str] = &["3"];
+pub const UPGRADABLE_STATE_SCHEMA_VERSIONS: &[&str] = &["3", "4"];
 
 /// The key under which the number of profiles ever created is stored in [`Table::Meta`]
 /// (eight bytes, little-endian): the size of the graph the fuzzy threshold's prior scales with.
@@ -217,6 +219,13 @@ pub trait StateStore: StateRead {
     fn figures(&self) -> StoreFigures {
         StoreFigures::default()
     }
+
+    /// Lets the store drop the event records ([`Table::Events`]) whose event time is before
+    /// `horizon_ms`: they no longer make any event a duplicate ([`crate::duplicates`]). Give
+    /// it only a horizon the store's own committed state yields
+    /// ([`crate::Engine::expire_old_events`]), so that a crash cannot take the clock back
+    /// behind what was dropped; then whether and when records go changes no answer.
+    fn expire_events_before(&mut self, _horizon_ms: i64) {}
 }
 
 /// A [`StateStore`] in memory, for tests and for runs that need no durability.
@@ -276,5 +285,14 @@ impl StateStore for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    /// Drops expired event records at once, so that tests see the store without them.
+    fn expire_events_before(&mut self, horizon_ms: i64) {
+        if let Some(events) = self.tables.get_mut(&Table::Events) {
+            events.retain(|_, value| {
+                crate::duplicates::event_time_of(value).is_none_or(|time| time >= horizon_ms)
+            });
+        }
     }
 }

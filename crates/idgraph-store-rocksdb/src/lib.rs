@@ -7,15 +7,17 @@
 //! bytes under keys and checks the state schema version when it opens a directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use idgraph_engine::duplicates::event_time_of;
 use idgraph_engine::store::{
     Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION, UPGRADABLE_STATE_SCHEMA_VERSIONS,
 };
 use idgraph_engine::{StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    compaction_filter::Decision, BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    DBCompressionType, Direction, ErrorKind, IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +61,9 @@ pub struct RocksStore {
     path: PathBuf,
     write_options: WriteOptions,
     cache: Cache,
+    /// Event records older than this (ms of event time) are dropped in compaction; shared
+    /// with the events table's compaction filter.
+    events_horizon: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -82,6 +87,7 @@ impl RocksStore {
     /// Opens (or creates) the state in `path`, checking its schema version.
     pub fn open(path: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(config.block_cache_mb.max(1) * 1024 * 1024);
+        let events_horizon = Arc::new(AtomicI64::new(i64::MIN));
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
@@ -91,7 +97,11 @@ impl RocksStore {
         let descriptors = Table::ALL
             .iter()
             .map(|table| {
-                ColumnFamilyDescriptor::new(table.name(), table_options(*table, config, &cache))
+                let mut options = table_options(*table, config, &cache);
+                if *table == Table::Events {
+                    expire_events_in_compaction(&mut options, Arc::clone(&events_horizon));
+                }
+                ColumnFamilyDescriptor::new(table.name(), options)
             })
             .collect::<Vec<_>>();
         let db = DB::open_cf_descriptors(&db_options, path, descriptors).map_err(|e| {
@@ -107,6 +117,7 @@ impl RocksStore {
             path: path.to_owned(),
             write_options,
             cache,
+            events_horizon,
         };
         store.check_schema_version()?;
         Ok(store)
@@ -167,6 +178,17 @@ impl RocksStore {
         }
     }
 
+    /// Flushes memtables and compacts every table fully, which also drops expired event
+    /// records at once (RocksDB otherwise does both in the background as data grows).
+    pub fn compact(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        for table in Table::ALL {
+            self.db
+                .compact_range_cf(self.handle(table), None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
     /// Flushes memtables to disk; used before measuring size.
     pub fn flush(&self) -> Result<(), StoreError> {
         for table in Table::ALL {
@@ -183,6 +205,19 @@ fn ticker(text: &str, name: &str) -> u64 {
         .and_then(|line| line.rsplit(':').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Drops event records whose event time is before `horizon` when compaction rewrites them
+/// (records without a time, from older versions, stay). The engine moves the horizon only
+/// forward and only from committed state, so a dropped record could never have mattered.
+fn expire_events_in_compaction(options: &mut Options, horizon: Arc<AtomicI64>) {
+    options.set_compaction_filter(
+        "idgraph_expire_events",
+        move |_level: u32, _key: &[u8], value: &[u8]| match event_time_of(value) {
+            Some(time) if time < horizon.load(Ordering::Relaxed) => Decision::Remove,
+            _ => Decision::Keep,
+        },
+    );
 }
 
 fn table_options(table: Table, config: &StorageConfig, cache: &Cache) -> Options {
@@ -372,6 +407,10 @@ impl StateStore for RocksStore {
         self.db
             .write_opt(write_batch, &self.write_options)
             .map_err(convert)
+    }
+
+    fn expire_events_before(&mut self, horizon_ms: i64) {
+        self.events_horizon.fetch_max(horizon_ms, Ordering::Relaxed);
     }
 
     fn figures(&self) -> StoreFigures {

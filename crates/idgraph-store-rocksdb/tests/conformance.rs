@@ -133,3 +133,29 @@ fn a_reader_on_another_thread_sees_each_write_whole_once_committed() {
     .unwrap();
     assert_eq!(seen, (Some(b"live".to_vec()), 2));
 }
+
+#[test]
+fn compaction_drops_event_records_past_the_horizon_and_keeps_the_rest() {
+    use idgraph_engine::duplicates::EventRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = RocksStore::open(dir.path(), &config()).unwrap();
+    let mut batch = WriteSet::default();
+    batch.put(
+        Table::Events,
+        "web\0old",
+        EventRecord::encode(1_000, "cus_a"),
+    );
+    batch.put(
+        Table::Events,
+        "web\0new",
+        EventRecord::encode(5_000, "cus_b"),
+    );
+    batch.put(Table::Events, "web\0legacy", "cus_c");
+    store.write(&batch).unwrap();
+    store.expire_events_before(2_000);
+    store.expire_events_before(0);
+    store.compact().unwrap();
+    assert_eq!(store.get(Table::Events, b"web\0old").unwrap(), None);
+    assert!(store.get(Table::Events, b"web\0new").unwrap().is_some());
+    assert!(store.get(Table::Events, b"web\0legacy").unwrap().is_some());
+}

@@ -336,6 +336,8 @@ struct CheckpointTarget {
     key: Vec<u8>,
     output_dir: PathBuf,
     sync: bool,
+    /// `engine.duplicates`: after each checkpoint the store may drop event records past it.
+    duplicate_window_ms: Option<i64>,
 }
 
 impl CheckpointTarget {
@@ -361,7 +363,9 @@ impl CheckpointTarget {
         };
         pending
             .commit(store, &[&marker])
-            .context("cannot commit a checkpoint to the state store")
+            .context("cannot commit a checkpoint to the state store")?;
+        idgraph_engine::duplicates::expire_old_events(store, self.duplicate_window_ms)
+            .context("cannot read the committed event clock")
     }
 }
 
@@ -460,6 +464,7 @@ pub fn resolve_file(
             .canonicalize()
             .unwrap_or_else(|_| output_dir.to_owned()),
         sync: config.storage.sync_writes,
+        duplicate_window_ms: config.engine.duplicates.window_ms(),
     };
     let lines = LineBatches {
         reader: BufReader::with_capacity(1 << 20, file),
