@@ -481,6 +481,42 @@ fn a_resent_event_is_a_duplicate_within_the_window_and_new_after_it() {
 }
 
 #[test]
+fn evidence_past_its_retention_leaves_explain_but_the_profile_stays() {
+    let mut h = Harness::with(|c| c.retention.evidence_days = 30);
+    h.run_one("e1", 1, json!({"email": "a@x.com"}), json!({}));
+    h.run_one(
+        "e2",
+        2,
+        json!({"email": "a@x.com", "phone": "+14155550100"}),
+        json!({}),
+    );
+    let customer = h.customer("e1");
+    let before = explain(&h.store, &customer).unwrap().unwrap();
+    assert!(before.evidence.len() >= 2, "{:?}", before.evidence);
+    // Ten days later the evidence is inside its 30 days; forty days later it is not.
+    h.run(&later_traffic(0, 150, 11));
+    assert_eq!(
+        explain(&h.store, &customer)
+            .unwrap()
+            .unwrap()
+            .evidence
+            .len(),
+        before.evidence.len()
+    );
+    let mut much_later = later_traffic(150, 150, 1);
+    for e in &mut much_later {
+        e["timestamp"] = json!("2026-04-20T12:00:00Z");
+    }
+    h.run(&much_later);
+    let after = explain(&h.store, &customer).unwrap().unwrap();
+    assert!(after.evidence.is_empty(), "{:?}", after.evidence);
+    // The profile and its links are kept whatever their age.
+    assert_eq!(h.profile(&customer).identifiers.len(), 2);
+    h.run_one("e3", 3, json!({"phone": "+1 415 555 0100"}), json!({}));
+    assert_eq!(h.current_customer("e3"), customer);
+}
+
+#[test]
 fn a_few_events_with_clocks_in_the_future_do_not_close_the_window() {
     let e1 = event("e1", 1, json!({"email": "a@x.com"}), json!({}));
     let mut h = Harness::new();

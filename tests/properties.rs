@@ -397,7 +397,7 @@ fn enriched_with_window(
         let outcome = engine.process_batch(&store, &messages).unwrap();
         store.write(&outcome.writes).unwrap();
         if expire {
-            engine.expire_old_events(&mut store).unwrap();
+            engine.expire_old_records(&mut store).unwrap();
         }
         lines.extend(
             outcome

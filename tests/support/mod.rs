@@ -55,8 +55,8 @@ impl Harness {
         let messages = InputMessage::batch(payloads, &coordinates, "web");
         let outcome = self.engine.process_batch(&self.store, &messages).unwrap();
         self.store.write(&outcome.writes).unwrap();
-        // As the drivers do: the memory store then drops event records past the window.
-        self.engine.expire_old_events(&mut self.store).unwrap();
+        // As the drivers do: the memory store then drops records past their windows.
+        self.engine.expire_old_records(&mut self.store).unwrap();
         self.enriched.extend(outcome.enriched);
         self.profiles.extend(outcome.profiles);
         self.changes.extend(outcome.changes);

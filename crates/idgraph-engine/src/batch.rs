@@ -12,7 +12,7 @@ use idgraph_model::InputCoordinates;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cache::{Cached, StateCache};
-use crate::duplicates::{EventClock, EventRecord, EVENT_CLOCK_KEY};
+use crate::duplicates::{timed, EventClock, EventRecord, EVENT_CLOCK_KEY};
 use crate::state::{
     decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, Evidence,
     NodeRecord, ProfileState, RootInfo,
@@ -471,7 +471,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
             writes.put(Table::Meta, EVENT_CLOCK_KEY, self.clock.encode());
         }
         for (key, evidence) in &self.evidence {
-            writes.put(Table::Evidence, key.clone(), encode(evidence));
+            // Stamped with its event time, so that it can expire (`engine.retention`).
+            let time_ms = chrono::DateTime::parse_from_rfc3339(&evidence.at)
+                .map_or(0, |at| at.timestamp_millis());
+            writes.put(
+                Table::Evidence,
+                key.clone(),
+                timed(time_ms, &encode(evidence)),
+            );
         }
         for (stream, next) in &self.positions {
             writes.put(Table::Positions, stream.as_bytes(), next.to_string());

@@ -23,6 +23,7 @@ pub struct EngineConfig {
     pub fuzzy: FuzzyConfig,
     pub dead_letter: DeadLetterConfig,
     pub duplicates: DuplicatesConfig,
+    pub retention: RetentionConfig,
     pub cache: CacheConfig,
     /// Source name → how to read that source's own format (instead of the canonical
     /// envelope or Segment Spec).
@@ -41,6 +42,25 @@ impl DuplicatesConfig {
     /// The window in milliseconds, if there is one.
     pub fn window_ms(&self) -> Option<i64> {
         (self.window_days > 0).then(|| i64::from(self.window_days) * 86_400_000)
+    }
+}
+
+/// How long per-event records other than the duplicate window's are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Days of event time the evidence behind `explain` is kept; 0 keeps it for ever.
+    pub evidence_days: u32,
+}
+
+impl EngineConfig {
+    /// How long event and evidence records are kept.
+    pub fn retention(&self) -> crate::duplicates::Retention {
+        let days = |d: u32| (d > 0).then(|| i64::from(d) * 86_400_000);
+        crate::duplicates::Retention {
+            events_ms: days(self.duplicates.window_days),
+            evidence_ms: days(self.retention.evidence_days),
+        }
     }
 }
 

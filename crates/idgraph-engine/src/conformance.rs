@@ -16,12 +16,13 @@ pub fn run_all<S: StateStore>(mut fresh: impl FnMut() -> S) {
     prefix_scans_are_ordered_and_bounded(&mut fresh());
     binary_keys_and_values_survive(&mut fresh());
     new_store_records_its_schema_version(&fresh());
-    expiring_events_keeps_what_the_window_holds(&mut fresh());
+    expiring_records_keeps_what_the_window_holds(&mut fresh());
 }
 
-/// A store may drop event records before the horizon, whenever it likes; it must keep the
-/// rest, records without an event time among them, and leave other tables alone.
-pub fn expiring_events_keeps_what_the_window_holds<S: StateStore>(store: &mut S) {
+/// A store may drop event and evidence records before their horizon, whenever it likes; it
+/// must keep the rest, records without an event time among them, and leave other tables
+/// alone.
+pub fn expiring_records_keeps_what_the_window_holds<S: StateStore>(store: &mut S) {
     use crate::duplicates::EventRecord;
     let mut batch = WriteSet::default();
     batch.put(
@@ -37,9 +38,11 @@ pub fn expiring_events_keeps_what_the_window_holds<S: StateStore>(store: &mut S)
     batch.put(Table::Events, "web\0legacy", "cus_c");
     batch.put(Table::Nodes, "web\0old", EventRecord::encode(1_000, "x"));
     store.write(&batch).expect("write succeeds");
-    store.expire_events_before(2_000);
+    store.expire_before(Table::Events, 2_000);
     // A lower horizon later never brings a record back or drops less.
-    store.expire_events_before(0);
+    store.expire_before(Table::Events, 0);
+    // Another table's horizon leaves the events alone.
+    store.expire_before(Table::Evidence, i64::MAX);
     for kept in ["web\0new", "web\0legacy"] {
         assert!(
             store.get(Table::Events, kept.as_bytes()).unwrap().is_some(),

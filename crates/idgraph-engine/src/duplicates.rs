@@ -1,5 +1,7 @@
-//! Duplicate events within an event-time window (SPEC §5): how a processed event is recorded in
-//! [`Table::Events`], and the clock that says which records are still inside the window.
+//! Duplicate events within an event-time window (SPEC §5) and the expiry of per-event records:
+//! how a processed event is recorded in [`Table::Events`] and evidence in
+//! [`Table::Evidence`] (each with its event time in front), and the clock that says which
+//! records are still inside their window.
 //!
 //! The window is measured in event time, never wall-clock time, so that the same input in the
 //! same order gives the same answers whenever it runs. "Now" is the [`EventClock`]: the
@@ -20,9 +22,27 @@ pub const EVENT_CLOCK_KEY: &[u8] = b"event_clock";
 /// How many of the latest event times the clock keeps; the oldest of them is "now".
 pub const CLOCK_RANK: usize = 100;
 
-/// The first byte of an event record that carries its event time. Records written before the
-/// window existed are the bare customer id, which starts with a letter, and never expire.
+/// The first byte of a record that carries its event time. Records written before the window
+/// existed (a bare customer id, which starts with a letter; MessagePack evidence, which starts
+/// with a map marker) never expire.
 const TIMED_RECORD: u8 = 0x01;
+
+/// `[0x01][event time, 8 bytes big-endian][body]`.
+pub fn timed(time_ms: i64, body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(9 + body.len());
+    bytes.push(TIMED_RECORD);
+    bytes.extend_from_slice(&time_ms.to_be_bytes());
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// The body of a record written by [`timed`], or the whole of an older, untimed one.
+pub fn untimed(bytes: &[u8]) -> &[u8] {
+    match record_time_of(bytes) {
+        Some(_) => &bytes[9..],
+        None => bytes,
+    }
+}
 
 /// A processed event's record: the customer it went to and, if known, its event time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,25 +53,15 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    /// `[0x01][event time, 8 bytes big-endian][customer id]`.
+    /// The customer id, [`timed`].
     pub fn encode(time_ms: i64, customer_id: &str) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(9 + customer_id.len());
-        bytes.push(TIMED_RECORD);
-        bytes.extend_from_slice(&time_ms.to_be_bytes());
-        bytes.extend_from_slice(customer_id.as_bytes());
-        bytes
+        timed(time_ms, customer_id.as_bytes())
     }
 
     pub fn decode(bytes: &[u8]) -> Self {
-        match event_time_of(bytes) {
-            Some(time_ms) => EventRecord {
-                time_ms: Some(time_ms),
-                customer_id: String::from_utf8_lossy(&bytes[9..]).into_owned(),
-            },
-            None => EventRecord {
-                time_ms: None,
-                customer_id: String::from_utf8_lossy(bytes).into_owned(),
-            },
+        EventRecord {
+            time_ms: record_time_of(bytes),
+            customer_id: String::from_utf8_lossy(untimed(bytes)).into_owned(),
         }
     }
 
@@ -64,9 +74,9 @@ impl EventRecord {
     }
 }
 
-/// The event time of a stored event record, read without decoding the rest (for a compaction
+/// The event time of a stored record, read without decoding the rest (for a compaction
 /// filter); `None` for records without one.
-pub fn event_time_of(bytes: &[u8]) -> Option<i64> {
+pub fn record_time_of(bytes: &[u8]) -> Option<i64> {
     if bytes.len() < 9 || bytes[0] != TIMED_RECORD {
         return None;
     }
@@ -134,14 +144,28 @@ impl EventClock {
     }
 }
 
-/// Tells `store` which event records have left a window of `window_ms`, by the event clock of
-/// its committed state; callers do this after each committed write.
-pub fn expire_old_events<S: StateStore>(
+/// How long per-event records are kept, in milliseconds of event time (`None`: for ever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Event records: the duplicate window.
+    pub events_ms: Option<i64>,
+    pub evidence_ms: Option<i64>,
+}
+
+/// Tells `store` which event and evidence records have left their windows, by the event clock
+/// of its committed state; callers do this after each committed write.
+pub fn expire_old_records<S: StateStore>(
     store: &mut S,
-    window_ms: Option<i64>,
+    retention: Retention,
 ) -> Result<(), StoreError> {
-    if let Some(horizon) = EventClock::load(&*store)?.horizon(window_ms) {
-        store.expire_events_before(horizon);
+    let clock = EventClock::load(&*store)?;
+    for (table, window) in [
+        (Table::Events, retention.events_ms),
+        (Table::Evidence, retention.evidence_ms),
+    ] {
+        if let Some(horizon) = clock.horizon(window) {
+            store.expire_before(table, horizon);
+        }
     }
     Ok(())
 }

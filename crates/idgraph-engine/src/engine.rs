@@ -313,10 +313,11 @@ impl Engine {
         &self.normalizer
     }
 
-    /// Tells `store` which event records have left the duplicate window, by the event clock
-    /// of its committed state; call it after each committed write.
-    pub fn expire_old_events<S: StateStore>(&self, store: &mut S) -> Result<(), StoreError> {
-        crate::duplicates::expire_old_events(store, self.config.duplicates.window_ms())
+    /// Tells `store` which event and evidence records have left their windows
+    /// (`engine.duplicates`, `engine.retention`), by the event clock of its committed state;
+    /// call it after each committed write.
+    pub fn expire_old_records<S: StateStore>(&self, store: &mut S) -> Result<(), StoreError> {
+        crate::duplicates::expire_old_records(store, self.config.retention())
     }
 
     /// The version dead letters name as their processor.

@@ -96,7 +96,7 @@ pub fn explain<S: StateRead>(
         for (key, bytes) in store.scan_prefix(Table::Evidence, &prefix)? {
             evidence.push((
                 id.clone(),
-                decode::<Evidence>(Table::Evidence, &key, &bytes)?,
+                decode::<Evidence>(Table::Evidence, &key, crate::duplicates::untimed(&bytes))?,
             ));
         }
     }

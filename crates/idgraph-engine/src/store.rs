@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 /// Version 2 stores records as MessagePack instead of JSON; version 3 keeps a profile inside
 /// its record as the JSON bytes of its output record; version 4 writes live profiles in the
 /// packed form (`idgraph_model::packed`), a third of the bytes; version 5 keeps each event
-/// record's event time, so records past the duplicate window can expire
+/// record's and each evidence record's event time, so that they can expire
 /// ([`crate::duplicates`]).
 pub const STATE_SCHEMA_VERSION: &str = "5";
 
@@ -220,12 +220,12 @@ pub trait StateStore: StateRead {
         StoreFigures::default()
     }
 
-    /// Lets the store drop the event records ([`Table::Events`]) whose event time is before
-    /// `horizon_ms`: they no longer make any event a duplicate ([`crate::duplicates`]). Give
-    /// it only a horizon the store's own committed state yields
-    /// ([`crate::Engine::expire_old_events`]), so that a crash cannot take the clock back
-    /// behind what was dropped; then whether and when records go changes no answer.
-    fn expire_events_before(&mut self, _horizon_ms: i64) {}
+    /// Lets the store drop the records of `table` ([`Table::Events`] or [`Table::Evidence`])
+    /// whose event time is before `horizon_ms` ([`crate::duplicates`]). Give it only a
+    /// horizon the store's own committed state yields ([`crate::Engine::expire_old_records`]),
+    /// so that a crash cannot take the clock back behind what was dropped; then whether and
+    /// when records go changes no resolution.
+    fn expire_before(&mut self, _table: Table, _horizon_ms: i64) {}
 }
 
 /// A [`StateStore`] in memory, for tests and for runs that need no durability.
@@ -287,11 +287,11 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
-    /// Drops expired event records at once, so that tests see the store without them.
-    fn expire_events_before(&mut self, horizon_ms: i64) {
-        if let Some(events) = self.tables.get_mut(&Table::Events) {
-            events.retain(|_, value| {
-                crate::duplicates::event_time_of(value).is_none_or(|time| time >= horizon_ms)
+    /// Drops expired records at once, so that tests see the store without them.
+    fn expire_before(&mut self, table: Table, horizon_ms: i64) {
+        if let Some(records) = self.tables.get_mut(&table) {
+            records.retain(|_, value| {
+                crate::duplicates::record_time_of(value).is_none_or(|time| time >= horizon_ms)
             });
         }
     }

@@ -525,7 +525,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             self.cache.clear();
             return Err(error);
         }
-        self.engine.expire_old_events(&mut self.store)?;
+        self.engine.expire_old_records(&mut self.store)?;
         let committed = Instant::now();
         self.advance_positions(&batch);
         self.sink.enqueue(number, &records);

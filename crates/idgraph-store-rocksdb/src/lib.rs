@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use idgraph_engine::duplicates::event_time_of;
+use idgraph_engine::duplicates::record_time_of;
 use idgraph_engine::store::{
     Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION, UPGRADABLE_STATE_SCHEMA_VERSIONS,
 };
@@ -61,9 +61,10 @@ pub struct RocksStore {
     path: PathBuf,
     write_options: WriteOptions,
     cache: Cache,
-    /// Event records older than this (ms of event time) are dropped in compaction; shared
-    /// with the events table's compaction filter.
+    /// Event and evidence records older than these (ms of event time) are dropped in
+    /// compaction; shared with the two tables' compaction filters.
     events_horizon: Arc<AtomicI64>,
+    evidence_horizon: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -88,6 +89,7 @@ impl RocksStore {
     pub fn open(path: &Path, config: &StorageConfig) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(config.block_cache_mb.max(1) * 1024 * 1024);
         let events_horizon = Arc::new(AtomicI64::new(i64::MIN));
+        let evidence_horizon = Arc::new(AtomicI64::new(i64::MIN));
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
@@ -98,8 +100,10 @@ impl RocksStore {
             .iter()
             .map(|table| {
                 let mut options = table_options(*table, config, &cache);
-                if *table == Table::Events {
-                    expire_events_in_compaction(&mut options, Arc::clone(&events_horizon));
+                match table {
+                    Table::Events => expire_in_compaction(&mut options, &events_horizon),
+                    Table::Evidence => expire_in_compaction(&mut options, &evidence_horizon),
+                    _ => {}
                 }
                 ColumnFamilyDescriptor::new(table.name(), options)
             })
@@ -118,6 +122,7 @@ impl RocksStore {
             write_options,
             cache,
             events_horizon,
+            evidence_horizon,
         };
         store.check_schema_version()?;
         Ok(store)
@@ -207,13 +212,14 @@ fn ticker(text: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Drops event records whose event time is before `horizon` when compaction rewrites them
-/// (records without a time, from older versions, stay). The engine moves the horizon only
-/// forward and only from committed state, so a dropped record could never have mattered.
-fn expire_events_in_compaction(options: &mut Options, horizon: Arc<AtomicI64>) {
+/// Drops records whose event time is before `horizon` when compaction rewrites them (records
+/// without a time, from older versions, stay). The engine moves a horizon only forward and
+/// only from committed state, so a dropped record could never have mattered.
+fn expire_in_compaction(options: &mut Options, horizon: &Arc<AtomicI64>) {
+    let horizon = Arc::clone(horizon);
     options.set_compaction_filter(
-        "idgraph_expire_events",
-        move |_level: u32, _key: &[u8], value: &[u8]| match event_time_of(value) {
+        "idgraph_expire_by_event_time",
+        move |_level: u32, _key: &[u8], value: &[u8]| match record_time_of(value) {
             Some(time) if time < horizon.load(Ordering::Relaxed) => Decision::Remove,
             _ => Decision::Keep,
         },
@@ -409,8 +415,13 @@ impl StateStore for RocksStore {
             .map_err(convert)
     }
 
-    fn expire_events_before(&mut self, horizon_ms: i64) {
-        self.events_horizon.fetch_max(horizon_ms, Ordering::Relaxed);
+    fn expire_before(&mut self, table: Table, horizon_ms: i64) {
+        let horizon = match table {
+            Table::Events => &self.events_horizon,
+            Table::Evidence => &self.evidence_horizon,
+            _ => return,
+        };
+        horizon.fetch_max(horizon_ms, Ordering::Relaxed);
     }
 
     fn figures(&self) -> StoreFigures {

@@ -135,8 +135,8 @@ fn a_reader_on_another_thread_sees_each_write_whole_once_committed() {
 }
 
 #[test]
-fn compaction_drops_event_records_past_the_horizon_and_keeps_the_rest() {
-    use idgraph_engine::duplicates::EventRecord;
+fn compaction_drops_event_and_evidence_records_past_their_horizons_and_keeps_the_rest() {
+    use idgraph_engine::duplicates::{timed, EventRecord};
     let dir = tempfile::tempdir().unwrap();
     let mut store = RocksStore::open(dir.path(), &config()).unwrap();
     let mut batch = WriteSet::default();
@@ -151,11 +151,16 @@ fn compaction_drops_event_records_past_the_horizon_and_keeps_the_rest() {
         EventRecord::encode(5_000, "cus_b"),
     );
     batch.put(Table::Events, "web\0legacy", "cus_c");
+    batch.put(Table::Evidence, "cus_a\0old", timed(1_000, b"x"));
+    batch.put(Table::Evidence, "cus_a\0new", timed(9_000, b"y"));
     store.write(&batch).unwrap();
-    store.expire_events_before(2_000);
-    store.expire_events_before(0);
+    store.expire_before(Table::Events, 2_000);
+    store.expire_before(Table::Events, 0);
+    store.expire_before(Table::Evidence, 5_000);
     store.compact().unwrap();
     assert_eq!(store.get(Table::Events, b"web\0old").unwrap(), None);
     assert!(store.get(Table::Events, b"web\0new").unwrap().is_some());
     assert!(store.get(Table::Events, b"web\0legacy").unwrap().is_some());
+    assert_eq!(store.get(Table::Evidence, b"cus_a\0old").unwrap(), None);
+    assert!(store.get(Table::Evidence, b"cus_a\0new").unwrap().is_some());
 }

@@ -336,8 +336,9 @@ struct CheckpointTarget {
     key: Vec<u8>,
     output_dir: PathBuf,
     sync: bool,
-    /// `engine.duplicates`: after each checkpoint the store may drop event records past it.
-    duplicate_window_ms: Option<i64>,
+    /// `engine.duplicates` and `engine.retention`: after each checkpoint the store may drop
+    /// event and evidence records past them.
+    retention: idgraph_engine::duplicates::Retention,
 }
 
 impl CheckpointTarget {
@@ -364,7 +365,7 @@ impl CheckpointTarget {
         pending
             .commit(store, &[&marker])
             .context("cannot commit a checkpoint to the state store")?;
-        idgraph_engine::duplicates::expire_old_events(store, self.duplicate_window_ms)
+        idgraph_engine::duplicates::expire_old_records(store, self.retention)
             .context("cannot read the committed event clock")
     }
 }
@@ -464,7 +465,7 @@ pub fn resolve_file(
             .canonicalize()
             .unwrap_or_else(|_| output_dir.to_owned()),
         sync: config.storage.sync_writes,
-        duplicate_window_ms: config.engine.duplicates.window_ms(),
+        retention: config.engine.retention(),
     };
     let lines = LineBatches {
         reader: BufReader::with_capacity(1 << 20, file),
