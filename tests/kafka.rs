@@ -1141,23 +1141,37 @@ fn the_deploy_files_parse_and_every_metric_they_name_is_in_a_live_scrape() {
 }
 
 #[test]
-fn soak_runs_the_worker_as_its_own_process_and_prints_its_memory_curve() {
+fn soak_kills_and_restarts_the_worker_and_prints_its_memory_curve() {
+    // Killed with SIGKILL half-way and restarted on its state; a short group session lets the
+    // restarted worker take its partitions back sooner.
     let output = Command::new(BIN)
-        .args(["soak", "--events", "4000", "--sample-secs", "1"])
+        .args([
+            "soak",
+            "--events",
+            "4000",
+            "--sample-secs",
+            "1",
+            "--kill-at",
+            "0.5",
+        ])
         .env("IDGRAPH__LOG__FILTER", "warn")
+        .env("IDGRAPH__KAFKA__SESSION_TIMEOUT_MS", "6000")
         .output()
         .unwrap();
     let printed = check(output, &["soak"]);
-    // The worker got every message, and memory was sampled along the way.
     let produced: u64 = printed
         .lines()
         .find_map(|l| l.strip_prefix("produced ")?.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no total in\n{printed}"));
     assert!(produced > 4000, "{printed}");
+    // The restarted worker sent what its predecessor had left unacknowledged, then consumed
+    // again from the stored positions, through to the end of the stream.
+    assert!(printed.contains("killed the worker (SIGKILL)"), "{printed}");
     assert!(
-        printed.contains(&format!("messages {produced} ")),
-        "the worker's summary has every message:\n{printed}"
+        printed.contains("restart: serving /metrics after"),
+        "{printed}"
     );
+    assert!(printed.contains("consuming again after"), "{printed}");
     let samples = printed
         .lines()
         .filter(|l| {

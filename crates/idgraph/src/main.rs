@@ -214,6 +214,11 @@ enum Command {
         /// Seconds between samples.
         #[arg(long, default_value_t = 5)]
         sample_secs: u64,
+        /// Kill the worker with SIGKILL once it has consumed this share of the stream (0 to
+        /// 1), start it again on its state and print how long it took to send and consume
+        /// again.
+        #[arg(long)]
+        kill_at: Option<f64>,
     },
     /// A local demo with no external services: generated touchpoints through the development
     /// broker and the worker, scored against the generator's truth.
@@ -338,6 +343,7 @@ fn main() -> Result<()> {
             partitions,
             max_outstanding,
             sample_secs,
+            kill_at,
         } => soak::soak(
             &config,
             &soak::SoakOptions {
@@ -346,6 +352,7 @@ fn main() -> Result<()> {
                 partitions,
                 max_outstanding,
                 sample_every: std::time::Duration::from_secs(sample_secs.max(1)),
+                kill_at,
             },
         ),
         Command::Demo {

@@ -27,6 +27,9 @@ pub struct SoakOptions {
     pub partitions: i32,
     pub max_outstanding: u64,
     pub sample_every: Duration,
+    /// Kill the worker with SIGKILL once it has consumed this share of the stream, and start
+    /// it again on its state.
+    pub kill_at: Option<f64>,
 }
 
 /// One reading of the worker process.
@@ -35,6 +38,86 @@ struct Sample {
     seconds: f64,
     consumed: u64,
     rss_mib: f64,
+}
+
+/// The worker process under watch, and what it consumed in earlier lives.
+struct Watched {
+    worker: Child,
+    address: String,
+    log: Receiver<String>,
+    /// Messages consumed by the worker processes before this one (after a kill).
+    consumed_before: u64,
+    state: std::path::PathBuf,
+    bootstrap: String,
+}
+
+impl Watched {
+    fn start(bootstrap: &str, state: &Path, consumed_before: u64) -> Result<Self> {
+        let mut worker = spawn_worker(bootstrap, state)?;
+        let (address, log) = worker_address(&mut worker)?;
+        Ok(Watched {
+            worker,
+            address,
+            log,
+            consumed_before,
+            state: state.to_owned(),
+            bootstrap: bootstrap.to_owned(),
+        })
+    }
+
+    /// Messages consumed over every life of the worker.
+    fn consumed(&self) -> Option<u64> {
+        Some(self.consumed_before + metric_sum(&self.address, "idgraph_messages_consumed_total{")?)
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.worker.try_wait()? {
+            bail!(
+                "the worker stopped early with {status}; its log:\n{}",
+                log_tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+
+    /// Kills the worker with SIGKILL and starts it again on the same state; prints how long
+    /// the new one took to serve, to send its first output (the outbox of the killed one) and
+    /// to consume again.
+    fn kill_and_restart(&mut self) -> Result<()> {
+        let consumed = self.consumed().unwrap_or(self.consumed_before);
+        self.worker.kill()?;
+        self.worker.wait()?;
+        let killed = Instant::now();
+        println!("killed the worker (SIGKILL) after {consumed} messages; restarting it");
+        let mut next = Watched::start(&self.bootstrap, &self.state, consumed)?;
+        let serving = killed.elapsed();
+        let mut first_output = None;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            next.check_alive()?;
+            let replayed = metric_sum(&next.address, "idgraph_replayed_batches_total").unwrap_or(0);
+            let delivered =
+                metric_sum(&next.address, "idgraph_poll_to_output_seconds_count").unwrap_or(0);
+            if first_output.is_none() && (replayed > 0 || delivered > 0) {
+                first_output = Some(killed.elapsed());
+            }
+            if delivered > 0 {
+                println!(
+                    "restart: serving /metrics after {:.2} s, first output after {:.2} s ({replayed} outbox batches sent again), consuming again after {:.2} s",
+                    serving.as_secs_f64(),
+                    first_output.unwrap_or_default().as_secs_f64(),
+                    killed.elapsed().as_secs_f64()
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the restarted worker produced nothing within two minutes");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *self = next;
+        Ok(())
+    }
 }
 
 pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
@@ -49,25 +132,29 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
         &input,
         &temp.path().join("truth.jsonl"),
     )?;
+    let total_lines = BufReader::new(std::fs::File::open(&input)?)
+        .split(b'\n')
+        .count() as u64;
     let broker = DevBroker::start(&config.kafka, 1, options.partitions, 4)?;
     let mut kafka = config.kafka.clone();
     kafka.bootstrap_servers = broker.bootstrap_servers();
-    let mut worker = spawn_worker(&kafka.bootstrap_servers, &temp.path().join("state"))?;
-    let (address, log) = worker_address(&mut worker)?;
+    let mut watched = Watched::start(&kafka.bootstrap_servers, &temp.path().join("state"), 0)?;
     println!(
-        "worker pid {} serving http://{address}/metrics",
-        worker.id()
+        "worker pid {} serving http://{}/metrics",
+        watched.worker.id(),
+        watched.address
     );
     println!("{:>8} {:>10} {:>9}", "seconds", "consumed", "rss_mib");
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut next_sample = Instant::now();
-    let mut sample = |worker: &Child, samples: &mut Vec<Sample>, force: bool| {
+    let mut sample = |watched: &Watched, samples: &mut Vec<Sample>, force: bool| {
         if !force && Instant::now() < next_sample {
             return;
         }
         next_sample = Instant::now() + options.sample_every;
-        if let (Some(consumed), Some(rss_mib)) = (consumed(&address), rss_mib(worker.id())) {
+        if let (Some(consumed), Some(rss_mib)) = (watched.consumed(), rss_mib(watched.worker.id()))
+        {
             let reading = Sample {
                 seconds: started.elapsed().as_secs_f64(),
                 consumed,
@@ -81,6 +168,10 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
             samples.push(reading);
         }
     };
+    let kill_after = options
+        .kill_at
+        .map(|fraction| (total_lines as f64 * fraction.clamp(0.0, 1.0)) as u64);
+    let mut killed = false;
 
     // Byte lines: the generator mixes in bad data, not all of it UTF-8.
     let mut lines = BufReader::new(std::fs::File::open(&input)?).split(b'\n');
@@ -93,46 +184,52 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
         if chunk.is_empty() {
             break;
         }
-        while produced.saturating_sub(consumed(&address).unwrap_or(0)) > options.max_outstanding {
-            sample(&worker, &mut samples, false);
-            if let Some(status) = worker.try_wait()? {
-                bail!(
-                    "the worker stopped early with {status}; its log:\n{}",
-                    log_tail(&log)
-                );
-            }
+        while produced.saturating_sub(watched.consumed().unwrap_or(0)) > options.max_outstanding {
+            sample(&watched, &mut samples, false);
+            watched.check_alive()?;
+            kill_when_due(&mut watched, kill_after, &mut killed)?;
             std::thread::sleep(Duration::from_millis(50));
         }
         let mut bytes = chunk.join(&b'\n');
         bytes.push(b'\n');
         produced += tools::produce_lines(&kafka, &bytes[..], None)?;
-        sample(&worker, &mut samples, false);
+        sample(&watched, &mut samples, false);
     }
     // The worker exits once it has caught up and the topics stay quiet.
-    while worker.try_wait()?.is_none() {
-        sample(&worker, &mut samples, false);
+    while watched.worker.try_wait()?.is_none() {
+        sample(&watched, &mut samples, false);
+        kill_when_due(&mut watched, kill_after, &mut killed)?;
         std::thread::sleep(Duration::from_millis(50));
         if samples.last().is_some_and(|s| s.consumed >= produced) {
-            sample(&worker, &mut samples, true);
+            sample(&watched, &mut samples, true);
             let _ = Command::new("kill")
-                .args(["-TERM", &worker.id().to_string()])
+                .args(["-TERM", &watched.worker.id().to_string()])
                 .status();
             break;
         }
     }
-    let status = worker.wait()?;
+    let status = watched.worker.wait()?;
     let mut summary = String::new();
-    if let Some(mut stdout) = worker.stdout.take() {
+    if let Some(mut stdout) = watched.worker.stdout.take() {
         std::io::Read::read_to_string(&mut stdout, &mut summary)?;
     }
     print!("{summary}");
     if !status.success() {
         bail!(
             "the worker failed with {status}; its log:\n{}",
-            log_tail(&log)
+            log_tail(&watched.log)
         );
     }
     report(&samples, produced);
+    Ok(())
+}
+
+/// Kills and restarts the worker once, when it has consumed `kill_after` messages.
+fn kill_when_due(watched: &mut Watched, kill_after: Option<u64>, killed: &mut bool) -> Result<()> {
+    if !*killed && kill_after.is_some_and(|at| watched.consumed().unwrap_or(0) >= at) {
+        *killed = true;
+        watched.kill_and_restart()?;
+    }
     Ok(())
 }
 
@@ -184,8 +281,9 @@ fn log_tail(log: &Receiver<String>) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// The worker's `idgraph_messages_consumed_total`, summed over sources.
-fn consumed(address: &str) -> Option<u64> {
+/// The sum of every sample of the metric whose lines start with `prefix` (a name, or a name
+/// and `{`), from the worker's `/metrics`.
+fn metric_sum(address: &str, prefix: &str) -> Option<u64> {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(address).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -198,7 +296,8 @@ fn consumed(address: &str) -> Option<u64> {
     stream.read_to_string(&mut response).ok()?;
     let total = response
         .lines()
-        .filter(|line| line.starts_with("idgraph_messages_consumed_total{"))
+        .filter(|line| line.starts_with(prefix))
+        .filter(|line| prefix.ends_with('{') || line[prefix.len()..].starts_with(' '))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
     Some(total as u64)
