@@ -17,6 +17,9 @@ pub struct KafkaConfig {
     pub batch_timeout_ms: u64,
     /// Consumer group session timeout.
     pub session_timeout_ms: u64,
+    /// A stable name for this worker in its group (static membership, KIP-345); empty for a
+    /// dynamic member.
+    pub group_instance_id: String,
     /// Seconds between data-quality snapshots on the quality topic.
     pub quality_interval_secs: u64,
     /// Longest wait for the broker to acknowledge a batch's outputs before retrying them.

@@ -259,7 +259,11 @@ impl<'e, S: StateStore> Worker<'e, S> {
             assigned: Arc::clone(&assigned),
             assignment: Arc::clone(&assignment),
         };
-        let consumer: BaseConsumer<WorkerContext> = client_config(&config)
+        let mut client = client_config(&config);
+        if !config.group_instance_id.trim().is_empty() {
+            client.set("group.instance.id", config.group_instance_id.trim());
+        }
+        let consumer: BaseConsumer<WorkerContext> = client
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
