@@ -641,26 +641,26 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
     assert!(gauge("idgraph_rocksdb_sst_bytes") > 0.0);
 }
 
-#[test]
-fn fifteen_hundred_idle_connections_keep_neither_health_probes_out_nor_descriptors_pinned() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("events.jsonl");
+/// Resolves one event (ann@example.com) into a state in `dir` and starts `idgraph serve` on it
+/// with default limits and free ports; returns the server and the line it printed first,
+/// which names both addresses.
+fn serve_one_customer(dir: &Path) -> (KillOnDrop, String) {
+    let input = dir.join("events.jsonl");
     std::fs::write(
         &input,
         r#"{"event_id":"a1","source":"web","event_type":"page_view","timestamp":"2026-03-01T10:00:00Z","identifiers":{"email":"ann@example.com"}}"#.to_owned() + "\n",
     )
     .unwrap();
-    let state = dir.path().join("state");
+    let state = dir.join("state");
     ok(&[
         "resolve",
         "--input",
         p(&input),
         "--output-dir",
-        p(&dir.path().join("out")),
+        p(&dir.join("out")),
         "--state",
         p(&state),
     ]);
-    // Default limits: 64 connections, 5 s for a request head.
     let mut server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_idgraph"))
             .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
@@ -675,6 +675,14 @@ fn fifteen_hundred_idle_connections_keep_neither_health_probes_out_nor_descripto
         &mut first_line,
     )
     .unwrap();
+    (server, first_line)
+}
+
+#[test]
+fn fifteen_hundred_idle_connections_keep_neither_health_probes_out_nor_descriptors_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    // Default limits: 64 connections, 5 s for a request head.
+    let (server, first_line) = serve_one_customer(dir.path());
     let operations = address_after(&first_line, "health at http://");
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let _ = rustix::process::setrlimit(
@@ -707,36 +715,7 @@ fn fifteen_hundred_idle_connections_keep_neither_health_probes_out_nor_descripto
 #[test]
 fn serve_lets_a_request_under_way_finish_on_sigterm_and_then_exits() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("events.jsonl");
-    std::fs::write(
-        &input,
-        r#"{"event_id":"a1","source":"web","event_type":"page_view","timestamp":"2026-03-01T10:00:00Z","identifiers":{"email":"ann@example.com"}}"#.to_owned() + "\n",
-    )
-    .unwrap();
-    let state = dir.path().join("state");
-    ok(&[
-        "resolve",
-        "--input",
-        p(&input),
-        "--output-dir",
-        p(&dir.path().join("out")),
-        "--state",
-        p(&state),
-    ]);
-    let mut server = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_idgraph"))
-            .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
-            .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut first_line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
-        &mut first_line,
-    )
-    .unwrap();
+    let (mut server, first_line) = serve_one_customer(dir.path());
     let address = address_after(&first_line, "serving http://");
     use std::io::{Read, Write};
     // Half a request is under way when the server is told to stop.

@@ -93,6 +93,25 @@ impl Broker {
         command
     }
 
+    /// Starts `idgraph run` on `state` with info logs as JSON on a piped stderr (the tests read
+    /// its addresses and warnings there) and the extra environment `env`.
+    fn logged_worker(&self, state: &Path, exit_when_idle: &str, env: &[(&str, &str)]) -> Child {
+        let mut command = self.command(&[
+            "run",
+            "--state",
+            p(state),
+            "--exit-when-idle",
+            exit_when_idle,
+        ]);
+        command
+            .env("IDGRAPH__LOG__FILTER", "idgraph=info,idgraph_kafka=info")
+            .env("IDGRAPH__LOG__FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command.spawn().expect("the worker starts")
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         check(self.command(args).output().unwrap(), args)
     }
@@ -668,21 +687,11 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
     let (input, reference) = generate_and_resolve(dir.path(), 3_000, 44);
     let mut broker = Broker::start(dir.path());
     broker.produce_in_order(&input);
-    let mut worker = broker
-        .command(&[
-            "run",
-            "--state",
-            p(&dir.path().join("state")),
-            "--exit-when-idle",
-            "8",
-        ])
-        .env("IDGRAPH__KAFKA__BATCH_SIZE", "100")
-        .env("IDGRAPH__LOG__FILTER", "idgraph=info,idgraph_kafka=info")
-        .env("IDGRAPH__LOG__FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut worker = broker.logged_worker(
+        &dir.path().join("state"),
+        "8",
+        &[("IDGRAPH__KAFKA__BATCH_SIZE", "100")],
+    );
     let stderr = worker.stderr.take().unwrap();
     let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
@@ -1040,20 +1049,7 @@ fn the_deploy_files_parse_and_every_metric_they_name_is_in_a_live_scrape() {
     let (input, _) = generate_and_resolve(dir.path(), 3_000, 66);
     let broker = Broker::start(dir.path());
     broker.ok(&["produce", "--input", p(&input)]);
-    let mut worker = broker
-        .command(&[
-            "run",
-            "--state",
-            p(&dir.path().join("state")),
-            "--exit-when-idle",
-            "120",
-        ])
-        .env("IDGRAPH__LOG__FILTER", "idgraph=info")
-        .env("IDGRAPH__LOG__FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut worker = broker.logged_worker(&dir.path().join("state"), "120", &[]);
     let address = {
         use std::io::BufRead;
         let mut lines = std::io::BufReader::new(worker.stderr.take().unwrap())
