@@ -496,7 +496,8 @@ impl OutputSink {
     }
 
     /// Sends one free-standing record (a quality snapshot) and waits for it under batch
-    /// number `batch`.
+    /// number `batch`; a refusal, for good or not, is an error (the next snapshot replaces
+    /// this one).
     pub fn send_one<T: Serialize>(
         &self,
         batch: usize,
@@ -511,9 +512,10 @@ impl OutputSink {
             &[WireRecord::with_payload(topic, key, meta, payload)],
         );
         let status = self.wait(batch, self.delivery_timeout);
+        let refused = self.take_refusals(batch);
         self.forget(batch);
         match status {
-            DeliveryStatus::Delivered => Ok(()),
+            DeliveryStatus::Delivered if refused.is_empty() => Ok(()),
             _ => Err(KafkaWorkerError::Kafka {
                 operation: "deliver a record",
                 source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
