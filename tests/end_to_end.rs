@@ -519,22 +519,13 @@ fn the_profile_api_follows_merges_normalizes_lookups_and_explains() {
         .find(|r| r["customer_id"] == survivor && r.get("profile").is_some())
         .unwrap();
 
-    let mut server = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_idgraph"))
-            .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
-            .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
-            .env("IDGRAPH__HTTP__API_TOKEN", "s3cret")
-            .env("IDGRAPH__HTTP__HEADER_READ_TIMEOUT_MS", "300")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (_server, first_line) = start_serve(
+        &state,
+        &[
+            ("IDGRAPH__HTTP__API_TOKEN", "s3cret"),
+            ("IDGRAPH__HTTP__HEADER_READ_TIMEOUT_MS", "300"),
+        ],
     );
-    let mut first_line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.0.stdout.take().unwrap()),
-        &mut first_line,
-    )
-    .unwrap();
     let address = address_after(&first_line, "serving http://");
     let operations = address_after(&first_line, "health at http://");
     let token = "authorization: Bearer s3cret\r\n";
@@ -661,10 +652,17 @@ fn serve_one_customer(dir: &Path) -> (KillOnDrop, String) {
         "--state",
         p(&state),
     ]);
+    start_serve(&state, &[])
+}
+
+/// Starts `idgraph serve` on `state` with free ports and the extra environment `env`;
+/// returns the server and the line it printed first, which names both addresses.
+fn start_serve(state: &Path, env: &[(&str, &str)]) -> (KillOnDrop, String) {
     let mut server = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_idgraph"))
-            .args(["serve", "--state", p(&state), "--listen", "127.0.0.1:0"])
+            .args(["serve", "--state", p(state), "--listen", "127.0.0.1:0"])
             .env("IDGRAPH__HTTP__LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap(),

@@ -14,8 +14,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::cache::{Cached, StateCache};
 use crate::duplicates::{timed, EventClock, EventRecord, EVENT_CLOCK_KEY};
 use crate::state::{
-    decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, Evidence,
-    NodeRecord, ProfileState, RootInfo,
+    decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, NodeRecord,
+    ProfileState, RootInfo, StampedEvidence,
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet, PROFILES_CREATED_KEY};
 
@@ -85,7 +85,8 @@ pub(crate) struct Batch<'s, S: StateRead> {
     stored_events: FxHashMap<String, Option<EventRecord>>,
     /// "Now" in event time, for the duplicate window (read by [`Batch::prefetch`]).
     clock: EventClock,
-    evidence: Vec<(Vec<u8>, Evidence)>,
+    /// Evidence by key, with the event time it expires by.
+    evidence: Vec<(Vec<u8>, StampedEvidence)>,
     positions: BTreeMap<String, u64>,
     /// The stream of the latest messages and the highest next position among them, not yet
     /// in `positions`: consecutive messages nearly always share a stream, and its key is only
@@ -385,7 +386,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     pub(crate) fn add_evidence(
         &mut self,
         customer_id: &str,
-        evidence: Evidence,
+        evidence: StampedEvidence,
     ) -> Result<(), StoreError> {
         let state = self.profile_mut(customer_id)?;
         let seq = state.evidence_count;
@@ -470,14 +471,12 @@ impl<'s, S: StateRead> Batch<'s, S> {
         if !self.events.is_empty() {
             writes.put(Table::Meta, EVENT_CLOCK_KEY, self.clock.encode());
         }
-        for (key, evidence) in &self.evidence {
+        for (key, stamped) in &self.evidence {
             // Stamped with its event time, so that it can expire (`engine.retention`).
-            let time_ms = chrono::DateTime::parse_from_rfc3339(&evidence.at)
-                .map_or(0, |at| at.timestamp_millis());
             writes.put(
                 Table::Evidence,
                 key.clone(),
-                timed(time_ms, &encode(evidence)),
+                timed(stamped.time_ms, &encode(&stamped.evidence)),
             );
         }
         for (stream, next) in &self.positions {

@@ -41,8 +41,13 @@ pub struct DuplicatesConfig {
 impl DuplicatesConfig {
     /// The window in milliseconds, if there is one.
     pub fn window_ms(&self) -> Option<i64> {
-        (self.window_days > 0).then(|| i64::from(self.window_days) * 86_400_000)
+        days_in_ms(self.window_days)
     }
+}
+
+/// `days` as milliseconds; 0 (for ever) as none.
+fn days_in_ms(days: u32) -> Option<i64> {
+    (days > 0).then(|| i64::from(days) * 86_400_000)
 }
 
 /// How long per-event records other than the duplicate window's are kept.
@@ -56,10 +61,9 @@ pub struct RetentionConfig {
 impl EngineConfig {
     /// How long event and evidence records are kept.
     pub fn retention(&self) -> crate::duplicates::Retention {
-        let days = |d: u32| (d > 0).then(|| i64::from(d) * 86_400_000);
         crate::duplicates::Retention {
-            events_ms: days(self.duplicates.window_days),
-            evidence_ms: days(self.retention.evidence_days),
+            events_ms: self.duplicates.window_ms(),
+            evidence_ms: days_in_ms(self.retention.evidence_days),
         }
     }
 }

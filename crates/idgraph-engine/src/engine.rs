@@ -23,7 +23,9 @@ use crate::config::{ConfigProblem, EngineConfig};
 use crate::matching::{MatchModel, MatchScore};
 use crate::profile::apply_event;
 use crate::record_cache::{live_record, ProfileUpdates};
-use crate::state::{encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState};
+use crate::state::{
+    encode_live, event_key, Evidence, EvidenceLink, NodeRecord, ProfileState, StampedEvidence,
+};
 use crate::stats::{bump, BatchStats};
 use crate::store::{StateRead, StateStore, StoreError, Table, WriteSet};
 
@@ -232,6 +234,8 @@ struct Group {
 struct EventContext<'e> {
     event: &'e NormalizedEvent,
     timestamp: CompactString,
+    /// The event time in milliseconds: evidence is stamped with it, so that it can expire.
+    time_ms: i64,
     changes: Vec<ChangeKind>,
     changes_customer: Vec<String>,
     refused: Vec<RefusedMerge>,
@@ -274,12 +278,15 @@ impl EventContext<'_> {
         );
     }
 
-    fn evidence(&self, link: EvidenceLink) -> Evidence {
-        Evidence {
-            event_id: self.event.raw.event_id.clone(),
-            source: self.event.raw.source.clone(),
-            at: self.timestamp.clone(),
-            link,
+    fn evidence(&self, link: EvidenceLink) -> StampedEvidence {
+        StampedEvidence {
+            time_ms: self.time_ms,
+            evidence: Evidence {
+                event_id: self.event.raw.event_id.clone(),
+                source: self.event.raw.source.clone(),
+                at: self.timestamp.clone(),
+                link,
+            },
         }
     }
 }
@@ -528,9 +535,11 @@ impl Engine {
         let event = &owned_event;
         let raw = &event.raw;
         record_quality(&mut outcome.stats, event);
+        let time_ms = raw.time().timestamp_millis();
         let mut ctx = EventContext {
             event,
             timestamp,
+            time_ms,
             changes: Vec::new(),
             changes_customer: Vec::new(),
             refused: Vec::new(),
@@ -539,7 +548,6 @@ impl Engine {
         };
         // Only events that are not duplicates move the clock, so replaying a batch changes
         // no state.
-        let time_ms = raw.time().timestamp_millis();
         let horizon = batch.event_horizon(self.config.duplicates.window_ms());
         let earlier = batch
             .earlier_event(&key)?

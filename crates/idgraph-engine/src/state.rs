@@ -106,6 +106,13 @@ pub struct Evidence {
     pub link: EvidenceLink,
 }
 
+/// Evidence with the time of the event behind it, which decides when it expires.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StampedEvidence {
+    pub time_ms: i64,
+    pub evidence: Evidence,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "link", rename_all = "snake_case")]
 pub enum EvidenceLink {

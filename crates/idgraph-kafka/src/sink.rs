@@ -289,6 +289,11 @@ pub struct DeliveryTracker {
 impl ClientContext for DeliveryTracker {}
 
 impl DeliveryTracker {
+    /// The progress of every tracked batch, locked.
+    fn batches(&self) -> std::sync::MutexGuard<'_, HashMap<usize, BatchProgress>> {
+        self.batches.lock().expect("delivery tracker lock")
+    }
+
     /// Counts one answer for `record`: an acknowledgement (`None`), a refusal for good, or a
     /// failure worth retrying.
     fn answer(&self, record: RecordRef, error: Option<&KafkaError>) {
@@ -298,7 +303,7 @@ impl DeliveryTracker {
         if record.batch == UNTRACKED {
             return;
         }
-        let mut batches = self.batches.lock().expect("delivery tracker lock");
+        let mut batches = self.batches();
         if let Some(progress) = batches.get_mut(&record.batch) {
             progress.pending = progress.pending.saturating_sub(1);
             if let Some(error) = error {
@@ -393,17 +398,13 @@ impl OutputSink {
     pub fn enqueue(&self, batch: usize, records: &[WireRecord]) {
         assert_ne!(batch, UNTRACKED, "batch numbers start at 1");
         let tracker = self.producer.context();
-        tracker
-            .batches
-            .lock()
-            .expect("delivery tracker lock")
-            .insert(
-                batch,
-                BatchProgress {
-                    pending: records.len(),
-                    ..BatchProgress::default()
-                },
-            );
+        tracker.batches().insert(
+            batch,
+            BatchProgress {
+                pending: records.len(),
+                ..BatchProgress::default()
+            },
+        );
         for (index, record) in records.iter().enumerate() {
             let reference = RecordRef { batch, index };
             match self.send(record, reference) {
@@ -415,7 +416,7 @@ impl OutputSink {
                 }
                 Err(error) => {
                     tracing::warn!(%error, batch, "cannot queue an output record");
-                    let mut batches = tracker.batches.lock().expect("delivery tracker lock");
+                    let mut batches = tracker.batches();
                     if let Some(progress) = batches.get_mut(&batch) {
                         let unsent = records.len() - index;
                         progress.pending -= unsent;
@@ -430,26 +431,18 @@ impl OutputSink {
 
     /// The records of `batch` refused for good since it was last sent; taken once.
     pub fn take_refusals(&self, batch: usize) -> Vec<Refusal> {
-        let mut batches = self
-            .producer
+        self.producer
             .context()
-            .batches
-            .lock()
-            .expect("delivery tracker lock");
-        batches
+            .batches()
             .get_mut(&batch)
             .map(|progress| std::mem::take(&mut progress.refused))
             .unwrap_or_default()
     }
 
     pub fn status(&self, batch: usize) -> DeliveryStatus {
-        let batches = self
-            .producer
+        self.producer
             .context()
-            .batches
-            .lock()
-            .expect("delivery tracker lock");
-        batches
+            .batches()
             .get(&batch)
             .map_or(DeliveryStatus::Delivered, |progress| progress.status())
     }
@@ -458,7 +451,7 @@ impl OutputSink {
     pub fn wait(&self, batch: usize, timeout: Duration) -> DeliveryStatus {
         let tracker = self.producer.context();
         let deadline = Instant::now() + timeout;
-        let mut batches = tracker.batches.lock().expect("delivery tracker lock");
+        let mut batches = tracker.batches();
         loop {
             let status = batches
                 .get(&batch)
@@ -477,12 +470,7 @@ impl OutputSink {
 
     /// Stops tracking `batch`.
     pub fn forget(&self, batch: usize) {
-        self.producer
-            .context()
-            .batches
-            .lock()
-            .expect("delivery tracker lock")
-            .remove(&batch);
+        self.producer.context().batches().remove(&batch);
     }
 
     /// The last delivery error the producer reported, for logs.

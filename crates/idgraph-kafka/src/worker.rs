@@ -684,36 +684,10 @@ impl<'e, S: StateStore> Worker<'e, S> {
         if front.reporting_refusals {
             return false;
         }
-        let config = &self.engine.config().dead_letter;
         let references: Vec<WireRecord> = refusals
             .iter()
             .map(|refusal| {
-                let record = &front.records[refusal.index];
-                let meta = RecordMeta {
-                    input: InputCoordinates::parse_display(&record.input).unwrap_or_else(|| {
-                        InputCoordinates::File {
-                            file: record.input.as_str().into(),
-                            line: 0,
-                        }
-                    }),
-                    idempotency_key: record.idempotency_key.clone(),
-                };
-                let reason = format!(
-                    "the {} record of {} bytes was refused for good ({}): {}",
-                    topics.output_of(&record.topic),
-                    record.payload.len(),
-                    refusal.reason.as_str(),
-                    refusal.error
-                );
-                let letter = DeadLetter::undeliverable(
-                    &record.topic,
-                    &record.payload,
-                    reason,
-                    config.max_payload_bytes,
-                    self.engine.processor_version(),
-                    meta,
-                );
-                WireRecord::of(&topics.dead_letter, &record.input, &letter.meta, &letter)
+                undeliverable_letter(&front.records[refusal.index], refusal, &topics, self.engine)
             })
             .collect();
         front.records = references;
@@ -889,6 +863,42 @@ impl<'e, S: StateStore> Worker<'e, S> {
             }
         }
     }
+}
+
+/// The dead letter sent in place of `record`, which the broker refused for good: a reference
+/// to it (its output topic and the first bytes of its payload) under the input coordinates and
+/// idempotency key of the message it came from.
+fn undeliverable_letter(
+    record: &WireRecord,
+    refusal: &Refusal,
+    topics: &crate::config::OutputTopics,
+    engine: &Engine,
+) -> WireRecord {
+    let input =
+        InputCoordinates::parse_display(&record.input).unwrap_or_else(|| InputCoordinates::File {
+            file: record.input.as_str().into(),
+            line: 0,
+        });
+    let meta = RecordMeta {
+        input,
+        idempotency_key: record.idempotency_key.clone(),
+    };
+    let reason = format!(
+        "the {} record of {} bytes was refused for good ({}): {}",
+        topics.output_of(&record.topic),
+        record.payload.len(),
+        refusal.reason.as_str(),
+        refusal.error
+    );
+    let letter = DeadLetter::undeliverable(
+        &record.topic,
+        &record.payload,
+        reason,
+        engine.config().dead_letter.max_payload_bytes,
+        engine.processor_version(),
+        meta,
+    );
+    WireRecord::of(&topics.dead_letter, &record.input, &letter.meta, &letter)
 }
 
 /// The quality figures of one source (SPEC §6), as sent on the quality topic.

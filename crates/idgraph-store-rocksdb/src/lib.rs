@@ -183,8 +183,8 @@ impl RocksStore {
         }
     }
 
-    /// Flushes memtables and compacts every table fully, which also drops expired event
-    /// records at once (RocksDB otherwise does both in the background as data grows).
+    /// Flushes memtables and compacts every table fully, which also drops expired event and
+    /// evidence records at once (RocksDB otherwise does both in the background as data grows).
     pub fn compact(&self) -> Result<(), StoreError> {
         self.flush()?;
         for table in Table::ALL {

@@ -252,34 +252,20 @@ pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {
     }
     let store = open_existing_state(config, state)?;
     let engine = engine(config)?;
-    let limits = config.http.limits();
     let metrics = idgraph_kafka::Metrics::with_labels(config.metric_labels());
     metrics
         .profile_identifier_limit
         .set(i64::from(config.engine.protection.max_profile_identifiers));
-    let operations = crate::http::serve(
-        &config.http.listen,
-        "http.listen",
-        crate::http::Site::Operations {
-            metrics: metrics.clone(),
-            ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        },
-        limits,
-    )?;
     let reader = store.reader();
-    let api = crate::http::serve(
-        listen,
-        "--listen",
-        crate::http::Site::Profiles {
-            api: std::sync::Arc::new(crate::http::ProfileApi {
-                state: reader.clone(),
-                normalizer: engine.normalizer().clone(),
-            }),
-            token: config.http.token(),
-            metrics: metrics.clone(),
-        },
-        limits,
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (operations, api) = crate::http::serve_sites(
+        config,
+        &engine,
+        (metrics.clone(), ready),
+        reader.clone(),
+        (listen, "--listen"),
     )?;
+    let api = api.context("the profile API has an address")?;
     println!(
         "serving http://{}/v1/profiles/{{customer_id}}, /v1/lookup?kind=K&value=V and /v1/profiles/{{customer_id}}/explain over {}; metrics and health at http://{}",
         api.address(),

@@ -188,6 +188,47 @@ pub fn serve(listen: &str, what: &str, site: Site, limits: Limits) -> Result<Htt
     })
 }
 
+/// Starts the operations endpoints on `http.listen` (metrics and readiness from
+/// `operations`) and, unless `api.0` is empty, the profile API over `reader` on `api.0`
+/// (`api.1` names the setting in errors); they serve until the returned servers are dropped.
+pub fn serve_sites(
+    config: &crate::config::AppConfig,
+    engine: &idgraph_engine::Engine,
+    operations: (Metrics, Arc<AtomicBool>),
+    reader: RocksReader,
+    api: (&str, &str),
+) -> Result<(HttpServer, Option<HttpServer>)> {
+    let limits = config.http.limits();
+    let (metrics, ready) = operations;
+    let operations = serve(
+        &config.http.listen,
+        "http.listen",
+        Site::Operations {
+            metrics: metrics.clone(),
+            ready,
+        },
+        limits,
+    )?;
+    let (api_listen, api_setting) = api;
+    if api_listen.trim().is_empty() {
+        return Ok((operations, None));
+    }
+    let api = serve(
+        api_listen,
+        api_setting,
+        Site::Profiles {
+            api: Arc::new(ProfileApi {
+                state: reader,
+                normalizer: engine.normalizer().clone(),
+            }),
+            token: config.http.token(),
+            metrics,
+        },
+        limits,
+    )?;
+    Ok((operations, Some(api)))
+}
+
 /// What the accept loop knows of one open connection.
 struct Connection {
     /// Set once hyper has read the request head and called the service: from then on the

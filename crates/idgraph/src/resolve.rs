@@ -52,7 +52,7 @@ impl OutputFiles {
             profiles: LineFile::create(&dir.join(PROFILES))?,
             changes: LineFile::create(&dir.join(CHANGES))?,
             dead_letters: LineFile::create(&dir.join(DEAD_LETTERS))?,
-            quality_path: dir.join("quality.json"),
+            quality_path: dir.join(QUALITY),
         })
     }
 
@@ -63,7 +63,7 @@ impl OutputFiles {
             profiles: LineFile::resume(&dir.join(PROFILES), lengths.profiles)?,
             changes: LineFile::resume(&dir.join(CHANGES), lengths.identity_changes)?,
             dead_letters: LineFile::resume(&dir.join(DEAD_LETTERS), lengths.dead_letters)?,
-            quality_path: dir.join("quality.json"),
+            quality_path: dir.join(QUALITY),
         })
     }
 
@@ -106,6 +106,7 @@ const ENRICHED: &str = "enriched.jsonl";
 const PROFILES: &str = "profiles.jsonl";
 const CHANGES: &str = "identity-changes.jsonl";
 const DEAD_LETTERS: &str = "dead-letter.jsonl";
+const QUALITY: &str = "quality.json";
 
 /// The output files' lengths in bytes at a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +142,13 @@ fn resume_point(
     store: &impl StateRead,
     input_name: &str,
 ) -> Result<Option<(u64, OutputCheckpoint)>> {
-    let position = store.get(Table::Positions, format!("file:{input_name}").as_bytes())?;
+    // The key the engine stores a file's position under.
+    let stream = InputCoordinates::File {
+        file: input_name.into(),
+        line: 0,
+    }
+    .stream_key();
+    let position = store.get(Table::Positions, stream.as_bytes())?;
     let outputs = store.get(Table::Positions, &output_checkpoint_key(input_name))?;
     let (Some(position), Some(outputs)) = (position, outputs) else {
         return Ok(None);

@@ -132,9 +132,6 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
         &input,
         &temp.path().join("truth.jsonl"),
     )?;
-    let total_lines = BufReader::new(std::fs::File::open(&input)?)
-        .split(b'\n')
-        .count() as u64;
     let broker = DevBroker::start(&config.kafka, 1, options.partitions, 4)?;
     let mut kafka = config.kafka.clone();
     kafka.bootstrap_servers = broker.bootstrap_servers();
@@ -168,9 +165,17 @@ pub fn soak(config: &AppConfig, options: &SoakOptions) -> Result<()> {
             samples.push(reading);
         }
     };
-    let kill_after = options
-        .kill_at
-        .map(|fraction| (total_lines as f64 * fraction.clamp(0.0, 1.0)) as u64);
+    // The share is of the stream's lines, which the generator's bad data makes more than
+    // its events; counting them costs a read of the file, done only when asked to kill.
+    let kill_after = match options.kill_at {
+        Some(fraction) => {
+            let lines = BufReader::new(std::fs::File::open(&input)?)
+                .split(b'\n')
+                .count();
+            Some((lines as f64 * fraction.clamp(0.0, 1.0)) as u64)
+        }
+        None => None,
+    };
     let mut killed = false;
 
     // Byte lines: the generator mixes in bad data, not all of it UTF-8.

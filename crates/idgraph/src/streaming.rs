@@ -130,45 +130,6 @@ fn topic_list(config: &AppConfig) -> String {
     topics.join(", ")
 }
 
-/// Starts the operations endpoints and, if `http.api_listen` is set, the profile API over
-/// `reader`; they serve until the returned servers are dropped.
-pub(crate) fn serve_http(
-    config: &AppConfig,
-    engine: &idgraph_engine::Engine,
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
-    reader: idgraph_store_rocksdb::RocksReader,
-) -> Result<(crate::http::HttpServer, Option<crate::http::HttpServer>)> {
-    let limits = config.http.limits();
-    let operations = crate::http::serve(
-        &config.http.listen,
-        "http.listen",
-        crate::http::Site::Operations {
-            metrics: metrics.clone(),
-            ready,
-        },
-        limits,
-    )?;
-    let api = if config.http.api_listen.trim().is_empty() {
-        None
-    } else {
-        Some(crate::http::serve(
-            &config.http.api_listen,
-            "http.api_listen",
-            crate::http::Site::Profiles {
-                api: Arc::new(crate::http::ProfileApi {
-                    state: reader,
-                    normalizer: engine.normalizer().clone(),
-                }),
-                token: config.http.token(),
-                metrics: metrics.clone(),
-            },
-            limits,
-        )?)
-    };
-    Ok((operations, api))
-}
-
 /// A worker over the RocksDB state in `state`, whose gauges watch that state, and a read
 /// handle on it for the profile API.
 fn worker_on_state<'e>(
@@ -205,7 +166,13 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
         metrics.clone(),
     )?;
     // Dropped when the worker has stopped, so /metrics and /readyz answer while it drains.
-    let (operations, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    let (operations, api) = crate::http::serve_sites(
+        config,
+        &engine,
+        (metrics, worker.readiness()),
+        reader,
+        (&config.http.api_listen, "http.api_listen"),
+    )?;
     let address = operations.address();
     let api_address = api
         .as_ref()
@@ -422,7 +389,13 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
     let metrics = Metrics::with_labels(config.metric_labels());
     let (mut worker, reader) =
         worker_on_state(config, &engine, kafka.clone(), &state, metrics.clone())?;
-    let (operations, api) = serve_http(config, &engine, metrics, worker.readiness(), reader)?;
+    let (operations, api) = crate::http::serve_sites(
+        config,
+        &engine,
+        (metrics, worker.readiness()),
+        reader,
+        (&config.http.api_listen, "http.api_listen"),
+    )?;
     let address = operations.address();
     match api.as_ref().map(|api| api.address()) {
         Some(api) => println!(
