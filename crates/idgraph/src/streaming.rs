@@ -153,26 +153,38 @@ fn worker_on_state<'e>(
     Ok((worker, reader))
 }
 
-/// The streaming worker.
-pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Result<()> {
-    let stop = stop_on_signal()?;
-    let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
+/// A worker over the RocksDB state in `state` with its HTTP servers started: operations on
+/// `http.listen`, the profile API on `http.api_listen` unless that is empty.
+fn served_worker<'e>(
+    config: &AppConfig,
+    engine: &'e idgraph_engine::Engine,
+    kafka: idgraph_kafka::KafkaConfig,
+    state: &Path,
+) -> Result<(
+    Worker<'e, RocksStore>,
+    crate::http::HttpServer,
+    Option<crate::http::HttpServer>,
+)> {
     let metrics = Metrics::with_labels(config.metric_labels());
-    let (mut worker, reader) = worker_on_state(
-        config,
-        &engine,
-        config.kafka.clone(),
-        state,
-        metrics.clone(),
-    )?;
-    // Dropped when the worker has stopped, so /metrics and /readyz answer while it drains.
+    let (worker, reader) = worker_on_state(config, engine, kafka, state, metrics.clone())?;
     let (operations, api) = crate::http::serve_sites(
         config,
-        &engine,
+        engine,
         (metrics, worker.readiness()),
         reader,
         (&config.http.api_listen, "http.api_listen"),
     )?;
+    Ok((worker, operations, api))
+}
+
+/// The streaming worker.
+pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Result<()> {
+    let stop = stop_on_signal()?;
+    let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
+    // The servers are dropped when the worker has stopped, so /metrics and /readyz answer
+    // while it drains.
+    let (mut worker, operations, api) =
+        served_worker(config, &engine, config.kafka.clone(), state)?;
     let address = operations.address();
     let api_address = api
         .as_ref()
@@ -386,16 +398,7 @@ pub fn demo(config: &AppConfig, events: usize, seed: u64, root: &Path) -> Result
         state.display()
     );
     let engine = idgraph_engine::Engine::new(config.engine.clone(), PROCESSOR_VERSION)?;
-    let metrics = Metrics::with_labels(config.metric_labels());
-    let (mut worker, reader) =
-        worker_on_state(config, &engine, kafka.clone(), &state, metrics.clone())?;
-    let (operations, api) = crate::http::serve_sites(
-        config,
-        &engine,
-        (metrics, worker.readiness()),
-        reader,
-        (&config.http.api_listen, "http.api_listen"),
-    )?;
+    let (mut worker, operations, api) = served_worker(config, &engine, kafka.clone(), &state)?;
     let address = operations.address();
     match api.as_ref().map(|api| api.address()) {
         Some(api) => println!(
