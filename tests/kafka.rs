@@ -950,7 +950,7 @@ fn transient_state_write_failures_are_waited_out_without_loss() {
     };
     let metrics = idgraph_kafka::Metrics::new();
     let mut worker =
-        idgraph_kafka::Worker::new(&engine, store, kafka, 100_000, metrics.clone()).unwrap();
+        idgraph_kafka::Worker::new(&engine, store, kafka, 64, metrics.clone()).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let summary = worker
         .run(

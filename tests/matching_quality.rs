@@ -39,7 +39,7 @@ fn truth_of(bytes: &[u8]) -> HashMap<String, String> {
 fn resolve_and_score(lines: &[Vec<u8>], truth: &HashMap<String, String>) -> Accuracy {
     let engine = Engine::new(EngineConfig::defaults(), "quality").unwrap();
     let mut store = MemoryStore::new();
-    let mut cache = StateCache::new(1_000_000);
+    let mut cache = StateCache::with_megabytes(1024);
     let coordinates: Vec<InputCoordinates> = (0..lines.len())
         .map(|line| InputCoordinates::File {
             file: "quality.jsonl".into(),

@@ -177,8 +177,8 @@ fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
 }
 
 /// Every output record of a run, as JSON lines, with the state cache of the given size.
-fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize) -> Vec<String> {
-    outputs_of_run(engine, events, cache_entries, false, false)
+fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_bytes: usize) -> Vec<String> {
+    outputs_of_run(engine, events, cache_bytes, false, false)
 }
 
 /// Every output record of a run, as JSON lines. With `commit_late`, each batch is committed
@@ -189,12 +189,12 @@ fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_entries: usize
 fn outputs_of_run(
     engine: &Engine,
     events: &[GenEvent],
-    cache_entries: usize,
+    cache_bytes: usize,
     commit_late: bool,
     as_version_3: bool,
 ) -> Vec<String> {
     let mut store = MemoryStore::new();
-    let mut cache = StateCache::new(cache_entries);
+    let mut cache = StateCache::new(cache_bytes);
     let mut pending: Option<(PendingWrites, ResolvedBatch)> = None;
     let mut lines = Vec::new();
     for (batch_index, chunk) in events.chunks(4).enumerate() {
@@ -267,10 +267,10 @@ fn run_with_checkpoints(
     events: &[GenEvent],
     batch_size: usize,
     interval: usize,
-    cache_entries: usize,
+    cache_bytes: usize,
 ) -> CheckpointedRun {
     let mut store = MemoryStore::new();
-    let mut cache = StateCache::new(cache_entries);
+    let mut cache = StateCache::new(cache_bytes);
     let mut open = PendingWrites::default();
     let mut committing: Option<PendingWrites> = None;
     let mut records = ProfileRecordCache::default();
@@ -449,13 +449,13 @@ proptest! {
         events in events_strategy(40),
         batch_size in 1usize..9,
         interval in 2usize..6,
-        cache_entries in 0usize..8,
+        cache_kib in 0usize..8,
     ) {
         let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
         let every_batch = run_with_checkpoints(&engine, &events, batch_size, 1, 1_000_000);
         let checkpointed = run_with_checkpoints(&engine, &events, batch_size, interval, 1_000_000);
         // A cache too small to hold an interval's profiles must keep them anyway.
-        let small_cache = run_with_checkpoints(&engine, &events, batch_size, interval, cache_entries);
+        let small_cache = run_with_checkpoints(&engine, &events, batch_size, interval, cache_kib * 1024);
         let one_by_one = run_with_checkpoints(&engine, &events, 1, 1, 1_000_000);
         for other in [&checkpointed, &small_cache, &one_by_one] {
             prop_assert_eq!(&every_batch.lines, &other.lines);
@@ -466,12 +466,12 @@ proptest! {
     }
 
     #[test]
-    fn the_state_cache_never_changes_an_output(events in events_strategy(40), small in 1usize..12) {
+    fn the_state_cache_never_changes_an_output(events in events_strategy(40), small_kib in 1usize..12) {
         let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
         let without = outputs_with_cache(&engine, &events, 0);
-        prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, 1_000_000));
+        prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, 1 << 30));
         // A cache too small for the graph starts over often; results stay the same.
-        prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, small));
+        prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, small_kib * 1024));
     }
 
     #[test]

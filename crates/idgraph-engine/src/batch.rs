@@ -172,7 +172,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
                 None => None,
             };
-            self.cache.current.nodes.insert(key.to_owned(), node);
+            self.cache.current.insert_node(key, node);
         }
         Ok(())
     }
@@ -206,19 +206,16 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
                 None => None,
             };
-            self.cache.current.nodes.insert(key.to_owned(), node);
+            self.cache.current.insert_node(key, node);
         }
         Ok(self.cache.current.nodes.get(key).and_then(Option::as_ref))
     }
 
     pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) {
         // A node is nearly always read before it is written: reuse its key.
-        let nodes = &mut self.cache.current.nodes;
-        match nodes.get_mut(key) {
+        match self.cache.current.nodes.get_mut(key) {
             Some(slot) => *slot = Some(node),
-            None => {
-                nodes.insert(key.to_owned(), Some(node));
-            }
+            None => self.cache.current.insert_node(key, Some(node)),
         }
         self.dirty_nodes.mark(key);
     }
@@ -265,7 +262,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 Some(bytes) => Some(Cached::from_entry(decode_customer(id.as_bytes(), &bytes)?)),
                 None => None,
             };
-            self.cache.current.customers.insert(id.to_owned(), entry);
+            self.cache.current.insert_customer(id.to_owned(), entry);
         }
         Ok(self.cache.current.customers[id].as_ref())
     }
@@ -310,16 +307,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
         self.dirty_customers.insert(id.clone());
         self.cache
             .current
-            .customers
-            .insert(id, Some(Cached::Live(Arc::new(state))));
+            .insert_customer(id, Some(Cached::Live(Arc::new(state))));
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
         self.dirty_customers.mark(id);
         self.cache
             .current
-            .customers
-            .insert(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
+            .insert_customer(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
 
     /// A blocking record to change in place: it is copied only if someone still holds the
@@ -343,10 +338,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
                 None => BlockRecord::default(),
             };
-            self.cache
-                .current
-                .blocks
-                .insert(key.to_owned(), Arc::new(block));
+            self.cache.current.insert_block(key, Arc::new(block));
         }
         Ok(Arc::clone(&self.cache.current.blocks[key]))
     }

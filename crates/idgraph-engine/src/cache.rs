@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::state::{BlockRecord, NodeRecord, ProfileState};
+use crate::state::{memory, BlockRecord, NodeRecord, ProfileState};
 
 /// A customer entry in decoded form.
 #[derive(Debug, Clone)]
@@ -31,11 +31,54 @@ pub(crate) struct Generation {
     pub(crate) nodes: FxHashMap<String, Option<NodeRecord>>,
     pub(crate) customers: FxHashMap<String, Option<Cached>>,
     pub(crate) blocks: FxHashMap<String, Arc<BlockRecord>>,
+    /// The estimated memory of the records as they entered this generation. Changes made in
+    /// place afterwards are not counted until the record enters a newer generation, which
+    /// keeps the count off the hot path; a record grows by little within one generation.
+    bytes: usize,
+}
+
+fn node_bytes(key: &str, node: &Option<NodeRecord>) -> usize {
+    memory::hash_slot::<Option<NodeRecord>>()
+        + memory::string(key.len())
+        + node.as_ref().map_or(0, NodeRecord::estimated_heap_bytes)
+}
+
+fn customer_bytes(id: &str, entry: &Option<Cached>) -> usize {
+    memory::hash_slot::<Option<Cached>>()
+        + memory::string(id.len())
+        + match entry {
+            Some(Cached::Live(state)) => state.estimated_bytes(),
+            Some(Cached::Redirect(to)) => memory::string(to.len()),
+            None => 0,
+        }
+}
+
+fn block_bytes(key: &str, block: &Arc<BlockRecord>) -> usize {
+    memory::hash_slot::<Arc<BlockRecord>>() + memory::string(key.len()) + block.estimated_bytes()
 }
 
 impl Generation {
     fn len(&self) -> usize {
         self.nodes.len() + self.customers.len() + self.blocks.len()
+    }
+
+    /// Caches a node read from the store (`None`: known absent).
+    pub(crate) fn insert_node(&mut self, key: &str, node: Option<NodeRecord>) {
+        self.bytes += node_bytes(key, &node);
+        self.nodes.insert(key.to_owned(), node);
+    }
+
+    /// Caches a customer entry; an entry that replaces one already here is not counted again.
+    pub(crate) fn insert_customer(&mut self, id: String, entry: Option<Cached>) {
+        let bytes = customer_bytes(&id, &entry);
+        if self.customers.insert(id, entry).is_none() {
+            self.bytes += bytes;
+        }
+    }
+
+    pub(crate) fn insert_block(&mut self, key: &str, block: Arc<BlockRecord>) {
+        self.bytes += block_bytes(key, &block);
+        self.blocks.insert(key.to_owned(), block);
     }
 }
 
@@ -43,8 +86,9 @@ impl Generation {
 /// batch is committed.
 ///
 /// Two generations bound memory without a per-entry clock: records a batch uses live in the
-/// current one; when a batch starts and the current one holds more than half of
-/// `max_entries`, it becomes the previous one and the old previous is dropped. A record a
+/// current one; when a batch starts and the current one holds more than half of `max_bytes`
+/// (estimated, see [`ProfileState::estimated_bytes`]), it becomes the previous one and the
+/// old previous is dropped. A record a
 /// batch finds in the previous generation moves into the current one, so hot records survive
 /// every turnover, and a key is in one generation only, so an older copy never shadows a
 /// newer one.
@@ -53,24 +97,35 @@ pub struct StateCache {
     /// The generation a batch reads and writes; the batch's own overlay.
     pub(crate) current: Generation,
     previous: Generation,
-    max_entries: usize,
+    max_bytes: usize,
     /// Customers whose newest state is only here, not yet in a checkpoint: kept through
     /// every turnover (see [`StateCache::pin_customers`]).
     pinned: FxHashSet<String>,
 }
 
 impl StateCache {
-    /// A cache that keeps at most about `max_entries` records between batches (it may exceed
-    /// that by one batch's records); 0 keeps nothing between batches.
-    pub fn new(max_entries: usize) -> Self {
+    /// A cache that keeps records of about `max_bytes` of memory between batches (it may
+    /// exceed that by one batch's records); 0 keeps nothing between batches.
+    pub fn new(max_bytes: usize) -> Self {
         StateCache {
-            max_entries,
+            max_bytes,
             ..StateCache::default()
         }
     }
 
+    /// A cache of `megabytes` MiB, as `engine.cache.max_mb` gives it.
+    pub fn with_megabytes(megabytes: usize) -> Self {
+        StateCache::new(megabytes.saturating_mul(1024 * 1024))
+    }
+
+    /// Records held, in both generations.
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len()
+    }
+
+    /// The estimated memory of the records held, in both generations.
+    pub fn estimated_bytes(&self) -> usize {
+        self.current.bytes + self.previous.bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -125,61 +180,80 @@ impl StateCache {
     /// Called as a batch starts: turns the generations over if the current one is full, and
     /// with a cache of size 0 drops what the last batch left. Pinned customers stay.
     pub(crate) fn begin_batch(&mut self) {
-        if self.max_entries == 0 {
+        if self.max_bytes == 0 {
             let mut kept = std::mem::take(&mut self.current);
             self.previous = Generation::default();
-            self.current.customers = self.take_pinned_entries(&mut kept);
-        } else if self.current.len() > self.max_entries / 2 {
+            self.keep_pinned_entries(&mut kept);
+        } else if self.current.bytes > self.max_bytes / 2 {
             let mut dropped =
                 std::mem::replace(&mut self.previous, std::mem::take(&mut self.current));
-            let pinned = self.take_pinned_entries(&mut dropped);
-            self.current.customers.extend(pinned);
+            self.keep_pinned_entries(&mut dropped);
         }
     }
 
-    /// The pinned customers' entries out of `generation`.
-    fn take_pinned_entries(
-        &self,
-        generation: &mut Generation,
-    ) -> FxHashMap<String, Option<Cached>> {
-        self.pinned
-            .iter()
-            .filter_map(|id| generation.customers.remove_entry(id))
-            .collect()
+    /// Moves the pinned customers' entries out of `generation`, which is being dropped, into
+    /// the current one.
+    fn keep_pinned_entries(&mut self, generation: &mut Generation) {
+        for id in &self.pinned {
+            if let Some((id, entry)) = generation.customers.remove_entry(id) {
+                self.current.insert_customer(id, entry);
+            }
+        }
     }
 
     /// Whether the node under `key` is cached; if it is, it is in the current generation.
     pub(crate) fn has_node(&mut self, key: &str) -> bool {
-        promote(&mut self.current.nodes, &mut self.previous.nodes, key)
+        let (current, previous) = (&mut self.current, &mut self.previous);
+        promote(
+            &mut current.nodes,
+            &mut previous.nodes,
+            &mut current.bytes,
+            key,
+            node_bytes,
+        )
     }
 
     /// Whether the customer entry `id` is cached; if it is, it is in the current generation.
     pub(crate) fn has_customer(&mut self, id: &str) -> bool {
+        let (current, previous) = (&mut self.current, &mut self.previous);
         promote(
-            &mut self.current.customers,
-            &mut self.previous.customers,
+            &mut current.customers,
+            &mut previous.customers,
+            &mut current.bytes,
             id,
+            customer_bytes,
         )
     }
 
     /// Whether the blocking record `key` is cached; if it is, it is in the current generation.
     pub(crate) fn has_block(&mut self, key: &str) -> bool {
-        promote(&mut self.current.blocks, &mut self.previous.blocks, key)
+        let (current, previous) = (&mut self.current, &mut self.previous);
+        promote(
+            &mut current.blocks,
+            &mut previous.blocks,
+            &mut current.bytes,
+            key,
+            block_bytes,
+        )
     }
 }
 
 /// Moves `key`'s entry from `previous` into `current` if it is there, with its key (so the key
-/// is not allocated again); true if `current` now holds it.
+/// is not allocated again), and counts its `size` in `current_bytes`; true if `current` now
+/// holds it.
 fn promote<V>(
     current: &mut FxHashMap<String, V>,
     previous: &mut FxHashMap<String, V>,
+    current_bytes: &mut usize,
     key: &str,
+    size: fn(&str, &V) -> usize,
 ) -> bool {
     if current.contains_key(key) {
         return true;
     }
     match previous.remove_entry(key) {
         Some((key, value)) => {
+            *current_bytes += size(&key, &value);
             current.insert(key, value);
             true
         }
@@ -195,18 +269,24 @@ mod tests {
     fn run_batch(cache: &mut StateCache, batch: usize) {
         cache.begin_batch();
         if !cache.has_node("hot") {
-            cache.current.nodes.insert("hot".into(), None);
+            cache.current.insert_node("hot", None);
         }
-        cache.current.nodes.insert(format!("cold-{batch}"), None);
+        cache.current.insert_node(&format!("cold-{batch}"), None);
     }
 
     #[test]
     fn hot_records_survive_turnover_while_the_size_stays_bounded() {
-        let mut cache = StateCache::new(6);
+        let entry = node_bytes("cold-10", &None);
+        let mut cache = StateCache::new(6 * entry);
         for batch in 0..20 {
             run_batch(&mut cache, batch);
-            // At most a full generation of each kind plus one batch's records.
-            assert!(cache.len() <= 6 + 2, "{} records cached", cache.len());
+            // At most the budget plus one batch's records.
+            assert!(
+                cache.estimated_bytes() <= 8 * entry && cache.len() <= 8,
+                "{} records of {} bytes cached",
+                cache.len(),
+                cache.estimated_bytes()
+            );
             assert_eq!(
                 cache.current.nodes.contains_key("hot") as usize
                     + cache.previous.nodes.contains_key("hot") as usize,
@@ -238,11 +318,11 @@ mod tests {
 
     #[test]
     fn pinned_customers_survive_turnover_until_taken() {
-        for size in [0, 4] {
+        for size in [0, 4 * node_bytes("cold-10", &None)] {
             let mut cache = StateCache::new(size);
             cache.begin_batch();
-            cache.current.customers.insert("kept".into(), live("kept"));
-            cache.current.customers.insert("cold".into(), live("cold"));
+            cache.current.insert_customer("kept".into(), live("kept"));
+            cache.current.insert_customer("cold".into(), live("cold"));
             cache.pin_customers(["kept", "absent"]);
             for batch in 0..10 {
                 run_batch(&mut cache, batch);

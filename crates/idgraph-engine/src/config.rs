@@ -72,8 +72,9 @@ impl EngineConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    /// Most records (identifier nodes, profiles, blocking keys) kept decoded; 0 turns it off.
-    pub max_entries: usize,
+    /// Memory (MiB, estimated) of the records (identifier nodes, profiles, blocking keys)
+    /// kept decoded between batches; 0 turns the cache off.
+    pub max_mb: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

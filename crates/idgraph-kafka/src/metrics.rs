@@ -96,6 +96,7 @@ pub struct Metrics {
     pub open_descriptors: IntGauge,
     pub max_descriptors: IntGauge,
     pub profile_identifier_limit: IntGauge,
+    pub state_cache_bytes: IntGauge,
     http_requests: IntCounterVec,
 }
 
@@ -344,6 +345,11 @@ impl Metrics {
                 &r,
                 "idgraph_profile_identifiers_limit",
                 "engine.protection.max_profile_identifiers: merges past it are refused",
+            ),
+            state_cache_bytes: gauge(
+                &r,
+                "idgraph_state_cache_bytes",
+                "Estimated memory of the decoded state kept between batches; engine.cache.max_mb bounds it",
             ),
             http_requests: counter_vec(
                 &r,

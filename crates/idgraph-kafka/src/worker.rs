@@ -236,7 +236,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         engine: &'e Engine,
         store: S,
         config: KafkaConfig,
-        cache_entries: usize,
+        cache_mb: usize,
         metrics: Metrics,
     ) -> Result<Self, KafkaWorkerError> {
         config.validate().map_err(KafkaWorkerError::Config)?;
@@ -279,7 +279,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Ok(Worker {
             engine,
             store,
-            cache: StateCache::new(cache_entries),
+            cache: StateCache::with_megabytes(cache_mb),
             config,
             consumer,
             sink,
@@ -546,6 +546,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 .observe(took.as_secs_f64());
         }
         self.metrics.record_batch(&outcome.stats);
+        self.metrics
+            .state_cache_bytes
+            .set(self.cache.estimated_bytes() as i64);
         tracing::debug!(
             batch = number,
             messages = batch.len(),

@@ -34,6 +34,8 @@ pub struct StorageConfig {
     pub max_wal_mb: u64,
     /// Level-0 files that start a compaction into the next level.
     pub l0_compaction_trigger: u32,
+    /// Memory (MiB) all tables' memtables may hold together before the largest is flushed.
+    pub write_buffer_mb: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +98,9 @@ impl RocksStore {
         db_options.set_max_background_jobs(2);
         db_options.enable_statistics();
         db_options.set_max_total_wal_size(config.max_wal_mb.max(1) * 1024 * 1024);
+        // Each table's memtable may grow to 64 MiB, twice over while one flushes; with seven
+        // tables that alone could pass a gigabyte. One budget for all of them bounds it.
+        db_options.set_db_write_buffer_size(config.write_buffer_mb.max(1) * 1024 * 1024);
         let descriptors = Table::ALL
             .iter()
             .map(|table| {

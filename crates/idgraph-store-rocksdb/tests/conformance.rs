@@ -16,6 +16,7 @@ fn config() -> StorageConfig {
         compression: Compression::Lz4,
         max_wal_mb: 64,
         l0_compaction_trigger: 8,
+        write_buffer_mb: 64,
     }
 }
 

@@ -487,7 +487,7 @@ pub fn resolve_file(
     let mut last_progress = started;
     // Counters of the lines a checkpoint covers already, so quality.json covers the input.
     let mut stats = resumed_quality;
-    let mut cache = StateCache::new(config.engine.cache.max_entries);
+    let mut cache = StateCache::with_megabytes(config.engine.cache.max_mb);
     let mut line_number = resumed_after;
     let reader = store.reader();
     let process_cpu_before = process_cpu_seconds();
@@ -536,7 +536,10 @@ pub fn resolve_file(
                     last_progress = Instant::now();
                     let rate =
                         (line_number - resumed_after) as f64 / started.elapsed().as_secs_f64();
-                    eprintln!("resolved {line_number} lines ({rate:.0} lines/s)");
+                    eprintln!(
+                        "resolved {line_number} lines ({rate:.0} lines/s, state cache {} MiB)",
+                        cache.estimated_bytes() >> 20
+                    );
                 }
             }
         }

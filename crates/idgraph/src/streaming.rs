@@ -141,13 +141,7 @@ fn worker_on_state<'e>(
 ) -> Result<(Worker<'e, RocksStore>, RocksReader)> {
     let (store, _) = open_state(config, Some(state))?;
     let reader = store.reader();
-    let mut worker = Worker::new(
-        engine,
-        store,
-        kafka,
-        config.engine.cache.max_entries,
-        metrics,
-    )?;
+    let mut worker = Worker::new(engine, store, kafka, config.engine.cache.max_mb, metrics)?;
     let figures = reader.clone();
     worker.watch_store(move || figures.figures());
     Ok((worker, reader))
