@@ -6,11 +6,12 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
 use serde::Serialize;
 
 use crate::config::KafkaConfig;
@@ -76,6 +77,24 @@ pub struct DumpedRecord {
     pub value: Option<String>,
 }
 
+/// The dump consumer's client context. The dump asks librdkafka to report each partition's
+/// end, which is how it knows it is done; librdkafka also raises each report as a client
+/// error, which the default context logs at ERROR level, one line per partition per dump
+/// (sixteen of them in every `idgraph demo`). This context drops those and logs every other
+/// error as the default does.
+struct DumpContext;
+
+impl ClientContext for DumpContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error == KafkaError::Global(RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
+        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for DumpContext {}
+
 /// Writes every record of `topic`, from the beginning to the current end of each partition,
 /// as JSON Lines: a [`DumpedRecord`] per line, or with `values_only` just the record values
 /// (which are JSON themselves for every idgraph output). Returns the number of records.
@@ -85,11 +104,11 @@ pub fn dump_topic(
     values_only: bool,
     mut out: impl Write,
 ) -> Result<u64, KafkaWorkerError> {
-    let consumer: BaseConsumer = client_config(config)
+    let consumer: BaseConsumer<DumpContext> = client_config(config)
         .set("group.id", "idgraph-dump")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(DumpContext)
         .map_err(KafkaWorkerError::kafka("create dump consumer"))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
