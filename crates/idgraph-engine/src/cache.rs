@@ -88,10 +88,9 @@ impl Generation {
 /// Two generations bound memory without a per-entry clock: records a batch uses live in the
 /// current one; when a batch starts and the current one holds more than half of `max_bytes`
 /// (estimated, see [`ProfileState::estimated_bytes`]), it becomes the previous one and the
-/// old previous is dropped. A record a
-/// batch finds in the previous generation moves into the current one, so hot records survive
-/// every turnover, and a key is in one generation only, so an older copy never shadows a
-/// newer one.
+/// old previous is dropped. A record a batch finds in the previous generation moves into the
+/// current one, so hot records survive every turnover, and a key is in one generation only,
+/// so an older copy never shadows a newer one.
 #[derive(Debug, Default)]
 pub struct StateCache {
     /// The generation a batch reads and writes; the batch's own overlay.
