@@ -402,13 +402,15 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
         .collect();
     let parts: Vec<&[&[u8]]> = lines.chunks(lines.len().div_ceil(10)).collect();
     let state = dir.path().join("state");
-    // Kill points: right after the worker logs its 1st, 2nd or 3rd committed batch, plus up to
-    // 40 ms, chosen by a deterministic generator. A committed batch's outputs are then being
-    // sent, or about to be, so kills land between commit, send and acknowledgement.
+    // Kill points: right after the worker logs its 1st, 2nd or 3rd sent batch, plus up to
+    // 40 ms, chosen by a deterministic generator. A sent batch's outputs are then awaiting
+    // acknowledgement and its state is not checkpointed yet (that waits for the input to go
+    // quiet), so kills land between log, send, acknowledgement and checkpoint.
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut killed_while_working = 0;
-    // Starts that found committed outputs of the killed run in the outbox and sent them again.
-    let outbox_recoveries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Starts that found batches the killed run logged after its last checkpoint and replayed
+    // them.
+    let replays = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (run, part) in parts.iter().enumerate() {
         let part_file = dir.path().join(format!("part-{run}.jsonl"));
         let mut content = part.join(&b'\n');
@@ -430,7 +432,7 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
         let kill_after_commits = 1 + (seed % 3) as usize;
         let stderr = worker.stderr.take().unwrap();
         let (committed_tx, committed_rx) = std::sync::mpsc::channel();
-        let recoveries = std::sync::Arc::clone(&outbox_recoveries);
+        let recoveries = std::sync::Arc::clone(&replays);
         std::thread::spawn(move || {
             use std::io::BufRead;
             let mut commits = 0;
@@ -438,10 +440,10 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
                 .lines()
                 .map_while(Result::ok)
             {
-                if line.contains("sending the outputs the last run had not seen acknowledged") {
+                if line.contains("replaying the batches logged since the last checkpoint") {
                     recoveries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
-                if line.contains("batch committed") {
+                if line.contains("batch sent") {
                     commits += 1;
                     if commits == kill_after_commits {
                         let _ = committed_tx.send(());
@@ -460,17 +462,17 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
         killed_while_working, 10,
         "every kill hit a worker that had committed a batch and was still running"
     );
-    let recoveries = outbox_recoveries.load(std::sync::atomic::Ordering::SeqCst);
-    // The newest committed batch stays in the outbox until a later write deletes it, so
-    // every restart after a kill finds something to send again.
+    let recoveries = replays.load(std::sync::atomic::Ordering::SeqCst);
+    // Every kill lands before the killed run's next checkpoint, so every restart after one
+    // finds logged batches to resolve and send again.
     assert_eq!(
         recoveries, 9,
-        "each restart after a kill sends the killed run's outbox again"
+        "each restart after a kill replays the killed run's logged batches"
     );
     let summary = broker.ok(&["run", "--state", p(&state), "--exit-when-idle", "3"]);
     assert!(
         !summary.contains("replayed batches 0"),
-        "the last start sends the outbox of the 10th kill again: {summary}"
+        "the last start replays the batches of the 10th kill: {summary}"
     );
 
     let enriched = broker.dump("idgraph.enriched", dir.path());
@@ -501,7 +503,7 @@ fn kill_minus_nine_at_random_points_loses_nothing_and_re_emits_identical_records
         }
     }
     eprintln!(
-        "{duplicates} re-emitted records after 10 kills, {recoveries} starts re-sent the outbox; final run: {summary}"
+        "{duplicates} re-emitted records after 10 kills, {recoveries} starts replayed logged batches; final run: {summary}"
     );
     // Nothing is lost, and the result is the uncrashed (file-mode) result.
     let streamed = customers_by_event(enriched.iter().map(value));
@@ -949,7 +951,8 @@ fn transient_state_write_failures_are_waited_out_without_loss() {
     kafka.batch_size = 500;
     let engine =
         idgraph_engine::Engine::new(idgraph_engine::EngineConfig::defaults(), "test").unwrap();
-    // The second to fourth writes fail: one batch's commit fails three times in a row.
+    // The second to fourth writes fail: one write (a batch's log entry) fails three times in
+    // a row.
     let store = FlakyStore {
         inner: idgraph_engine::MemoryStore::new(),
         writes: 0,

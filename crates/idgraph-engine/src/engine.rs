@@ -154,10 +154,7 @@ impl ResolvedBatch {
             profile_records,
             profile_writes,
         } = self;
-        outcome.profiles.reserve(profile_records.len());
-        for (id, state, meta) in profile_records {
-            outcome.profiles.push(live_record(id, &state, meta));
-        }
+        push_live_records(&mut outcome, profile_records);
         let mut writes = WriteSet::default();
         writes.ops.reserve(profile_writes.len());
         for (id, state) in profile_writes {
@@ -196,11 +193,36 @@ impl ResolvedBatch {
         changed.chain(recorded)
     }
 
+    /// The whole outcome with its profile records, for a caller that writes state behind
+    /// but sends every batch's profile records: the changed profiles' state records are not
+    /// made here. Pin their ids in the [`StateCache`] first ([`ResolvedBatch::profile_ids`]);
+    /// [`crate::PendingWrites::close`] takes their states at the checkpoint.
+    pub fn outcome_with_profile_records(self) -> BatchOutcome {
+        let ResolvedBatch {
+            mut outcome,
+            profile_records,
+            ..
+        } = self;
+        push_live_records(&mut outcome, profile_records);
+        outcome
+    }
+
     /// The whole outcome, with the profiles' state records appended to its write set.
     pub fn finish(self) -> BatchOutcome {
         let (mut outcome, profile_writes) = self.encode_profiles();
         outcome.writes.ops.extend(profile_writes.ops);
         outcome
+    }
+}
+
+/// Appends the live profiles' output records, after the tombstones already in `outcome`.
+fn push_live_records(
+    outcome: &mut BatchOutcome,
+    profile_records: Vec<(String, Arc<ProfileState>, RecordMeta)>,
+) {
+    outcome.profiles.reserve(profile_records.len());
+    for (id, state, meta) in profile_records {
+        outcome.profiles.push(live_record(id, &state, meta));
     }
 }
 

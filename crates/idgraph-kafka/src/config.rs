@@ -27,6 +27,9 @@ pub struct KafkaConfig {
     /// Most committed batches whose outputs may await acknowledgement while the next batch
     /// is resolved; 1 means one batch is delivered while the next is worked on.
     pub max_batches_in_flight: usize,
+    /// Batches per checkpoint: state is written behind, the changes of this many batches in
+    /// one write, and a restart resolves the batches logged since the last one again.
+    pub checkpoint_interval: usize,
     /// Source name → topic it is consumed from.
     pub sources: BTreeMap<String, String>,
     pub outputs: OutputTopics,
@@ -127,6 +130,11 @@ impl KafkaConfig {
         if self.max_batches_in_flight == 0 {
             return Err(
                 "kafka.max_batches_in_flight must be at least 1 (the batch being delivered)".into(),
+            );
+        }
+        if self.checkpoint_interval == 0 {
+            return Err(
+                "kafka.checkpoint_interval must be at least 1 (1 checkpoints every batch)".into(),
             );
         }
         let mut topics: Vec<&str> = self.sources.values().map(String::as_str).collect();

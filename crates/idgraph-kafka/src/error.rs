@@ -22,7 +22,12 @@ pub enum KafkaWorkerError {
     /// Output topics are missing and could not be created.
     #[error("cannot create output topics {topics}: {reason}; create them yourself (see README) or set kafka.topics.create = false")]
     TopicSetup { topics: String, reason: String },
-    /// The stored outbox cannot be read back; the state directory is damaged.
+    /// The batches logged since the last checkpoint cannot be resolved again: an entry is
+    /// damaged or a logged message is gone from the broker.
+    #[error("cannot replay the batches logged since the last checkpoint: {0}")]
+    Replay(String),
+    /// The stored outbox of an older version cannot be read back; the state directory is
+    /// damaged.
     #[error("cannot send the stored outbox again: {0}")]
     Outbox(String),
 }

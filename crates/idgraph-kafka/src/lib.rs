@@ -6,8 +6,10 @@
 //!
 //! It holds no resolution logic (that is `idgraph-engine`) and does not open RocksDB itself:
 //! the worker is generic over the engine's `StateStore` and the binary hands it the RocksDB
-//! store. Crash safety comes from an outbox kept in that store with the state: see [`worker`].
+//! store. Crash safety comes from checkpoints of that store and a log of each batch's input
+//! offsets kept in it, which a restart resolves again: see [`worker`] and [`batch_log`].
 
+pub mod batch_log;
 pub mod broker;
 pub mod config;
 pub mod error;

@@ -151,7 +151,7 @@ impl Metrics {
         let batch_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "idgraph_batch_phase_seconds",
-                "Time per batch spent resolving, delivering outputs and committing state",
+                "Time per batch spent by phase: resolve, log (its input offsets), send, wait_for_acks, and checkpoint (waiting for every acknowledgement and writing the state of the batches since the last)",
             )
             .buckets(exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
             &["phase"],
@@ -298,7 +298,7 @@ impl Metrics {
             replayed_batches: counter(
                 &r,
                 "idgraph_replayed_batches_total",
-                "Outbox entries of an earlier run sent again at start",
+                "Batches logged but not checkpointed by an earlier run, resolved and sent again at start",
             ),
             ready: gauge(
                 &r,
@@ -386,7 +386,7 @@ impl Metrics {
         for rule in RefusalRule::ALL {
             self.merges_refused.with_label_values(&[rule.as_str()]);
         }
-        for phase in ["resolve", "commit", "send", "wait_for_acks"] {
+        for phase in ["resolve", "log", "send", "wait_for_acks", "checkpoint"] {
             self.batch_seconds.with_label_values(&[phase]);
         }
         for output in OUTPUTS {

@@ -1,32 +1,39 @@
-//! The streaming worker: consume touchpoint topics in batches, resolve each batch, commit its
-//! state, positions and outputs together, then send the outputs while the next batch is
-//! resolved.
+//! The streaming worker: consume touchpoint topics in batches, resolve each batch, log its
+//! input offsets, send its outputs while the next batch is resolved, and write the state
+//! behind, in checkpoints.
 //!
-//! # Crash safety: the outbox
+//! # Crash safety: checkpoints and the batch-range log
 //!
 //! A batch goes through three steps:
 //!
-//! 1. **Resolve**: the engine turns the batch and the stored state into a write set and output
-//!    records. This is deterministic.
-//! 2. **Commit**: one atomic RocksDB write holds the graph changes, the next input positions
-//!    and the batch's output records in wire form (its *outbox entry*, keyed by batch
-//!    number), plus the removal of the entries of earlier batches that the broker has fully
-//!    acknowledged. Consumer-group offsets are committed after it, for lag monitoring only.
+//! 1. **Resolve**: the engine turns the batch and the state into state changes and output
+//!    records. This is deterministic. The changes join the open checkpoint in memory
+//!    ([`PendingWrites`]); later batches read through it.
+//! 2. **Log**: one small RocksDB write stores the batch's messages as runs of offsets, in poll
+//!    order ([`crate::batch_log`]).
 //! 3. **Send**: the records go to the idempotent producer. The worker does not wait for the
 //!    acknowledgements: it resolves the next batch meanwhile, with at most
-//!    `kafka.max_batches_in_flight` committed batches unacknowledged (then it waits).
+//!    `kafka.max_batches_in_flight` batches unacknowledged (then it waits).
 //!
-//! After a crash, the restarted worker first sends every outbox entry left in its store, in
-//! batch order and byte for byte as stored, waits until the broker has all of them, deletes
-//! them, and only then consumes again from the stored positions. Nothing is lost (state,
-//! positions and outputs only move together), and a consumer sees at most duplicate copies,
-//! byte-identical and with the same idempotency key, that its idempotency-key check drops.
+//! Every `kafka.checkpoint_interval` batches, and whenever the input goes quiet, the worker
+//! waits until the broker has acknowledged every batch sent, then commits the checkpoint in
+//! one atomic write: the state changes of its batches (each key once, at its last value), the
+//! next input positions, and the deletion of those batches' log entries.
+//!
+//! After a crash, the restarted worker loads the last checkpoint, fetches the messages of
+//! every logged batch again, resolves them in the same batches and sends their outputs
+//! again; then it commits a checkpoint and consumes from there. Nothing is lost (a batch's
+//! log entry goes only with the state that includes it, after its outputs were acknowledged),
+//! and a consumer sees at most duplicate copies, byte-identical and with the same
+//! idempotency key, that its idempotency-key check drops. A store left by a version that kept
+//! an outbox of output records is emptied first, by sending those records as stored.
 //!
 //! When the broker fails some record of a batch, that batch and every later one still in
 //! flight are sent again, in order, after the earlier sends have settled; so the newest
 //! version of a profile is always the last one on its partition, which is what a compacted
 //! topic keeps. On start and on every partition assignment, the worker seeks to the positions
-//! in its own store, not to the group's committed offsets.
+//! of the batches it has resolved, which start from its stored ones, not to the group's
+//! committed offsets.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,8 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::{
-    BatchStats, Engine, ErrorClass, InputMessage, QualityReport, StateCache, StateStore, Table,
-    WriteSet,
+    BatchOutcome, BatchStats, Engine, ErrorClass, InputMessage, PendingWrites, QualityReport,
+    ReadThrough, StateCache, StateStore, StoreError, Table, WriteOp, WriteSet,
 };
 use idgraph_model::{DeadLetter, InputCoordinates, RecordMeta};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -45,18 +52,19 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use serde::Serialize;
 
+use crate::batch_log::{fetch_logged, log_key, number_of, LoggedBatch, BATCH_LOG_PREFIX};
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
 use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
 use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
 use crate::sink::{
-    client_config, decode_outbox, encode_outbox, max_record_bytes, wire_records, DeliveryStatus,
-    OutputSink, Refusal, WireRecord,
+    client_config, decode_outbox, max_record_bytes, wire_records, DeliveryStatus, OutputSink,
+    Refusal, WireRecord,
 };
 
-/// Key prefix of outbox entries in [`Table::Meta`]; the batch number follows, big-endian, so a
-/// prefix scan returns the entries in batch order.
+/// Key prefix of the outbox entries older versions kept in [`Table::Meta`] (a batch's output
+/// records); the batch number follows, big-endian.
 const OUTBOX_PREFIX: &[u8] = b"kafka_outbox:";
 
 /// Left by versions before the outbox: the message list of a batch that was not committed.
@@ -68,13 +76,7 @@ const QUALITY_BATCH: usize = usize::MAX;
 /// How long one wait for acknowledgements lasts before the worker reports itself unready.
 const STALL_SLICE: Duration = Duration::from_millis(500);
 
-fn outbox_key(batch: usize) -> Vec<u8> {
-    let mut key = OUTBOX_PREFIX.to_vec();
-    key.extend_from_slice(&(batch as u64).to_be_bytes());
-    key
-}
-
-/// A committed batch whose outputs the broker has not fully acknowledged yet.
+/// A sent batch whose outputs the broker has not fully acknowledged yet.
 struct InFlight {
     batch: usize,
     /// Kept to send again if delivery fails.
@@ -177,7 +179,8 @@ fn retain_unrevoked<T>(batch: &mut Vec<(OwnedMessage, T)>, revoked: &[(String, i
 pub struct WorkerSummary {
     pub batches: u64,
     pub messages: u64,
-    /// Outbox entries of an earlier run sent again at start.
+    /// Batches an earlier run logged but did not checkpoint, resolved and sent again at
+    /// start (and outbox entries of older versions sent again).
     pub replayed_batches: u64,
     pub delivery_retries: u64,
     /// Output records refused for good, whose references went to the dead-letter topic.
@@ -223,10 +226,12 @@ pub struct Worker<'e, S: StateStore> {
     /// When the broker last acknowledged a whole batch.
     last_output: Option<Instant>,
     metrics: Metrics,
-    /// Committed batches awaiting acknowledgement, oldest first.
+    /// Sent batches awaiting acknowledgement, oldest first.
     in_flight: VecDeque<InFlight>,
-    /// Acknowledged batches whose outbox entries the next write deletes.
-    delivered: Vec<usize>,
+    /// The state changes of the batches since the last checkpoint.
+    open: PendingWrites,
+    /// The numbers of those batches, whose log entries the checkpoint deletes.
+    logged: Vec<usize>,
     next_batch: usize,
 }
 
@@ -294,7 +299,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
             last_output: None,
             metrics,
             in_flight: VecDeque::new(),
-            delivered: Vec::new(),
+            open: PendingWrites::default(),
+            logged: Vec::new(),
             next_batch: 1,
         })
     }
@@ -313,8 +319,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Arc::clone(&self.ready)
     }
 
-    /// Sends what the last run left in the outbox, then consumes until `stop` is set (or the
-    /// topics are idle, with `exit_when_idle`), and waits for the last outputs.
+    /// Replays what the last run logged after its last checkpoint, then consumes until `stop`
+    /// is set (or the topics are idle, with `exit_when_idle`), waits for the last outputs and
+    /// commits a last checkpoint.
     pub fn run(
         &mut self,
         stop: &AtomicBool,
@@ -322,6 +329,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
     ) -> Result<WorkerSummary, KafkaWorkerError> {
         let started = Instant::now();
         self.recover_outbox(stop)?;
+        self.replay_logged(stop)?;
         let topics: Vec<&str> = self.config.sources.values().map(String::as_str).collect();
         self.consumer
             .subscribe(&topics)
@@ -342,8 +350,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
         while !stop.load(Ordering::SeqCst) {
             let (batch, polled_at) = self.poll_batch(stop);
             if batch.is_empty() {
-                self.settle(self.config.max_batches_in_flight, stop)?;
-                self.delete_delivered_now()?;
+                // Quiet input: checkpoint now rather than leave batches for a restart to
+                // replay.
+                self.checkpoint(stop)?;
                 if !self.assigned.load(Ordering::SeqCst) {
                     last_message = Instant::now();
                 } else if options
@@ -366,8 +375,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 self.publish_quality();
             }
         }
-        self.settle(0, stop)?;
-        self.delete_delivered_now()?;
+        self.checkpoint(stop)?;
         self.publish_quality();
         self.set_ready(false);
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
@@ -462,13 +470,59 @@ impl<'e, S: StateStore> Worker<'e, S> {
             .is_some_and(|next| message.offset() < *next)
     }
 
-    /// Resolve, commit with the outbox entry, send (see the module documentation).
+    /// Resolve, log, send (see the module documentation), and checkpoint every
+    /// `checkpoint_interval` batches.
     fn process(
         &mut self,
         batch: Vec<OwnedMessage>,
         polled_at: Vec<Instant>,
         stop: &AtomicBool,
     ) -> Result<(), KafkaWorkerError> {
+        let number = self.next_batch;
+        self.next_batch += 1;
+        let started = Instant::now();
+        let outcome = self.resolve(&batch)?;
+        let records = wire_records(&outcome, self.sink.topics());
+        let resolved = Instant::now();
+        let entry = LoggedBatch::of(&batch).encode();
+        self.write_with_retry(stop, |store| {
+            let mut writes = WriteSet::default();
+            writes.put(Table::Meta, log_key(number), entry.clone());
+            store.write(&writes)
+        })?;
+        self.logged.push(number);
+        let logged = Instant::now();
+        self.send(number, &batch, outcome, records, polled_at);
+        let sent = Instant::now();
+        let phases = [
+            ("resolve", resolved - started),
+            ("log", logged - resolved),
+            ("send", sent - logged),
+        ];
+        for (phase, took) in phases {
+            self.metrics
+                .batch_seconds
+                .with_label_values(&[phase])
+                .observe(took.as_secs_f64());
+        }
+        tracing::debug!(
+            batch = number,
+            messages = batch.len(),
+            resolve_ms = (resolved - started).as_millis() as u64,
+            log_ms = (logged - resolved).as_millis() as u64,
+            send_ms = (sent - logged).as_millis() as u64,
+            "batch sent"
+        );
+        self.settle_window(stop)?;
+        if self.open.batches() >= self.config.checkpoint_interval {
+            self.checkpoint(stop)?;
+        }
+        Ok(())
+    }
+
+    /// Resolves `batch` against the state as of the batches before it, adds its changes to
+    /// the open checkpoint and returns its outcome, profile records included.
+    fn resolve(&mut self, batch: &[OwnedMessage]) -> Result<BatchOutcome, KafkaWorkerError> {
         // One shared name per topic: every output record of the batch carries it.
         let mut topic_names: Vec<Arc<str>> = Vec::new();
         let coordinates: Vec<InputCoordinates> = batch
@@ -489,74 +543,64 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 }
             })
             .collect();
-        let messages: Vec<InputMessage<'_>> = batch
+        let prepared = batch
             .iter()
             .zip(&coordinates)
-            .map(|(message, coordinates)| InputMessage {
-                coordinates,
-                payload: message.payload().unwrap_or_default(),
-                default_source: self.config.source_of(message.topic()).unwrap_or("custom"),
+            .map(|(message, coordinates)| {
+                let source = self.config.source_of(message.topic()).unwrap_or("custom");
+                self.metrics
+                    .messages_consumed
+                    .with_label_values(&[source])
+                    .inc();
+                self.engine.prepare(&InputMessage {
+                    coordinates,
+                    payload: message.payload().unwrap_or_default(),
+                    default_source: source,
+                })
             })
             .collect();
-        for message in &messages {
-            self.metrics
-                .messages_consumed
-                .with_label_values(&[message.default_source])
-                .inc();
-        }
-        let started = Instant::now();
-        // The cache holds the batch's changes from here on: if it cannot be resolved or
-        // committed, the cache no longer matches the store and must go.
-        let mut outcome =
-            match self
-                .engine
-                .process_batch_cached(&self.store, &mut self.cache, &messages)
-            {
-                Ok(outcome) => outcome,
-                Err(error) => {
-                    self.cache.clear();
-                    return Err(error.into());
-                }
-            };
-        let records = wire_records(&outcome, self.sink.topics());
-        let resolved = Instant::now();
-        let number = self.next_batch;
-        self.next_batch += 1;
-        let mut writes = std::mem::take(&mut outcome.writes);
-        writes.put(Table::Meta, outbox_key(number), encode_outbox(&records));
-        self.delete_delivered(&mut writes);
-        if let Err(error) = self.commit(&writes, stop) {
-            self.cache.clear();
-            return Err(error);
-        }
-        self.engine.expire_old_records(&mut self.store)?;
-        let committed = Instant::now();
-        self.advance_positions(&batch);
-        self.sink.enqueue(number, &records);
-        let sent = Instant::now();
-        let phases = [
-            ("resolve", resolved - started),
-            ("commit", committed - resolved),
-            ("send", sent - committed),
-        ];
-        for (phase, took) in phases {
-            self.metrics
-                .batch_seconds
-                .with_label_values(&[phase])
-                .observe(took.as_secs_f64());
-        }
-        self.metrics.record_batch(&outcome.stats);
+        let layers = [&self.open];
+        let view = ReadThrough {
+            pending: &layers,
+            store: &self.store,
+        };
+        // The cache runs ahead of the store: it holds the open checkpoint's profiles. If a
+        // batch cannot be resolved the run stops, and the cache goes with it.
+        let resolved = match self
+            .engine
+            .resolve_prepared(&view, &mut self.cache, prepared)
+        {
+            Ok(resolved) => resolved,
+            Err(error) => {
+                self.cache.clear();
+                return Err(error.into());
+            }
+        };
+        // The changed profiles stay in the cache, pinned, until the checkpoint takes them.
+        self.cache.pin_customers(resolved.profile_ids());
+        let mut outcome = resolved.outcome_with_profile_records();
+        self.open.push(
+            Arc::new(std::mem::take(&mut outcome.writes)),
+            std::iter::empty(),
+        );
         self.metrics
             .state_cache_bytes
             .set(self.cache.estimated_bytes() as i64);
-        tracing::debug!(
-            batch = number,
-            messages = batch.len(),
-            resolve_ms = (resolved - started).as_millis() as u64,
-            commit_ms = (committed - resolved).as_millis() as u64,
-            send_ms = (sent - committed).as_millis() as u64,
-            "batch committed"
-        );
+        Ok(outcome)
+    }
+
+    /// Sends a resolved batch's records and tracks them until they are acknowledged.
+    fn send(
+        &mut self,
+        number: usize,
+        batch: &[OwnedMessage],
+        mut outcome: BatchOutcome,
+        records: Vec<WireRecord>,
+        polled_at: Vec<Instant>,
+    ) {
+        self.advance_positions(batch);
+        self.sink.enqueue(number, &records);
+        self.metrics.record_batch(&outcome.stats);
         self.summary.batches += 1;
         self.summary.messages += batch.len() as u64;
         self.summary
@@ -572,6 +616,10 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 .collect(),
             reporting_refusals: false,
         });
+    }
+
+    /// Waits while more than `max_batches_in_flight` batches await acknowledgement.
+    fn settle_window(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
         let waiting = Instant::now();
         self.settle(self.config.max_batches_in_flight, stop)?;
         self.metrics
@@ -581,9 +629,86 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Ok(())
     }
 
+    /// Waits for every sent batch to be acknowledged, then commits the open checkpoint: its
+    /// state changes, positions and the deletion of its batches' log entries, in one write.
+    /// A log entry must not go before its batch's outputs are acknowledged: nothing could
+    /// send them again after a crash. If `stop` cuts the wait short, the log keeps the
+    /// batches for the next start.
+    fn checkpoint(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
+        self.settle(0, stop)?;
+        if self.open.is_empty() || !self.in_flight.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let batches = self.open.batches();
+        let pending = self.open.close(&mut self.cache);
+        let deletions: Vec<WriteOp> = self
+            .logged
+            .iter()
+            .map(|number| WriteOp::Delete {
+                table: Table::Meta,
+                key: log_key(*number),
+            })
+            .collect();
+        let extra: Vec<&WriteOp> = deletions.iter().collect();
+        self.write_with_retry(stop, |store| pending.commit(store, &extra))?;
+        self.logged.clear();
+        self.engine.expire_old_records(&mut self.store)?;
+        let took = started.elapsed();
+        self.metrics
+            .batch_seconds
+            .with_label_values(&["checkpoint"])
+            .observe(took.as_secs_f64());
+        tracing::debug!(
+            batches,
+            checkpoint_ms = took.as_millis() as u64,
+            "checkpoint committed"
+        );
+        Ok(())
+    }
+
+    /// Resolves and sends again the batches the last run logged after its last checkpoint,
+    /// exactly as they were cut, then commits a checkpoint.
+    fn replay_logged(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
+        let mut batches = Vec::new();
+        for (key, value) in self.store.scan_prefix(Table::Meta, BATCH_LOG_PREFIX)? {
+            let number = number_of(&key).ok_or_else(|| {
+                KafkaWorkerError::Replay(format!(
+                    "unexpected batch log key {}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            batches.push((number, LoggedBatch::decode(number, &value)?));
+        }
+        if batches.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            batches = batches.len(),
+            "replaying the batches logged since the last checkpoint"
+        );
+        let fetched = fetch_logged(
+            &self.config,
+            &batches,
+            Duration::from_millis(self.config.delivery_timeout_ms),
+        )?;
+        for ((number, _), messages) in batches.iter().zip(fetched) {
+            let outcome = self.resolve(&messages)?;
+            let records = wire_records(&outcome, self.sink.topics());
+            self.logged.push(*number);
+            self.next_batch = self.next_batch.max(number + 1);
+            self.send(*number, &messages, outcome, records, Vec::new());
+            self.summary.replayed_batches += 1;
+            self.metrics.replayed_batches.inc();
+            tracing::debug!(batch = number, messages = messages.len(), "batch replayed");
+            self.settle_window(stop)?;
+        }
+        self.checkpoint(stop)
+    }
+
     /// Retires acknowledged batches and waits until at most `limit` remain in flight,
     /// sending failed ones again. With `stop` set it gives up after one delivery timeout: the
-    /// outbox keeps what is left for the next start.
+    /// batch log keeps what is left for the next start.
     fn settle(&mut self, limit: usize, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
         let mut backoff = Duration::from_millis(100);
         let patience = Duration::from_millis(self.config.delivery_timeout_ms);
@@ -635,7 +760,6 @@ impl<'e, S: StateStore> Worker<'e, S> {
             }
             let done = self.in_flight.pop_front().expect("front exists");
             self.sink.forget(done.batch);
-            self.delivered.push(done.batch);
             let now = Instant::now();
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -732,39 +856,24 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
     }
 
-    /// Adds the deletion of acknowledged outbox entries to `writes`.
-    fn delete_delivered(&mut self, writes: &mut WriteSet) {
-        for batch in self.delivered.drain(..) {
-            writes.delete(Table::Meta, outbox_key(batch));
-        }
-    }
-
-    /// Deletes acknowledged outbox entries in a write of their own (when idle or stopping).
-    fn delete_delivered_now(&mut self) -> Result<(), KafkaWorkerError> {
-        if self.delivered.is_empty() {
-            return Ok(());
-        }
-        let mut writes = WriteSet::default();
-        self.delete_delivered(&mut writes);
-        self.store.write(&writes)?;
-        Ok(())
-    }
-
-    /// Writes `writes` atomically, waiting out transient store failures (a busy or slow
-    /// disk): the worker reports unready and consumes nothing meanwhile, so nothing goes past
-    /// what is durable. A fatal failure, or `stop`, ends the run; the next start resumes from
-    /// the last write that succeeded.
-    fn commit(&mut self, writes: &WriteSet, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
+    /// Runs `write` until it succeeds, waiting out transient store failures (a busy or slow
+    /// disk): the worker reports unready and consumes nothing meanwhile. A fatal failure, or
+    /// `stop`, ends the run; the next start resumes from the last write that succeeded.
+    fn write_with_retry(
+        &mut self,
+        stop: &AtomicBool,
+        mut write: impl FnMut(&mut S) -> Result<(), StoreError>,
+    ) -> Result<(), KafkaWorkerError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.store.write(writes) {
+            match write(&mut self.store) {
                 Ok(()) => return Ok(()),
                 Err(error)
                     if error.class() == ErrorClass::Transient && !stop.load(Ordering::SeqCst) =>
                 {
                     self.set_ready(false);
                     self.metrics.store_retries.inc();
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "state write failed; retrying the same batch");
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "state write failed; retrying the same write");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -773,7 +882,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
     }
 
-    /// Records the committed positions and commits them to the consumer group (for lag).
+    /// Records the positions after a resolved batch, where a re-assigned partition resumes,
+    /// and commits them to the consumer group (for lag only: the state's are authoritative).
     fn advance_positions(&mut self, batch: &[OwnedMessage]) {
         let mut next: HashMap<(String, i32), i64> = HashMap::new();
         for message in batch {
@@ -794,8 +904,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
     }
 
-    /// Sends the outbox entries an earlier run left (batches committed but not known to be
-    /// acknowledged), in batch order and byte for byte, and waits for all of them.
+    /// Sends the outbox entries a run of an older version left (batches committed but not
+    /// known to be acknowledged), in batch order and byte for byte, waits for all of them and
+    /// deletes them.
     fn recover_outbox(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
         if self.store.get(Table::Meta, LEGACY_JOURNAL_KEY)?.is_some() {
             // Its batch was never committed, so the stored positions read it again.
@@ -804,6 +915,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             writes.delete(Table::Meta, LEGACY_JOURNAL_KEY);
             self.store.write(&writes)?;
         }
+        let mut sent = WriteSet::default();
         for (key, value) in self.store.scan_prefix(Table::Meta, OUTBOX_PREFIX)? {
             let number = key
                 .strip_prefix(OUTBOX_PREFIX)
@@ -818,6 +930,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             let records = decode_outbox(&value).map_err(|e| {
                 KafkaWorkerError::Outbox(format!("outbox entry of batch {number}: {e}"))
             })?;
+            sent.delete(Table::Meta, key);
             self.sink.enqueue(number, &records);
             self.in_flight.push_back(InFlight {
                 batch: number,
@@ -836,7 +949,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 "sending the outputs the last run had not seen acknowledged"
             );
             self.settle(0, stop)?;
-            self.delete_delivered_now()?;
+            if self.in_flight.is_empty() {
+                self.store.write(&sent)?;
+            }
         }
         Ok(())
     }

@@ -81,8 +81,8 @@ impl Watched {
     }
 
     /// Kills the worker with SIGKILL and starts it again on the same state; prints how long
-    /// the new one took to serve, to send its first output (the outbox of the killed one) and
-    /// to consume again.
+    /// the new one took to serve, to send its first output (a batch the killed one logged,
+    /// resolved again) and to consume again.
     fn kill_and_restart(&mut self) -> Result<()> {
         let consumed = self.consumed().unwrap_or(self.consumed_before);
         self.worker.kill()?;
@@ -103,7 +103,7 @@ impl Watched {
             }
             if delivered > 0 {
                 println!(
-                    "restart: serving /metrics after {:.2} s, first output after {:.2} s ({replayed} outbox batches sent again), consuming again after {:.2} s",
+                    "restart: serving /metrics after {:.2} s, first output after {:.2} s ({replayed} logged batches replayed), consuming again after {:.2} s",
                     serving.as_secs_f64(),
                     first_output.unwrap_or_default().as_secs_f64(),
                     killed.elapsed().as_secs_f64()
