@@ -309,6 +309,71 @@ fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
         quality.iter().any(|q| q["key"] == "web"),
         "a quality snapshot per source"
     );
+
+    // A second worker on a new state, with batches of 300 instead of 2,000, a checkpoint
+    // every 7 of them and no state cache between batches (so it reads the batches not yet
+    // checkpointed through the open checkpoint), appends the same records to the same
+    // topics: state written behind changes no output but the number of intermediate
+    // profile versions.
+    let second = broker
+        .command(&[
+            "run",
+            "--state",
+            p(&dir.path().join("state-2")),
+            "--exit-when-idle",
+            "3",
+        ])
+        .env("IDGRAPH__KAFKA__CHECKPOINT_INTERVAL", "7")
+        .env("IDGRAPH__KAFKA__BATCH_SIZE", "300")
+        .env("IDGRAPH__ENGINE__CACHE__MAX_MB", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    let error: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("Error") || line.contains("ERROR"))
+        .collect();
+    assert!(second.status.success(), "the second run failed: {error:?}");
+    for (topic, first) in [
+        ("idgraph.enriched", &enriched),
+        ("idgraph.identity-changes", &changes),
+        ("idgraph.dead-letter", &letters),
+    ] {
+        let both = broker.dump(topic, dir.path());
+        assert_eq!(both.len(), 2 * first.len(), "{topic}: one copy per run");
+        let mut copies: HashMap<&str, Vec<&Value>> = HashMap::new();
+        for record in &both {
+            copies
+                .entry(
+                    record["headers"]["idgraph.idempotency_key"]
+                        .as_str()
+                        .unwrap(),
+                )
+                .or_default()
+                .push(record);
+        }
+        for (key, records) in copies {
+            assert_eq!(records.len(), 2, "{topic}: {key} once per run");
+            // Everything but the offset: the same bytes under the same key and headers.
+            for field in ["partition", "key", "headers", "value"] {
+                assert_eq!(
+                    records[0][field], records[1][field],
+                    "{topic}: the {field} of {key} differs between runs"
+                );
+            }
+        }
+    }
+    let profiles = final_profiles(
+        broker
+            .dump("idgraph.profiles", dir.path())
+            .iter()
+            .map(value),
+    );
+    assert_eq!(
+        profiles,
+        file_mode_profiles(&reference),
+        "the second run's last profile records are the same"
+    );
 }
 
 #[test]
