@@ -226,6 +226,51 @@ pub trait StateStore: StateRead {
     /// so that a crash cannot take the clock back behind what was dropped; then whether and
     /// when records go changes no resolution.
     fn expire_before(&mut self, _table: Table, _horizon_ms: i64) {}
+
+    /// A second handle on the same store, for committing from another thread while this
+    /// one goes on reading, if the store can have one. RocksDB's can: writes from two handles
+    /// are each atomic and reads see every committed write. The in-memory store has none, and
+    /// its callers write on their own thread.
+    fn background_writer(&self) -> Option<Box<dyn SendStore>> {
+        None
+    }
+}
+
+/// A store that can move to another thread (see [`StateStore::background_writer`]).
+pub trait SendStore: StateStore + Send {}
+
+impl<S: StateStore + Send> SendStore for S {}
+
+impl StateRead for Box<dyn SendStore> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get(table, key)
+    }
+
+    fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        (**self).get_many(table, keys)
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
+        (**self).scan_prefix(table, prefix)
+    }
+}
+
+impl StateStore for Box<dyn SendStore> {
+    fn write_ops(&mut self, ops: &[&WriteOp]) -> Result<(), StoreError> {
+        (**self).write_ops(ops)
+    }
+
+    fn figures(&self) -> StoreFigures {
+        (**self).figures()
+    }
+
+    fn expire_before(&mut self, table: Table, horizon_ms: i64) {
+        (**self).expire_before(table, horizon_ms)
+    }
+
+    fn background_writer(&self) -> Option<Box<dyn SendStore>> {
+        (**self).background_writer()
+    }
 }
 
 /// A [`StateStore`] in memory, for tests and for runs that need no durability.

@@ -53,6 +53,7 @@ use rdkafka::ClientContext;
 use serde::Serialize;
 
 use crate::batch_log::{fetch_logged, log_key, number_of, LoggedBatch, BATCH_LOG_PREFIX};
+use crate::committer::Committer;
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
 use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
@@ -230,6 +231,10 @@ pub struct Worker<'e, S: StateStore> {
     in_flight: VecDeque<InFlight>,
     /// The state changes of the batches since the last checkpoint.
     open: PendingWrites,
+    /// The last checkpoint, while the committer writes it.
+    committing: Option<Arc<PendingWrites>>,
+    /// Writes checkpoints on a thread of its own, if the store allows a second handle.
+    committer: Option<Committer>,
     /// The numbers of those batches, whose log entries the checkpoint deletes.
     logged: Vec<usize>,
     next_batch: usize,
@@ -300,6 +305,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
             metrics,
             in_flight: VecDeque::new(),
             open: PendingWrites::default(),
+            committing: None,
+            committer: None,
             logged: Vec::new(),
             next_batch: 1,
         })
@@ -328,6 +335,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
         options: RunOptions,
     ) -> Result<WorkerSummary, KafkaWorkerError> {
         let started = Instant::now();
+        if let Some(writer) = self.store.background_writer() {
+            self.committer = Some(Committer::start(writer, self.metrics.clone()));
+        }
         self.recover_outbox(stop)?;
         self.replay_logged(stop)?;
         let topics: Vec<&str> = self.config.sources.values().map(String::as_str).collect();
@@ -376,6 +386,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
             }
         }
         self.checkpoint(stop)?;
+        self.collect_checkpoint(stop, true)?;
+        self.committer = None;
         self.publish_quality();
         self.set_ready(false);
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
@@ -481,7 +493,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let number = self.next_batch;
         self.next_batch += 1;
         let started = Instant::now();
-        let outcome = self.resolve(&batch)?;
+        let outcome = self.resolve(&batch, stop)?;
         let records = wire_records(&outcome, self.sink.topics());
         let resolved = Instant::now();
         let entry = LoggedBatch::of(&batch).encode();
@@ -520,9 +532,14 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Ok(())
     }
 
-    /// Resolves `batch` against the state as of the batches before it, adds its changes to
-    /// the open checkpoint and returns its outcome, profile records included.
-    fn resolve(&mut self, batch: &[OwnedMessage]) -> Result<BatchOutcome, KafkaWorkerError> {
+    /// Resolves `batch` against the state as of the batches before it (reading through the
+    /// open checkpoint and the one being written), adds its changes to the open checkpoint
+    /// and returns its outcome, profile records included.
+    fn resolve(
+        &mut self,
+        batch: &[OwnedMessage],
+        stop: &AtomicBool,
+    ) -> Result<BatchOutcome, KafkaWorkerError> {
         // One shared name per topic: every output record of the batch carries it.
         let mut topic_names: Vec<Arc<str>> = Vec::new();
         let coordinates: Vec<InputCoordinates> = batch
@@ -559,7 +576,10 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 })
             })
             .collect();
-        let layers = [&self.open];
+        self.collect_checkpoint(stop, false)?;
+        let layers: Vec<&PendingWrites> = std::iter::once(&self.open)
+            .chain(self.committing.as_deref())
+            .collect();
         let view = ReadThrough {
             pending: &layers,
             store: &self.store,
@@ -630,7 +650,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
     }
 
     /// Waits for every sent batch to be acknowledged, then commits the open checkpoint: its
-    /// state changes, positions and the deletion of its batches' log entries, in one write.
+    /// state changes, positions and the deletion of its batches' log entries, in one write,
+    /// on the committer's thread if there is one (the worker reads through it meanwhile).
     /// A log entry must not go before its batch's outputs are acknowledged: nothing could
     /// send them again after a crash. If `stop` cuts the wait short, the log keeps the
     /// batches for the next start.
@@ -639,28 +660,76 @@ impl<'e, S: StateStore> Worker<'e, S> {
         if self.open.is_empty() || !self.in_flight.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
+        // One checkpoint is written at a time, so the worker reads through at most two.
+        self.collect_checkpoint(stop, true)?;
         let batches = self.open.batches();
-        let pending = self.open.close(&mut self.cache);
+        let pending = Arc::new(self.open.close(&mut self.cache));
         let deletions: Vec<WriteOp> = self
             .logged
-            .iter()
+            .drain(..)
             .map(|number| WriteOp::Delete {
                 table: Table::Meta,
-                key: log_key(*number),
+                key: log_key(number),
             })
             .collect();
-        let extra: Vec<&WriteOp> = deletions.iter().collect();
-        self.write_with_retry(stop, |store| pending.commit(store, &extra))?;
-        self.logged.clear();
+        tracing::debug!(batches, "checkpoint closed");
+        match &self.committer {
+            Some(committer) => {
+                committer.submit(Arc::clone(&pending), deletions);
+                self.committing = Some(pending);
+                Ok(())
+            }
+            None => {
+                let started = Instant::now();
+                let extra: Vec<&WriteOp> = deletions.iter().collect();
+                self.write_with_retry(stop, |store| pending.commit(store, &extra))?;
+                self.checkpoint_written(started.elapsed())
+            }
+        }
+    }
+
+    /// Takes the committer's report on the checkpoint it is writing, if there is one:
+    /// waiting for it with `block`, otherwise only if it is ready. A failed write ends the
+    /// run; the next start goes on from the checkpoint before and replays the log.
+    fn collect_checkpoint(
+        &mut self,
+        stop: &AtomicBool,
+        block: bool,
+    ) -> Result<(), KafkaWorkerError> {
+        let Some(committer) = &self.committer else {
+            return Ok(());
+        };
+        if self.committing.is_none() {
+            return Ok(());
+        }
+        let written = if block {
+            committer.wait(stop)
+        } else {
+            match committer.try_written() {
+                Some(written) => written,
+                None => return Ok(()),
+            }
+        };
+        self.committing = None;
+        match written {
+            Ok(took) => self.checkpoint_written(took),
+            Err(error) => {
+                // The cache holds changes the store will not have.
+                self.cache.clear();
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Lets the store expire what the new checkpoint's clock puts past the duplicate window,
+    /// and reports the checkpoint.
+    fn checkpoint_written(&mut self, took: Duration) -> Result<(), KafkaWorkerError> {
         self.engine.expire_old_records(&mut self.store)?;
-        let took = started.elapsed();
         self.metrics
             .batch_seconds
             .with_label_values(&["checkpoint"])
             .observe(took.as_secs_f64());
         tracing::debug!(
-            batches,
             checkpoint_ms = took.as_millis() as u64,
             "checkpoint committed"
         );
@@ -693,7 +762,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             Duration::from_millis(self.config.delivery_timeout_ms),
         )?;
         for ((number, _), messages) in batches.iter().zip(fetched) {
-            let outcome = self.resolve(&messages)?;
+            let outcome = self.resolve(&messages, stop)?;
             let records = wire_records(&outcome, self.sink.topics());
             self.logged.push(*number);
             self.next_batch = self.next_batch.max(number + 1);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use idgraph_engine::duplicates::record_time_of;
+use idgraph_engine::store::SendStore;
 use idgraph_engine::store::{
     Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION, UPGRADABLE_STATE_SCHEMA_VERSIONS,
 };
@@ -58,10 +59,12 @@ pub struct StorageStats {
 
 /// A state directory opened with RocksDB.
 pub struct RocksStore {
-    /// Shared with [`RocksReader`]s; only this store writes.
+    /// Shared with [`RocksReader`]s, and with the stores made by
+    /// [`StateStore::background_writer`], which write too.
     db: Arc<DB>,
     path: PathBuf,
     write_options: WriteOptions,
+    sync_writes: bool,
     cache: Cache,
     /// Event and evidence records older than these (ms of event time) are dropped in
     /// compaction; shared with the two tables' compaction filters.
@@ -125,6 +128,7 @@ impl RocksStore {
             db: Arc::new(db),
             path: path.to_owned(),
             write_options,
+            sync_writes: config.sync_writes,
             cache,
             events_horizon,
             evidence_horizon,
@@ -431,5 +435,20 @@ impl StateStore for RocksStore {
 
     fn figures(&self) -> StoreFigures {
         store_figures(&self.db)
+    }
+
+    /// Another `RocksStore` on the same database, block cache and expiry horizons.
+    fn background_writer(&self) -> Option<Box<dyn SendStore>> {
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(self.sync_writes);
+        Some(Box::new(RocksStore {
+            db: Arc::clone(&self.db),
+            path: self.path.clone(),
+            write_options,
+            sync_writes: self.sync_writes,
+            cache: self.cache.clone(),
+            events_horizon: Arc::clone(&self.events_horizon),
+            evidence_horizon: Arc::clone(&self.evidence_horizon),
+        }))
     }
 }
