@@ -313,7 +313,7 @@ pub fn bench_kafka(config: &AppConfig, events: usize, seed: u64, partitions: i32
         None => println!("kcat -C | kcat -P (stock tools)   not measured: kcat is not installed"),
     }
     println!(
-        "worker (resolve, commit, produce) {:>10.0} messages/s",
+        "worker (resolve, log, produce)    {:>10.0} messages/s",
         worker_rate
     );
     println!(
