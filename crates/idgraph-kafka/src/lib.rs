@@ -17,6 +17,7 @@ pub mod error;
 pub mod gauges;
 pub mod latency;
 pub mod metrics;
+pub mod sender;
 pub mod sink;
 pub mod tools;
 pub mod topics;

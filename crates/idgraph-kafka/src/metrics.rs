@@ -151,7 +151,7 @@ impl Metrics {
         let batch_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "idgraph_batch_phase_seconds",
-                "Time per batch spent by phase: resolve, log (its input offsets), send, wait_for_acks, and checkpoint (waiting for every acknowledgement and writing the state of the batches since the last)",
+                "Time per batch spent by phase: resolve, log (its input offsets), send (encoding and queueing its records, on the sender thread), wait_for_acks, and checkpoint (writing the state of the batches since the last, on the committer thread)",
             )
             .buckets(exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
             &["phase"],

@@ -11,8 +11,9 @@
 //!    ([`PendingWrites`]); later batches read through it.
 //! 2. **Log**: one small RocksDB write stores the batch's messages as runs of offsets, in poll
 //!    order ([`crate::batch_log`]).
-//! 3. **Send**: the records go to the idempotent producer. The worker does not wait for the
-//!    acknowledgements: it resolves the next batch meanwhile, with at most
+//! 3. **Send**: a sender thread encodes the records and hands them to the idempotent
+//!    producer ([`crate::sender`]). The worker does not wait for that or for the
+//!    acknowledgements: it polls and resolves the next batch meanwhile, with at most
 //!    `kafka.max_batches_in_flight` batches unacknowledged (then it waits).
 //!
 //! Every `kafka.checkpoint_interval` batches, and whenever the input goes quiet, the worker
@@ -59,9 +60,9 @@ use crate::error::KafkaWorkerError;
 use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
 use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
+use crate::sender::{InFlight, Resolved, Sender};
 use crate::sink::{
-    client_config, decode_outbox, max_record_bytes, wire_records, DeliveryStatus, OutputSink,
-    Refusal, WireRecord,
+    client_config, decode_outbox, max_record_bytes, DeliveryStatus, OutputSink, Refusal, WireRecord,
 };
 
 /// Key prefix of the outbox entries older versions kept in [`Table::Meta`] (a batch's output
@@ -76,19 +77,6 @@ const QUALITY_BATCH: usize = usize::MAX;
 
 /// How long one wait for acknowledgements lasts before the worker reports itself unready.
 const STALL_SLICE: Duration = Duration::from_millis(500);
-
-/// A sent batch whose outputs the broker has not fully acknowledged yet.
-struct InFlight {
-    batch: usize,
-    /// Kept to send again if delivery fails.
-    records: Vec<WireRecord>,
-    /// When each of its messages was polled, and each message's Kafka timestamp (ms).
-    polled_at: Vec<Instant>,
-    timestamps_ms: Vec<i64>,
-    /// Set once some records were refused for good and `records` became the dead letters
-    /// that reference them.
-    reporting_refusals: bool,
-}
 
 /// Seeks newly assigned partitions to the stored positions and notes revoked ones.
 struct WorkerContext {
@@ -214,7 +202,9 @@ pub struct Worker<'e, S: StateStore> {
     cache: StateCache,
     config: KafkaConfig,
     consumer: BaseConsumer<WorkerContext>,
-    sink: OutputSink,
+    sink: Arc<OutputSink>,
+    /// Encodes and sends resolved batches on a thread of its own.
+    sender: Option<Sender>,
     positions: Positions,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     assigned: Arc<AtomicBool>,
@@ -282,7 +272,10 @@ impl<'e, S: StateStore> Worker<'e, S> {
             .set("enable.partition.eof", "false")
             .create_with_context(context)
             .map_err(KafkaWorkerError::kafka("create consumer"))?;
-        let sink = OutputSink::new(&config, engine.config().dead_letter.max_message_bytes)?;
+        let sink = Arc::new(OutputSink::new(
+            &config,
+            engine.config().dead_letter.max_message_bytes,
+        )?);
         metrics.profile_identifier_limit.set(i64::from(
             engine.config().protection.max_profile_identifiers,
         ));
@@ -293,6 +286,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             config,
             consumer,
             sink,
+            sender: None,
             positions,
             revoked,
             assigned,
@@ -388,6 +382,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.checkpoint(stop)?;
         self.collect_checkpoint(stop, true)?;
         self.committer = None;
+        self.take_sent(true);
+        self.sender = None;
         self.publish_quality();
         self.set_ready(false);
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
@@ -453,7 +449,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         };
         // An outage can cost the worker its group membership; with no partitions it has not
         // caught up with anything.
-        if assignment.count() == 0 || !self.in_flight.is_empty() {
+        if assignment.count() == 0 || !self.in_flight.is_empty() || self.sending() > 0 {
             return false;
         }
         let positions = self.positions.lock().expect("positions lock").clone();
@@ -494,7 +490,6 @@ impl<'e, S: StateStore> Worker<'e, S> {
         self.next_batch += 1;
         let started = Instant::now();
         let outcome = self.resolve(&batch, stop)?;
-        let records = wire_records(&outcome, self.sink.topics());
         let resolved = Instant::now();
         let entry = LoggedBatch::of(&batch).encode();
         self.write_with_retry(stop, |store| {
@@ -504,13 +499,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
         })?;
         self.logged.push(number);
         let logged = Instant::now();
-        self.send(number, &batch, outcome, records, polled_at);
-        let sent = Instant::now();
-        let phases = [
-            ("resolve", resolved - started),
-            ("log", logged - resolved),
-            ("send", sent - logged),
-        ];
+        self.send(number, &batch, outcome, polled_at);
+        let phases = [("resolve", resolved - started), ("log", logged - resolved)];
         for (phase, took) in phases {
             self.metrics
                 .batch_seconds
@@ -522,7 +512,6 @@ impl<'e, S: StateStore> Worker<'e, S> {
             messages = batch.len(),
             resolve_ms = (resolved - started).as_millis() as u64,
             log_ms = (logged - resolved).as_millis() as u64,
-            send_ms = (sent - logged).as_millis() as u64,
             "batch sent"
         );
         self.settle_window(stop)?;
@@ -609,33 +598,52 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Ok(outcome)
     }
 
-    /// Sends a resolved batch's records and tracks them until they are acknowledged.
+    /// Hands a resolved batch to the sender, which encodes and sends its records; the worker
+    /// tracks them until they are acknowledged once the sender returns them.
     fn send(
         &mut self,
         number: usize,
         batch: &[OwnedMessage],
         mut outcome: BatchOutcome,
-        records: Vec<WireRecord>,
         polled_at: Vec<Instant>,
     ) {
         self.advance_positions(batch);
-        self.sink.enqueue(number, &records);
         self.metrics.record_batch(&outcome.stats);
         self.summary.batches += 1;
         self.summary.messages += batch.len() as u64;
         self.summary
             .stats
             .absorb(std::mem::take(&mut outcome.stats));
-        self.in_flight.push_back(InFlight {
+        let resolved = Resolved {
             batch: number,
-            records,
+            outcome,
             polled_at,
             timestamps_ms: batch
                 .iter()
                 .filter_map(|m| m.timestamp().to_millis())
                 .collect(),
-            reporting_refusals: false,
-        });
+        };
+        let sink = &self.sink;
+        let metrics = &self.metrics;
+        self.sender
+            .get_or_insert_with(|| Sender::start(Arc::clone(sink), metrics.clone()))
+            .submit(resolved);
+    }
+
+    /// Moves the batches the sender has sent into the in-flight queue: all of them with
+    /// `all`, otherwise those it has finished.
+    fn take_sent(&mut self, all: bool) {
+        let Some(sender) = &mut self.sender else {
+            return;
+        };
+        while let Some(sent) = sender.take_sent(all) {
+            self.in_flight.push_back(sent);
+        }
+    }
+
+    /// Batches handed to the sender and not yet back.
+    fn sending(&self) -> usize {
+        self.sender.as_ref().map_or(0, Sender::outstanding)
     }
 
     /// Waits while more than `max_batches_in_flight` batches await acknowledgement.
@@ -657,7 +665,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
     /// batches for the next start.
     fn checkpoint(&mut self, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
         self.settle(0, stop)?;
-        if self.open.is_empty() || !self.in_flight.is_empty() {
+        if self.open.is_empty() || !self.in_flight.is_empty() || self.sending() > 0 {
             return Ok(());
         }
         // One checkpoint is written at a time, so the worker reads through at most two.
@@ -763,10 +771,9 @@ impl<'e, S: StateStore> Worker<'e, S> {
         )?;
         for ((number, _), messages) in batches.iter().zip(fetched) {
             let outcome = self.resolve(&messages, stop)?;
-            let records = wire_records(&outcome, self.sink.topics());
             self.logged.push(*number);
             self.next_batch = self.next_batch.max(number + 1);
-            self.send(*number, &messages, outcome, records, Vec::new());
+            self.send(*number, &messages, outcome, Vec::new());
             self.summary.replayed_batches += 1;
             self.metrics.replayed_batches.inc();
             tracing::debug!(batch = number, messages = messages.len(), "batch replayed");
@@ -783,13 +790,19 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let patience = Duration::from_millis(self.config.delivery_timeout_ms);
         let started = Instant::now();
         loop {
+            self.take_sent(false);
             self.retire_delivered();
-            if self.in_flight.len() <= limit {
+            if self.in_flight.len() + self.sending() <= limit {
                 return Ok(());
+            }
+            if self.in_flight.is_empty() {
+                // Everything over the limit is still with the sender.
+                self.take_sent(true);
+                continue;
             }
             if stop.load(Ordering::SeqCst) && started.elapsed() > patience {
                 tracing::warn!(
-                    batches = self.in_flight.len(),
+                    batches = self.in_flight.len() + self.sending(),
                     "stopping with unacknowledged outputs; the next start sends them again"
                 );
                 return Ok(());
@@ -799,6 +812,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 .iter()
                 .any(|b| self.sink.status(b.batch) == DeliveryStatus::Failed);
             if failed {
+                // A re-send must not overtake a first send: take every batch back first.
+                self.take_sent(true);
                 self.resend_from_first_failure(&mut backoff, stop);
                 continue;
             }
