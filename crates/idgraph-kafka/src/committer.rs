@@ -49,9 +49,12 @@ impl Committer {
                 for job in inbox {
                     let started = Instant::now();
                     let extra: Vec<&WriteOp> = job.deletions.iter().collect();
-                    let result = write_with_retry(&giving_up, &metrics, || {
-                        job.pending.commit(&mut writer, &extra)
-                    });
+                    let result = write_with_retry(
+                        || giving_up.load(Ordering::SeqCst),
+                        || {},
+                        &metrics,
+                        || job.pending.commit(&mut writer, &extra),
+                    );
                     // Free the checkpoint here, where its memory is no longer read.
                     drop(job);
                     if report.send(result.map(|()| started.elapsed())).is_err() {
@@ -118,21 +121,23 @@ fn stopped() -> StoreError {
     StoreError::Fatal("the checkpoint committer thread stopped unexpectedly".into())
 }
 
-/// Runs `write` until it succeeds, waiting out transient store failures with backoff, until
-/// `give_up` is set.
-fn write_with_retry(
-    give_up: &AtomicBool,
+/// Runs `write` until it succeeds, waiting out transient store failures (a busy or slow
+/// disk) with backoff, until `give_up` says to stop; `on_retry` is told of each retry. A
+/// fatal failure is returned at once. Both the committer thread and the worker (for its log
+/// entries, and for checkpoints of a store without a second handle) write through it.
+pub(crate) fn write_with_retry(
+    give_up: impl Fn() -> bool,
+    mut on_retry: impl FnMut(),
     metrics: &Metrics,
     mut write: impl FnMut() -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match write() {
-            Err(error)
-                if error.class() == ErrorClass::Transient && !give_up.load(Ordering::SeqCst) =>
-            {
+            Err(error) if error.class() == ErrorClass::Transient && !give_up() => {
+                on_retry();
                 metrics.store_retries.inc();
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "checkpoint write failed; retrying the same write");
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "state write failed; retrying the same write");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -42,8 +42,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::{
-    BatchOutcome, BatchStats, Engine, ErrorClass, InputMessage, PendingWrites, QualityReport,
-    ReadThrough, StateCache, StateStore, StoreError, Table, WriteOp, WriteSet,
+    BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, QualityReport, ReadThrough,
+    StateCache, StateStore, StoreError, Table, WriteOp, WriteSet,
 };
 use idgraph_model::{DeadLetter, InputCoordinates, RecordMeta};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -54,7 +54,7 @@ use rdkafka::ClientContext;
 use serde::Serialize;
 
 use crate::batch_log::{fetch_logged, log_key, number_of, LoggedBatch, BATCH_LOG_PREFIX};
-use crate::committer::Committer;
+use crate::committer::{self, Committer};
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
 use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
@@ -948,22 +948,19 @@ impl<'e, S: StateStore> Worker<'e, S> {
         stop: &AtomicBool,
         mut write: impl FnMut(&mut S) -> Result<(), StoreError>,
     ) -> Result<(), KafkaWorkerError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match write(&mut self.store) {
-                Ok(()) => return Ok(()),
-                Err(error)
-                    if error.class() == ErrorClass::Transient && !stop.load(Ordering::SeqCst) =>
-                {
-                    self.set_ready(false);
-                    self.metrics.store_retries.inc();
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "state write failed; retrying the same write");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
+        let store = &mut self.store;
+        let (ready, metrics) = (&self.ready, &self.metrics);
+        committer::write_with_retry(
+            || stop.load(Ordering::SeqCst),
+            || {
+                // Nothing is consumed meanwhile, so nothing goes past what is durable.
+                ready.store(false, Ordering::SeqCst);
+                metrics.ready.set(0);
+            },
+            metrics,
+            || write(store),
+        )?;
+        Ok(())
     }
 
     /// Records the positions after a resolved batch, where a re-assigned partition resumes,
