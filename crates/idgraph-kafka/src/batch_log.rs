@@ -188,7 +188,7 @@ fn assemble(
                 let key = (run.topic.clone(), run.partition, offset);
                 let message = fetched.remove(&key).ok_or_else(|| {
                     KafkaWorkerError::Replay(format!(
-                        "batch {number} logged message {}/{}@{offset}, which the broker no longer returns (deleted by retention?); its outputs cannot be sent again. Move the state directory aside to start over from the stored positions' successor",
+                        "batch {number} logged message {}/{}@{offset}, which the broker did not return in time: if the broker is unreachable, start again once it is back; if the topic's retention deleted the message, its outputs cannot be made again, and moving the state directory aside starts over",
                         run.topic, run.partition
                     ))
                 })?;
