@@ -8,7 +8,10 @@
 //!
 //! 1. **Resolve**: the engine turns the batch and the state into state changes and output
 //!    records. This is deterministic. The changes join the open checkpoint in memory
-//!    ([`PendingWrites`]); later batches read through it.
+//!    ([`PendingWrites`]); later batches read through it. Meanwhile the worker has already
+//!    taken what arrived of the next batch, without waiting, and a helper thread parses and
+//!    normalizes it; a revocation in that poll drops the current batch's messages of those
+//!    partitions as well, since they are not resolved yet.
 //! 2. **Log**: one small RocksDB write stores the batch's messages as runs of offsets, in poll
 //!    order ([`crate::batch_log`]).
 //! 3. **Send**: a sender thread encodes the records and hands them to the idempotent
@@ -42,8 +45,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idgraph_engine::{
-    BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, QualityReport, ReadThrough,
-    StateCache, StateStore, StoreError, Table, WriteOp, WriteSet,
+    BatchOutcome, BatchStats, Engine, InputMessage, PendingWrites, PreparedMessage, QualityReport,
+    ReadThrough, StateCache, StateStore, StoreError, Table, WriteOp, WriteSet,
 };
 use idgraph_model::{DeadLetter, InputCoordinates, RecordMeta};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -77,6 +80,34 @@ const QUALITY_BATCH: usize = usize::MAX;
 
 /// How long one wait for acknowledgements lasts before the worker reports itself unready.
 const STALL_SLICE: Duration = Duration::from_millis(500);
+
+/// A polled batch: its messages, when each was polled, and, once a helper thread has
+/// parsed and normalized them, the prepared messages.
+struct Polled {
+    messages: Vec<OwnedMessage>,
+    polled_at: Vec<Instant>,
+    prepared: Option<Vec<PreparedMessage>>,
+}
+
+impl Polled {
+    /// Drops the messages of `revoked` partitions (and the preparation, which no longer
+    /// matches).
+    fn drop_partitions(&mut self, revoked: &[(String, i32)]) {
+        if revoked.is_empty() {
+            return;
+        }
+        let before = self.messages.len();
+        let mut paired: Vec<(OwnedMessage, Instant)> = std::mem::take(&mut self.messages)
+            .into_iter()
+            .zip(std::mem::take(&mut self.polled_at))
+            .collect();
+        retain_unrevoked(&mut paired, revoked);
+        if paired.len() != before {
+            self.prepared = None;
+        }
+        (self.messages, self.polled_at) = paired.into_iter().unzip();
+    }
+}
 
 /// Seeks newly assigned partitions to the stored positions and notes revoked ones.
 struct WorkerContext {
@@ -351,9 +382,15 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let mut last_quality = Instant::now();
         let mut first_poll: Option<Instant> = None;
         let quality_every = Duration::from_secs(self.config.quality_interval_secs.max(1));
+        // The next batch, polled (and prepared) while the last one was resolved.
+        let mut ahead: Option<Polled> = None;
+        let config = self.config.clone();
         while !stop.load(Ordering::SeqCst) {
-            let (batch, polled_at) = self.poll_batch(stop);
-            if batch.is_empty() {
+            let current = match ahead.take() {
+                Some(polled) => polled,
+                None => self.poll_batch(stop, true).0,
+            };
+            if current.messages.is_empty() {
                 // Quiet input: checkpoint now rather than leave batches for a restart to
                 // replay.
                 self.checkpoint(stop)?;
@@ -371,8 +408,33 @@ impl<'e, S: StateStore> Worker<'e, S> {
                 }
             } else {
                 last_message = Instant::now();
-                first_poll.get_or_insert(polled_at[0]);
-                self.process(batch, polled_at, stop)?;
+                first_poll.get_or_insert(current.polled_at[0]);
+                // Take what has arrived of the next batch, without waiting, and prepare it
+                // on a helper thread while this one resolves the current batch. A
+                // revocation during that poll voids the current batch's messages of those
+                // partitions too: they are not resolved yet.
+                let (mut next, revoked) = self.poll_batch(stop, false);
+                let mut current = current;
+                current.drop_partitions(&revoked);
+                let engine = self.engine;
+                next.prepared = std::thread::scope(|scope| {
+                    let helper = (!next.messages.is_empty())
+                        .then(|| scope.spawn(|| prepare_messages(engine, &config, &next.messages)));
+                    let processed = if current.messages.is_empty() {
+                        Ok(())
+                    } else {
+                        self.process(current, stop)
+                    };
+                    let prepared = helper.map(|helper| {
+                        helper
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    });
+                    processed.map(|()| prepared)
+                })?;
+                // Nothing arrived yet: the next round waits for input as usual, and only a
+                // wait that finds nothing counts as quiet.
+                ahead = (!next.messages.is_empty()).then_some(next);
             }
             if last_quality.elapsed() >= quality_every {
                 last_quality = Instant::now();
@@ -393,23 +455,31 @@ impl<'e, S: StateStore> Worker<'e, S> {
         Ok(self.summary.clone())
     }
 
-    /// Collects up to `batch_size` messages, waiting at most `batch_timeout_ms` for them; the
-    /// second list has the time each was polled.
-    fn poll_batch(&mut self, stop: &AtomicBool) -> (Vec<OwnedMessage>, Vec<Instant>) {
-        let deadline = Instant::now() + Duration::from_millis(self.config.batch_timeout_ms);
+    /// Collects up to `batch_size` messages, waiting at most `batch_timeout_ms` for them, or,
+    /// without `wait`, only those that have arrived already. Returns them with the partitions
+    /// revoked meanwhile.
+    fn poll_batch(&mut self, stop: &AtomicBool, wait: bool) -> (Polled, Vec<(String, i32)>) {
+        let timeout = if wait {
+            Duration::from_millis(self.config.batch_timeout_ms)
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + timeout;
         let mut batch: Vec<(OwnedMessage, Instant)> = Vec::new();
+        let mut revoked = Vec::new();
         while batch.len() < self.config.batch_size && !stop.load(Ordering::SeqCst) {
             let now = Instant::now();
-            if now >= deadline {
+            if wait && now >= deadline {
                 break;
             }
-            let polled = self.consumer.poll(deadline - now);
+            let polled = self.consumer.poll(deadline.saturating_duration_since(now));
             // Rebalance callbacks run inside `poll`. A revocation voids what was collected
             // before it from those partitions (they may now belong to another worker); what
             // this poll returned comes after it, from a re-assignment that sought to the
             // stored position, and must be kept, or the consumer would read on past it.
-            self.drop_revoked(&mut batch);
+            revoked.extend(self.drop_revoked(&mut batch));
             match polled {
+                None if !wait => break,
                 None => {}
                 Some(Ok(message)) => {
                     let message = message.detach();
@@ -422,18 +492,29 @@ impl<'e, S: StateStore> Worker<'e, S> {
                     self.set_ready(false);
                     tracing::warn!(%error, "consumer error");
                     std::thread::sleep(Duration::from_millis(100));
+                    if !wait {
+                        break;
+                    }
                 }
             }
         }
-        batch.into_iter().unzip()
+        let (messages, polled_at) = batch.into_iter().unzip();
+        let polled = Polled {
+            messages,
+            polled_at,
+            prepared: None,
+        };
+        (polled, revoked)
     }
 
-    /// Drops the collected messages of partitions revoked since the last call.
-    fn drop_revoked(&self, batch: &mut Vec<(OwnedMessage, Instant)>) {
+    /// Drops the collected messages of partitions revoked since the last call, and returns
+    /// those partitions.
+    fn drop_revoked(&self, batch: &mut Vec<(OwnedMessage, Instant)>) -> Vec<(String, i32)> {
         let revoked = std::mem::take(&mut *self.revoked.lock().expect("revoked lock"));
         if !revoked.is_empty() {
             retain_unrevoked(batch, &revoked);
         }
+        revoked
     }
 
     fn set_ready(&self, ready: bool) {
@@ -480,16 +561,16 @@ impl<'e, S: StateStore> Worker<'e, S> {
 
     /// Resolve, log, send (see the module documentation), and checkpoint every
     /// `checkpoint_interval` batches.
-    fn process(
-        &mut self,
-        batch: Vec<OwnedMessage>,
-        polled_at: Vec<Instant>,
-        stop: &AtomicBool,
-    ) -> Result<(), KafkaWorkerError> {
+    fn process(&mut self, polled: Polled, stop: &AtomicBool) -> Result<(), KafkaWorkerError> {
+        let Polled {
+            messages: batch,
+            polled_at,
+            prepared,
+        } = polled;
         let number = self.next_batch;
         self.next_batch += 1;
         let started = Instant::now();
-        let outcome = self.resolve(&batch, stop)?;
+        let outcome = self.resolve(&batch, prepared, stop)?;
         let resolved = Instant::now();
         let entry = LoggedBatch::of(&batch).encode();
         self.write_with_retry(stop, |store| {
@@ -527,44 +608,18 @@ impl<'e, S: StateStore> Worker<'e, S> {
     fn resolve(
         &mut self,
         batch: &[OwnedMessage],
+        prepared: Option<Vec<PreparedMessage>>,
         stop: &AtomicBool,
     ) -> Result<BatchOutcome, KafkaWorkerError> {
-        // One shared name per topic: every output record of the batch carries it.
-        let mut topic_names: Vec<Arc<str>> = Vec::new();
-        let coordinates: Vec<InputCoordinates> = batch
-            .iter()
-            .map(|m| {
-                let topic = match topic_names.iter().find(|t| &t[..] == m.topic()) {
-                    Some(topic) => Arc::clone(topic),
-                    None => {
-                        let topic: Arc<str> = Arc::from(m.topic());
-                        topic_names.push(Arc::clone(&topic));
-                        topic
-                    }
-                };
-                InputCoordinates::Kafka {
-                    topic,
-                    partition: m.partition(),
-                    offset: m.offset(),
-                }
-            })
-            .collect();
-        let prepared = batch
-            .iter()
-            .zip(&coordinates)
-            .map(|(message, coordinates)| {
-                let source = self.config.source_of(message.topic()).unwrap_or("custom");
-                self.metrics
-                    .messages_consumed
-                    .with_label_values(&[source])
-                    .inc();
-                self.engine.prepare(&InputMessage {
-                    coordinates,
-                    payload: message.payload().unwrap_or_default(),
-                    default_source: source,
-                })
-            })
-            .collect();
+        for message in batch {
+            let source = self.config.source_of(message.topic()).unwrap_or("custom");
+            self.metrics
+                .messages_consumed
+                .with_label_values(&[source])
+                .inc();
+        }
+        let prepared =
+            prepared.unwrap_or_else(|| prepare_messages(self.engine, &self.config, batch));
         self.collect_checkpoint(stop, false)?;
         let layers: Vec<&PendingWrites> = std::iter::once(&self.open)
             .chain(self.committing.as_deref())
@@ -770,7 +825,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             Duration::from_millis(self.config.delivery_timeout_ms),
         )?;
         for ((number, _), messages) in batches.iter().zip(fetched) {
-            let outcome = self.resolve(&messages, stop)?;
+            let outcome = self.resolve(&messages, None, stop)?;
             self.logged.push(*number);
             self.next_batch = self.next_batch.max(number + 1);
             self.send(*number, &messages, outcome, Vec::new());
@@ -1064,6 +1119,40 @@ impl<'e, S: StateStore> Worker<'e, S> {
     }
 }
 
+/// Parses and normalizes a batch's messages ([`Engine::prepare`]): the part of resolving that
+/// needs no state, so the worker runs it for the next batch on a helper thread.
+fn prepare_messages(
+    engine: &Engine,
+    config: &KafkaConfig,
+    batch: &[OwnedMessage],
+) -> Vec<PreparedMessage> {
+    // One shared name per topic: every output record of the batch carries it.
+    let mut topic_names: Vec<Arc<str>> = Vec::new();
+    batch
+        .iter()
+        .map(|message| {
+            let topic = match topic_names.iter().find(|t| &t[..] == message.topic()) {
+                Some(topic) => Arc::clone(topic),
+                None => {
+                    let topic: Arc<str> = Arc::from(message.topic());
+                    topic_names.push(Arc::clone(&topic));
+                    topic
+                }
+            };
+            let coordinates = InputCoordinates::Kafka {
+                topic,
+                partition: message.partition(),
+                offset: message.offset(),
+            };
+            engine.prepare(&InputMessage {
+                coordinates: &coordinates,
+                payload: message.payload().unwrap_or_default(),
+                default_source: config.source_of(message.topic()).unwrap_or("custom"),
+            })
+        })
+        .collect()
+}
+
 /// The dead letter sent in place of `record`, which the broker refused for good: a reference
 /// to it (its output topic and the first bytes of its payload) under the input coordinates and
 /// idempotency key of the message it came from.
@@ -1181,6 +1270,38 @@ mod tests {
             .iter()
             .map(|(m, _)| (m.topic().to_owned(), m.partition(), m.offset()))
             .collect()
+    }
+
+    #[test]
+    fn a_batch_polled_ahead_loses_its_revoked_messages_and_its_stale_preparation() {
+        let messages: Vec<OwnedMessage> = [("web", 0, 7), ("web", 1, 3), ("web", 0, 8)]
+            .into_iter()
+            .map(|(topic, partition, offset)| message(topic, partition, offset).0)
+            .collect();
+        let polled_at = vec![Instant::now(); 3];
+        let mut polled = Polled {
+            messages,
+            polled_at,
+            prepared: Some(Vec::new()),
+        };
+        polled.drop_partitions(&[("mobile".to_owned(), 0)]);
+        assert_eq!(polled.messages.len(), 3);
+        assert!(
+            polled.prepared.is_some(),
+            "nothing dropped, nothing to redo"
+        );
+        polled.drop_partitions(&[("web".to_owned(), 0)]);
+        let left: Vec<(i32, i64)> = polled
+            .messages
+            .iter()
+            .map(|m| (m.partition(), m.offset()))
+            .collect();
+        assert_eq!(left, vec![(1, 3)]);
+        assert_eq!(polled.polled_at.len(), 1);
+        assert!(
+            polled.prepared.is_none(),
+            "the preparation no longer matches the messages"
+        );
     }
 
     #[test]
