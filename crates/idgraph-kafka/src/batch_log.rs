@@ -201,11 +201,12 @@ fn assemble(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rdkafka::Timestamp;
 
-    fn message(topic: &str, partition: i32, offset: i64) -> OwnedMessage {
+    /// A message whose payload names its coordinates.
+    pub(crate) fn message(topic: &str, partition: i32, offset: i64) -> OwnedMessage {
         OwnedMessage::new(
             Some(format!("{topic}/{partition}@{offset}").into_bytes()),
             None,

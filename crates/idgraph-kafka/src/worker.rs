@@ -442,7 +442,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             }
         }
         self.checkpoint(stop)?;
-        self.collect_checkpoint(stop, true)?;
+        self.collect_checkpoint(Some(stop))?;
         self.committer = None;
         self.take_sent(true);
         self.sender = None;
@@ -570,7 +570,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         let number = self.next_batch;
         self.next_batch += 1;
         let started = Instant::now();
-        let outcome = self.resolve(&batch, prepared, stop)?;
+        let outcome = self.resolve(&batch, prepared)?;
         let resolved = Instant::now();
         let entry = LoggedBatch::of(&batch).encode();
         self.write_with_retry(stop, |store| {
@@ -609,7 +609,6 @@ impl<'e, S: StateStore> Worker<'e, S> {
         &mut self,
         batch: &[OwnedMessage],
         prepared: Option<Vec<PreparedMessage>>,
-        stop: &AtomicBool,
     ) -> Result<BatchOutcome, KafkaWorkerError> {
         for message in batch {
             let source = self.config.source_of(message.topic()).unwrap_or("custom");
@@ -620,7 +619,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         }
         let prepared =
             prepared.unwrap_or_else(|| prepare_messages(self.engine, &self.config, batch));
-        self.collect_checkpoint(stop, false)?;
+        self.collect_checkpoint(None)?;
         let layers: Vec<&PendingWrites> = std::iter::once(&self.open)
             .chain(self.committing.as_deref())
             .collect();
@@ -724,7 +723,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             return Ok(());
         }
         // One checkpoint is written at a time, so the worker reads through at most two.
-        self.collect_checkpoint(stop, true)?;
+        self.collect_checkpoint(Some(stop))?;
         let batches = self.open.batches();
         let pending = Arc::new(self.open.close(&mut self.cache));
         let deletions: Vec<WriteOp> = self
@@ -752,26 +751,22 @@ impl<'e, S: StateStore> Worker<'e, S> {
     }
 
     /// Takes the committer's report on the checkpoint it is writing, if there is one:
-    /// waiting for it with `block`, otherwise only if it is ready. A failed write ends the
-    /// run; the next start goes on from the checkpoint before and replays the log.
-    fn collect_checkpoint(
-        &mut self,
-        stop: &AtomicBool,
-        block: bool,
-    ) -> Result<(), KafkaWorkerError> {
+    /// waiting for it when given the run's `stop` flag, otherwise only if it is ready. A
+    /// failed write ends the run; the next start goes on from the checkpoint before and
+    /// replays the log.
+    fn collect_checkpoint(&mut self, wait: Option<&AtomicBool>) -> Result<(), KafkaWorkerError> {
         let Some(committer) = &self.committer else {
             return Ok(());
         };
         if self.committing.is_none() {
             return Ok(());
         }
-        let written = if block {
-            committer.wait(stop)
-        } else {
-            match committer.try_written() {
+        let written = match wait {
+            Some(stop) => committer.wait(stop),
+            None => match committer.try_written() {
                 Some(written) => written,
                 None => return Ok(()),
-            }
+            },
         };
         self.committing = None;
         match written {
@@ -825,7 +820,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             Duration::from_millis(self.config.delivery_timeout_ms),
         )?;
         for ((number, _), messages) in batches.iter().zip(fetched) {
-            let outcome = self.resolve(&messages, None, stop)?;
+            let outcome = self.resolve(&messages, None)?;
             self.logged.push(*number);
             self.next_batch = self.next_batch.max(number + 1);
             self.send(*number, &messages, outcome, Vec::new());
@@ -1250,19 +1245,12 @@ fn load_positions<S: StateStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::Timestamp;
 
     fn message(topic: &str, partition: i32, offset: i64) -> (OwnedMessage, u32) {
-        let message = OwnedMessage::new(
-            Some(b"{}".to_vec()),
-            None,
-            topic.to_owned(),
-            Timestamp::NotAvailable,
-            partition,
-            offset,
-            None,
-        );
-        (message, 0)
+        (
+            crate::batch_log::tests::message(topic, partition, offset),
+            0,
+        )
     }
 
     fn positions(batch: &[(OwnedMessage, u32)]) -> Vec<(String, i32, i64)> {
