@@ -14,7 +14,9 @@
 //! hyper, one request per connection, with a connection limit, a deadline for the request
 //! head and for the whole exchange, and a 16 KiB limit on the head (431 past it). At the
 //! connection limit a new connection closes the oldest one still waiting for its head, so
-//! idle or slow clients cannot keep a health probe out. The API
+//! idle or slow clients cannot keep a health probe out. After its answer a connection reads
+//! and drops what the client still sends, for up to 2 s, so that a client cut off mid-request
+//! (an oversized head) receives the answer instead of a reset. The API
 //! reads through a [`RocksReader`], so it sees each write whole once it is committed and never
 //! waits for the worker. Every answer is JSON; errors are `{"error": "..."}` and never carry
 //! an identifier value or an internal error text (those go to the log).
@@ -341,11 +343,12 @@ async fn accept_until_shutdown(
 }
 
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     site: Arc<Site>,
     limits: Limits,
     connection: &Arc<Connection>,
 ) {
+    let deadline = tokio::time::Instant::now() + limits.request_timeout;
     let seen = Arc::clone(connection);
     let service = hyper::service::service_fn(move |request| {
         seen.head_read.store(true, Ordering::SeqCst);
@@ -358,10 +361,40 @@ async fn serve_connection(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(false);
-    let exchange = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    // hyper borrows the socket so that it is still ours for the lingering close below.
+    let exchange = builder.serve_connection(hyper_util::rt::TokioIo::new(&mut stream), service);
     tokio::select! {
-        _ = tokio::time::timeout(limits.request_timeout, exchange) => {}
+        _ = tokio::time::timeout_at(deadline, exchange) => {}
+        _ = connection.evict.notified() => return,
+    }
+    // Answered: a lingering connection may make room for a new one like an idle one.
+    connection.head_read.store(false, Ordering::SeqCst);
+    let linger_until = deadline.min(tokio::time::Instant::now() + MAX_LINGER);
+    tokio::select! {
+        _ = tokio::time::timeout_at(linger_until, discard_until_closed(&mut stream)) => {}
         _ = connection.evict.notified() => {}
+    }
+}
+
+/// The longest a connection stays open after its answer, reading what the client still sends.
+const MAX_LINGER: Duration = Duration::from_secs(2);
+
+/// Closes our side of `stream` and reads and drops whatever the client still sends until it
+/// closes its side.
+///
+/// A server that closes a socket with unread input makes the kernel send a reset, and the
+/// client then loses the answer (a 431 for an oversized head, say) or fails its own write
+/// before reading it. Draining first, as nginx's lingering close does, lets the answer
+/// arrive; the caller bounds how long this may take.
+async fn discard_until_closed(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // hyper has usually shut down our side already; a second shutdown fails harmlessly.
+    let _ = stream.shutdown().await;
+    let mut discarded = [0u8; 8 * 1024];
+    while let Ok(read) = stream.read(&mut discarded).await {
+        if read == 0 {
+            break;
+        }
     }
 }
 
