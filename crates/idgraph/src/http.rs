@@ -236,14 +236,24 @@ struct Connection {
     /// Set once hyper has read the request head and called the service: from then on the
     /// connection is doing work, not just holding a descriptor.
     head_read: AtomicBool,
+    /// Set once the answer is sent and the connection only drains what the client still
+    /// sends: it may then be closed to make room, or at shutdown, like an idle one.
+    answered: AtomicBool,
     /// Wakes the connection's task to close it.
     evict: tokio::sync::Notify,
 }
 
-/// The open connections, oldest first. At the limit, a new connection evicts the oldest one
-/// that has not sent its request head yet, so idle or slow clients can never keep a health
-/// probe or a real request out; only when every connection is busy with a request does the
-/// new one wait in the kernel's backlog.
+impl Connection {
+    /// Whether closing it now loses no request: it has none yet, or it has answered it.
+    fn is_idle(&self) -> bool {
+        !self.head_read.load(Ordering::SeqCst) || self.answered.load(Ordering::SeqCst)
+    }
+}
+
+/// The open connections, oldest first. At the limit, a new connection evicts the oldest idle
+/// one (no request head yet, or answered already), so idle or slow clients can never keep a
+/// health probe or a real request out; only when every connection is busy with a request does
+/// the new one wait in the kernel's backlog.
 struct OpenConnections {
     max: usize,
     open: std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<Connection>>>,
@@ -258,6 +268,17 @@ impl OpenConnections {
         open.len()
     }
 
+    /// Closes the connections that have sent their answer and only drain the client's
+    /// input, so that a stopping server does not wait for clients to hang up.
+    fn close_answered(&self) {
+        let open = self.open.lock().expect("connections lock");
+        for connection in open.iter().filter_map(std::sync::Weak::upgrade) {
+            if connection.answered.load(Ordering::SeqCst) {
+                connection.evict.notify_one();
+            }
+        }
+    }
+
     /// Makes room for one more connection, evicting the oldest idle one if the limit is
     /// reached; false when every open connection is serving a request.
     fn make_room(&self) -> bool {
@@ -266,10 +287,9 @@ impl OpenConnections {
         if open.len() < self.max {
             return true;
         }
-        let idle = open.iter().position(|c| {
-            c.upgrade()
-                .is_some_and(|c| !c.head_read.load(Ordering::SeqCst))
-        });
+        let idle = open
+            .iter()
+            .position(|c| c.upgrade().is_some_and(|c| c.is_idle()));
         match idle.and_then(|i| open.remove(i)).and_then(|c| c.upgrade()) {
             Some(evicted) => {
                 evicted.evict.notify_one();
@@ -282,6 +302,7 @@ impl OpenConnections {
     fn register(&self) -> Arc<Connection> {
         let connection = Arc::new(Connection {
             head_read: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
             evict: tokio::sync::Notify::new(),
         });
         self.open
@@ -338,6 +359,7 @@ async fn accept_until_shutdown(
     drop(listener);
     let deadline = tokio::time::Instant::now() + limits.request_timeout;
     while connections.count() > 0 && tokio::time::Instant::now() < deadline {
+        connections.close_answered();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -367,8 +389,7 @@ async fn serve_connection(
         _ = tokio::time::timeout_at(deadline, exchange) => {}
         _ = connection.evict.notified() => return,
     }
-    // Answered: a lingering connection may make room for a new one like an idle one.
-    connection.head_read.store(false, Ordering::SeqCst);
+    connection.answered.store(true, Ordering::SeqCst);
     let linger_until = deadline.min(tokio::time::Instant::now() + MAX_LINGER);
     tokio::select! {
         _ = tokio::time::timeout_at(linger_until, discard_until_closed(&mut stream)) => {}
