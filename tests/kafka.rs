@@ -127,6 +127,11 @@ impl Broker {
         customers_by_event(self.dump("idgraph.enriched", dir).iter().map(value))
     }
 
+    /// customer id -> its last profile (Null for a tombstone), from the profile topic.
+    fn streamed_profiles(&self, dir: &Path) -> BTreeMap<String, Value> {
+        final_profiles(self.dump("idgraph.profiles", dir).iter().map(value))
+    }
+
     fn dump(&self, topic: &str, dir: &Path) -> Vec<Value> {
         let path = dir.join(format!("{topic}.dump.jsonl"));
         let args = ["dump", "--topic", topic, "--output", p(&path)];
@@ -284,12 +289,7 @@ fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
         );
     }
 
-    let profiles = final_profiles(
-        broker
-            .dump("idgraph.profiles", dir.path())
-            .iter()
-            .map(value),
-    );
+    let profiles = broker.streamed_profiles(dir.path());
     let expected = file_mode_profiles(&reference);
     assert_eq!(profiles, expected, "the final profiles are the same");
 
@@ -363,12 +363,7 @@ fn the_worker_produces_what_file_mode_produces_for_the_same_input() {
             }
         }
     }
-    let profiles = final_profiles(
-        broker
-            .dump("idgraph.profiles", dir.path())
-            .iter()
-            .map(value),
-    );
+    let profiles = broker.streamed_profiles(dir.path());
     assert_eq!(
         profiles,
         file_mode_profiles(&reference),
@@ -906,12 +901,7 @@ fn failed_produce_requests_are_retried_without_loss_or_change() {
     let streamed = broker.streamed_customers(dir.path());
     let expected = file_mode_customers(&reference);
     assert_eq!(streamed, expected);
-    let profiles = final_profiles(
-        broker
-            .dump("idgraph.profiles", dir.path())
-            .iter()
-            .map(value),
-    );
+    let profiles = broker.streamed_profiles(dir.path());
     assert_eq!(profiles, file_mode_profiles(&reference));
 }
 
