@@ -78,6 +78,20 @@ fn scoring(c: &mut Criterion) {
         };
         b.iter(|| black_box(model.score(&event_side, &profile_side)))
     });
+    // What the engine does per candidate: the event is looked up once per search, the
+    // candidate once per score.
+    c.bench_function("score_candidate_of_a_prepared_event", |b| {
+        let event_side = EventSide {
+            traits: &event,
+            identifiers: &[],
+        };
+        let prepared_event = model.prepare(&event_side);
+        let profile_side = ProfileSide {
+            history: &known,
+            identifiers: &[],
+        };
+        b.iter(|| black_box(model.score_prepared(&prepared_event, &model.prepare(&profile_side))))
+    });
     c.bench_function("blocking_keys", |b| {
         b.iter(|| black_box(blocking_keys(&event)))
     });

@@ -4,7 +4,7 @@
 mod support;
 
 use idgraph_engine::read::{customer_for_identifier, explain};
-use idgraph_engine::{StateRead, Table};
+use idgraph_engine::{StateCache, StateRead, Table};
 use idgraph_model::{
     ChangeKind, FailureKind, LinkRule, ProfileRecord, RefusalRule, ResolutionAction,
 };
@@ -356,6 +356,64 @@ fn a_namesake_with_another_birth_date_and_address_stays_apart() {
         person("Robert", "Smith", "1988-11-23", "9 Low Road", "62704"),
     )]);
     assert_ne!(h.customer("e1"), h.customer("e2"));
+}
+
+#[test]
+fn a_candidate_is_compared_as_it_is_now_after_the_cache_dropped_it() {
+    // Decoded profiles are dropped after every batch and match features are kept: a
+    // candidate scored once from its features must be scored from its new values after it
+    // changed, or the last event would miss it.
+    let mut h = Harness::new();
+    h.cache = StateCache::with_budgets(1, 1 << 30);
+    let ann = |extra: Value| {
+        let mut traits = json!({"first_name": "Ann", "last_name": "Lee"});
+        traits
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        traits
+    };
+    let filler = |h: &mut Harness, id: &str, n: u32| {
+        h.run_one(
+            id,
+            n,
+            json!({"email": format!("{id}@filler.com")}),
+            json!({}),
+        );
+    };
+    h.run_one("e1", 1, json!({"email": "a@x.com"}), ann(json!({})));
+    filler(&mut h, "f1", 2);
+    filler(&mut h, "f2", 3);
+    // A namesake: first and last name alone stay below the threshold, so it starts its
+    // own profile, and the first one is compared (from its features) on the way.
+    h.run_one(
+        "e2",
+        4,
+        json!({"email": "b@y.com"}),
+        ann(json!({"date_of_birth": "1990-01-01"})),
+    );
+    assert_ne!(h.customer("e1"), h.customer("e2"));
+    // The first customer comes back with an address.
+    h.run_one(
+        "e3",
+        5,
+        json!({"email": "a@x.com"}),
+        ann(json!({"street": "12 High Street", "postcode": "62701"})),
+    );
+    assert_eq!(h.customer("e1"), h.customer("e3"));
+    filler(&mut h, "f3", 6);
+    filler(&mut h, "f4", 7);
+    h.run_one(
+        "e4",
+        8,
+        json!({}),
+        ann(json!({"street": "12 High Street", "postcode": "62701"})),
+    );
+    assert_eq!(
+        h.customer("e4"),
+        h.customer("e1"),
+        "name and address link the anonymous event to the customer as they are now"
+    );
 }
 
 #[test]

@@ -178,7 +178,7 @@ fn expected_components(events: &[GenEvent]) -> BTreeSet<BTreeSet<usize>> {
 
 /// Every output record of a run, as JSON lines, with the state cache of the given size.
 fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_bytes: usize) -> Vec<String> {
-    outputs_of_run(engine, events, cache_bytes, false, false)
+    outputs_of_run(engine, events, StateCache::new(cache_bytes), false, false)
 }
 
 /// Every output record of a run, as JSON lines. With `commit_late`, each batch is committed
@@ -189,12 +189,11 @@ fn outputs_with_cache(engine: &Engine, events: &[GenEvent], cache_bytes: usize) 
 fn outputs_of_run(
     engine: &Engine,
     events: &[GenEvent],
-    cache_bytes: usize,
+    mut cache: StateCache,
     commit_late: bool,
     as_version_3: bool,
 ) -> Vec<String> {
     let mut store = MemoryStore::new();
-    let mut cache = StateCache::new(cache_bytes);
     let mut pending: Option<(PendingWrites, ResolvedBatch)> = None;
     let mut lines = Vec::new();
     for (batch_index, chunk) in events.chunks(4).enumerate() {
@@ -472,6 +471,10 @@ proptest! {
         prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, 1 << 30));
         // A cache too small for the graph starts over often; results stay the same.
         prop_assert_eq!(&without, &outputs_with_cache(&engine, &events, small_kib * 1024));
+        // Decoded profiles dropped after every batch, match features kept for good: nearly
+        // every candidate is scored from features, which must never be older than the state.
+        let features_only = StateCache::with_budgets(small_kib * 64, 1 << 30);
+        prop_assert_eq!(&without, &outputs_of_run(&engine, &events, features_only, false, false));
     }
 
     #[test]
@@ -479,9 +482,9 @@ proptest! {
         // File mode commits a batch while the next one resolves, reading through the
         // uncommitted writes; with no cache every read goes through them.
         let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
-        let in_step = outputs_of_run(&engine, &events, 0, false, false);
-        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, 0, true, false));
-        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, small, true, false));
+        let in_step = outputs_of_run(&engine, &events, StateCache::new(0), false, false);
+        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, StateCache::new(0), true, false));
+        prop_assert_eq!(&in_step, &outputs_of_run(&engine, &events, StateCache::new(small), true, false));
     }
 
     #[test]
@@ -489,8 +492,8 @@ proptest! {
         // A state directory upgraded from version 3 keeps its old profile records until they
         // change; with no cache every profile is read back from the store between batches.
         let engine = Engine::new(EngineConfig::defaults(), "test").unwrap();
-        let packed = outputs_of_run(&engine, &events, 0, false, false);
-        prop_assert_eq!(&packed, &outputs_of_run(&engine, &events, 0, false, true));
+        let packed = outputs_of_run(&engine, &events, StateCache::new(0), false, false);
+        prop_assert_eq!(&packed, &outputs_of_run(&engine, &events, StateCache::new(0), false, true));
     }
 
     #[test]

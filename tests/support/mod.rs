@@ -3,7 +3,7 @@
 #![allow(dead_code)] // Each test crate uses its own part of it.
 
 use idgraph_engine::read::profile_by_id;
-use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateStore};
+use idgraph_engine::{Engine, EngineConfig, InputMessage, MemoryStore, StateCache, StateStore};
 use idgraph_model::{
     ChangeKind, DeadLetter, EnrichedEvent, IdentityChange, InputCoordinates, Profile,
     ProfileRecord, RefusalRule,
@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 pub struct Harness {
     pub engine: Engine,
     pub store: MemoryStore,
+    /// Decoded state kept between batches; none unless a test sets one.
+    pub cache: StateCache,
     line: u64,
     pub enriched: Vec<EnrichedEvent>,
     pub profiles: Vec<ProfileRecord>,
@@ -33,6 +35,7 @@ impl Harness {
         Harness {
             engine: Engine::new(config, "test").unwrap(),
             store: MemoryStore::new(),
+            cache: StateCache::new(0),
             line: 0,
             enriched: Vec::new(),
             profiles: Vec::new(),
@@ -53,7 +56,10 @@ impl Harness {
             })
             .collect();
         let messages = InputMessage::batch(payloads, &coordinates, "web");
-        let outcome = self.engine.process_batch(&self.store, &messages).unwrap();
+        let outcome = self
+            .engine
+            .process_batch_cached(&self.store, &mut self.cache, &messages)
+            .unwrap();
         self.store.write(&outcome.writes).unwrap();
         // As the drivers do: the memory store then drops records past their windows.
         self.engine.expire_old_records(&mut self.store).unwrap();

@@ -7,12 +7,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use idgraph_model::InputCoordinates;
+use idgraph_model::{CompactString, InputCoordinates};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::cache::{Cached, StateCache};
 use crate::duplicates::{timed, EventClock, EventRecord, EVENT_CLOCK_KEY};
+use crate::features::{FeatureEntry, MatchFeatures};
+use crate::matching::Side;
 use crate::state::{
     decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, NodeRecord,
     ProfileState, RootInfo, StampedEvidence,
@@ -37,11 +39,13 @@ impl DirtyKeys {
         self.0.len()
     }
 
-    /// Adds `key`, allocating only the first time.
-    fn mark(&mut self, key: &str) {
-        if !self.0.contains(key) {
-            self.0.insert(key.to_owned());
+    /// Adds `key`, allocating only the first time; true if it was not there yet.
+    fn mark(&mut self, key: &str) -> bool {
+        if self.0.contains(key) {
+            return false;
         }
+        self.0.insert(key.to_owned());
+        true
     }
 
     fn insert(&mut self, key: String) {
@@ -64,6 +68,38 @@ impl Cached {
         match entry {
             CustomerEntry::Live(state) => Cached::Live(Arc::new(*state)),
             CustomerEntry::Redirect { to } => Cached::Redirect(to),
+        }
+    }
+}
+
+/// A candidate profile as scoring sees it (see [`Batch::candidate`]).
+pub(crate) enum CandidateView {
+    Decoded(Arc<ProfileState>),
+    Features(Arc<MatchFeatures>),
+}
+
+impl CandidateView {
+    /// When the profile was created: equal scores are ordered by it.
+    pub(crate) fn created_at(&self) -> &CompactString {
+        match self {
+            CandidateView::Decoded(state) => &state.profile.created_at,
+            CandidateView::Features(features) => &features.created_at,
+        }
+    }
+}
+
+impl Side for CandidateView {
+    fn trait_values(&self, field: &str) -> &[CompactString] {
+        match self {
+            CandidateView::Decoded(state) => state.trait_values(field),
+            CandidateView::Features(features) => features.trait_values(field),
+        }
+    }
+
+    fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>) {
+        match self {
+            CandidateView::Decoded(state) => state.push_identifier_values(kind, out),
+            CandidateView::Features(features) => features.push_identifier_values(kind, out),
         }
     }
 }
@@ -287,11 +323,69 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// A mutable live profile, loaded into the overlay and marked dirty.
     pub(crate) fn profile_mut(&mut self, id: &str) -> Result<&mut ProfileState, StoreError> {
         self.load(id)?;
-        self.dirty_customers.mark(id);
+        self.mark_customer(id);
         match self.cache.current.customers.get_mut(id) {
             Some(Some(Cached::Live(state))) => Ok(Arc::make_mut(state)),
             _ => Err(not_live(id)),
         }
+    }
+
+    /// Marks a customer the batch changes. Its match features are forgotten the first time:
+    /// from then on until the batch ends it is in the cache's current generation, which
+    /// [`Batch::candidate`] asks first, so no features can be made from an older state.
+    fn mark_customer(&mut self, id: &str) {
+        if self.dirty_customers.mark(id) {
+            self.cache.features.forget(id);
+        }
+    }
+
+    /// The live profile `id` resolves to, following merge redirects, as candidate search
+    /// compares it: the decoded state if the cache holds it, else its match features, made
+    /// from the stored record if need be without keeping the decoded profile (see
+    /// [`crate::features`]). Features keep identifiers of `compared_kinds` only.
+    pub(crate) fn candidate(
+        &mut self,
+        id: &str,
+        compared_kinds: &[CompactString],
+    ) -> Result<Option<(String, CandidateView)>, StoreError> {
+        let mut current = id.to_owned();
+        for _ in 0..MAX_REDIRECT_HOPS {
+            let entry = if let Some(cached) = self.cache.peek_customer(&current) {
+                match cached {
+                    Some(Cached::Live(state)) => {
+                        let view = CandidateView::Decoded(Arc::clone(state));
+                        return Ok(Some((current, view)));
+                    }
+                    Some(Cached::Redirect(to)) => FeatureEntry::Redirect(to.clone()),
+                    None => return Ok(None),
+                }
+            } else if let Some(entry) = self.cache.features.get(&current) {
+                entry
+            } else {
+                let Some(bytes) = self.store.get(Table::Customers, current.as_bytes())? else {
+                    return Ok(None);
+                };
+                let entry = match decode_customer(current.as_bytes(), &bytes)? {
+                    CustomerEntry::Live(state) => {
+                        FeatureEntry::Live(Arc::new(MatchFeatures::of(&state, compared_kinds)))
+                    }
+                    CustomerEntry::Redirect { to } => FeatureEntry::Redirect(to),
+                };
+                self.cache.features.insert(&current, entry.clone());
+                entry
+            };
+            match entry {
+                FeatureEntry::Live(features) => {
+                    return Ok(Some((current, CandidateView::Features(features))))
+                }
+                FeatureEntry::Redirect(to) => current = to,
+            }
+        }
+        Err(StoreError::Corrupt {
+            table: Table::Customers.name(),
+            key: id.to_owned(),
+            reason: "redirect chain too long".into(),
+        })
     }
 
     /// A shared handle on a live profile; cheap, and unaffected by later writes.
@@ -304,6 +398,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     pub(crate) fn put_profile(&mut self, state: ProfileState) {
         let id = state.profile.customer_id.clone();
+        self.cache.features.forget(&id);
         self.dirty_customers.insert(id.clone());
         self.cache
             .current
@@ -311,7 +406,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn put_redirect(&mut self, id: &str, to: &str) {
-        self.dirty_customers.mark(id);
+        self.mark_customer(id);
         self.cache
             .current
             .insert_customer(id.to_owned(), Some(Cached::Redirect(to.to_owned())));

@@ -73,7 +73,8 @@ impl EngineConfig {
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Memory (MiB, estimated) of the records (identifier nodes, profiles, blocking keys)
-    /// kept decoded between batches; 0 turns the cache off.
+    /// kept decoded between batches, a quarter of it for profiles' match features; 0 turns
+    /// the cache off.
     pub max_mb: usize,
 }
 

@@ -243,6 +243,9 @@ pub struct Engine {
     model: MatchModel,
     normalizer: Normalizer,
     priority: FxHashMap<String, usize>,
+    /// The identifier kinds the match model compares: all that candidates' match features
+    /// keep of their identifiers.
+    compared_kinds: Vec<CompactString>,
     processor_version: String,
 }
 
@@ -326,6 +329,7 @@ impl Engine {
             .collect();
         let model = MatchModel::new(&config.fuzzy, &config.protection);
         Ok(Engine {
+            compared_kinds: model.identifier_kinds(),
             model,
             config,
             normalizer,

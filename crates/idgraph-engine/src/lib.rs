@@ -18,6 +18,7 @@ pub mod config;
 pub mod conformance;
 pub mod duplicates;
 mod engine;
+mod features;
 pub mod matching;
 pub mod pending;
 pub mod profile;

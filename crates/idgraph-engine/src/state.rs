@@ -204,6 +204,22 @@ impl ProfileState {
     }
 }
 
+/// A profile as a side of a comparison: its remembered trait values and its identifiers.
+impl crate::matching::Side for ProfileState {
+    fn trait_values(&self, field: &str) -> &[CompactString] {
+        self.trait_history.get(field).map_or(&[], Vec::as_slice)
+    }
+
+    fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>) {
+        let identifiers = self.profile.identifiers.iter();
+        crate::matching::model::push_values_of_kind(
+            identifiers.map(|i| (&i.kind, &i.value)),
+            kind,
+            out,
+        )
+    }
+}
+
 /// Candidate profiles under one blocking key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BlockRecord {

@@ -6,14 +6,13 @@
 use idgraph_model::{CompactString, FieldScore, Identifier, LinkRule, NormalizedEvent};
 
 use super::{fuzzy_rule, EventContext};
-use crate::batch::Batch;
+use crate::batch::{Batch, CandidateView};
 use crate::matching::model::round3;
 use crate::matching::{
     blocking_keys, identifier_typo_keys, is_broad_key, rule_key, EventSide, MatchScore,
-    ProfileSide, Side, Verdict,
+    PreparedSide, Side, Verdict,
 };
 use crate::profile::profile_blocking_keys;
-use crate::state::ProfileState;
 use crate::stats::BatchStats;
 use crate::store::StateRead;
 use crate::{Engine, EngineError};
@@ -87,10 +86,11 @@ impl Engine {
             keys.iter().partition(|key| is_broad_key(key));
         let mut seen: Vec<String> = Vec::new();
         let mut scored = Vec::new();
+        let side = self.model.prepare(side);
         for phase in [selective, broad] {
             let found = self.listed_profiles(batch, &phase, exclude, &mut seen, limit)?;
-            for id in found {
-                scored.push(self.score_candidate(batch, side, id)?);
+            for candidate in found {
+                scored.push(self.score_candidate(batch, &side, candidate)?);
             }
             if scored.iter().any(|(_, c)| c.verdict == Verdict::Link) {
                 break;
@@ -114,7 +114,7 @@ impl Engine {
     }
 
     /// Up to `limit` live profiles listed under `keys` that are not in `seen` (which they
-    /// join) nor `exclude`.
+    /// join) nor `exclude`, as candidate search compares them.
     fn listed_profiles<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
@@ -122,7 +122,7 @@ impl Engine {
         exclude: Option<&str>,
         seen: &mut Vec<String>,
         limit: usize,
-    ) -> Result<Vec<String>, EngineError> {
+    ) -> Result<Vec<(String, CandidateView)>, EngineError> {
         let mut found = Vec::new();
         'keys: for key in keys {
             let block = batch.block(key)?;
@@ -135,14 +135,14 @@ impl Engine {
                 if Some(id.as_str()) == exclude || seen.contains(id) {
                     continue;
                 }
-                let Some(live) = batch.resolve_id(id)? else {
+                let Some((live, view)) = batch.candidate(id, &self.compared_kinds)? else {
                     continue;
                 };
                 if Some(live.as_str()) == exclude || seen.contains(&live) {
                     continue;
                 }
                 seen.push(live.clone());
-                found.push(live);
+                found.push((live, view));
                 if found.len() >= limit {
                     break 'keys;
                 }
@@ -156,13 +156,12 @@ impl Engine {
     fn score_candidate<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
-        side: &impl Side,
-        id: String,
+        side: &PreparedSide<'_>,
+        (id, view): (String, CandidateView),
     ) -> Result<(CompactString, Candidate), EngineError> {
-        let state = batch.profile(&id)?;
-        let mut score = self.model.score(side, &profile_side(&state));
-        let created_at = state.profile.created_at.clone();
-        drop(state);
+        let mut score = self.model.score_prepared(side, &self.model.prepare(&view));
+        let created_at = view.created_at().clone();
+        drop(view);
         self.discount_common_values(batch, &mut score)?;
         let threshold = self.model.threshold_for(batch.profiles_known());
         let verdict = self.model.verdict(&score, threshold);
@@ -258,14 +257,7 @@ impl Engine {
     ) -> Result<Vec<Candidate>, EngineError> {
         let state = batch.profile(primary)?;
         let limit = self.config.fuzzy.max_candidates_on_growth;
-        self.fuzzy_candidates(
-            batch,
-            &profile_side(&state),
-            new_keys,
-            Some(primary),
-            limit,
-            stats,
-        )
+        self.fuzzy_candidates(batch, &*state, new_keys, Some(primary), limit, stats)
     }
 
     /// Merges into `primary` the `candidates` the model linked it to (at most
@@ -382,14 +374,6 @@ impl Engine {
             added.push(key);
         }
         Ok(added)
-    }
-}
-
-/// A profile as a side of a comparison.
-pub(super) fn profile_side(state: &ProfileState) -> ProfileSide<'_> {
-    ProfileSide {
-        history: &state.trait_history,
-        identifiers: &state.profile.identifiers,
     }
 }
 

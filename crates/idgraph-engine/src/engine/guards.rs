@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use idgraph_model::{CompactString, Identifier, NormalizedEvent, RefusalRule, SortedMap};
 
-use super::{fuzzy, EventContext};
+use super::EventContext;
 use crate::batch::Batch;
-use crate::matching::model::values_of_kind;
+use crate::matching::model::push_values_of_kind;
 use crate::matching::{EventSide, MatchScore, Side, MATCH_FIELDS};
 use crate::state::ProfileState;
 use crate::stats::BatchStats;
@@ -106,7 +106,7 @@ impl Engine {
             traits: &event.traits,
             identifiers: &event.identifiers,
         };
-        let result = self.model.score(&side, &fuzzy::profile_side(profile));
+        let result = self.model.score(&side, profile);
         result.has_evidence().then_some(result)
     }
 
@@ -131,7 +131,7 @@ impl Engine {
             profile: primary,
             event,
         };
-        let result = self.model.score(&side, &fuzzy::profile_side(other));
+        let result = self.model.score(&side, other);
         result.has_evidence().then_some(result)
     }
 
@@ -204,14 +204,14 @@ impl Side for WithEvent<'_> {
         self.history.get(field).map_or(&[], Vec::as_slice)
     }
 
-    fn identifier_values(&self, kind: &str) -> Vec<&str> {
+    fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>) {
+        let start = out.len();
         let held = self.profile.profile.identifiers.iter();
-        let mut values = values_of_kind(held.map(|i| (&i.kind, &i.value)), kind);
+        push_values_of_kind(held.map(|i| (&i.kind, &i.value)), kind, out);
         for identifier in &self.event.identifiers {
-            if identifier.kind == kind && !values.contains(&identifier.value.as_str()) {
-                values.push(&identifier.value);
+            if identifier.kind == kind && !out[start..].contains(&identifier.value.as_str()) {
+                out.push(&identifier.value);
             }
         }
-        values
     }
 }

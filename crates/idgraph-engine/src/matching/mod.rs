@@ -18,7 +18,7 @@ pub use blocking::{
     blocking_keys_from, identifier_typo_keys, is_broad_key, rule_key, BLOCKING_RULES,
 };
 pub use comparison::ComparisonKind;
-pub use model::{EventSide, MatchModel, MatchScore, ProfileSide, Side, Verdict};
+pub use model::{EventSide, MatchModel, MatchScore, PreparedSide, ProfileSide, Side, Verdict};
 pub use text::{are_nicknames, soundex};
 
 use idgraph_model::{CompactString, SortedMap};

@@ -27,6 +27,10 @@ struct CompiledComparison {
     swap_with: Option<CompactString>,
     implied_by: Vec<CompactString>,
     refuse_when_different: bool,
+    /// Where a prepared side keeps the values of `swap_with` (see [`PreparedSide`]).
+    partner_slot: Option<usize>,
+    /// The compared traits of `implied_by`, as indices into the model's traits.
+    implied_by_traits: Vec<usize>,
 }
 
 impl CompiledComparison {
@@ -49,6 +53,8 @@ impl CompiledComparison {
                 .map(|f| CompactString::from(f.as_str()))
                 .collect(),
             refuse_when_different: config.refuse_when_different.unwrap_or(false),
+            partner_slot: None,
+            implied_by_traits: Vec::new(),
         }
     }
 
@@ -61,8 +67,16 @@ impl CompiledComparison {
 pub trait Side {
     /// Every value held for a trait (normalized, non-empty), or none.
     fn trait_values(&self, field: &str) -> &[CompactString];
+
+    /// Appends every value held for an identifier kind to `out`, in the side's order.
+    fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>);
+
     /// Every value held for an identifier kind.
-    fn identifier_values(&self, kind: &str) -> Vec<&str>;
+    fn identifier_values(&self, kind: &str) -> Vec<&str> {
+        let mut values = Vec::new();
+        self.push_identifier_values(kind, &mut values);
+        values
+    }
 }
 
 /// An event's traits and identifiers.
@@ -76,20 +90,26 @@ impl Side for EventSide<'_> {
         self.traits.get(field).map_or(&[], std::slice::from_ref)
     }
 
-    fn identifier_values(&self, kind: &str) -> Vec<&str> {
-        values_of_kind(self.identifiers.iter().map(|i| (&i.kind, &i.value)), kind)
+    fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>) {
+        push_values_of_kind(
+            self.identifiers.iter().map(|i| (&i.kind, &i.value)),
+            kind,
+            out,
+        )
     }
 }
 
-/// The values of one kind among `(kind, value)` pairs.
-pub(crate) fn values_of_kind<'a>(
+/// Appends the values of one kind among `(kind, value)` pairs to `out`.
+pub(crate) fn push_values_of_kind<'a>(
     identifiers: impl Iterator<Item = (&'a CompactString, &'a CompactString)>,
     kind: &str,
-) -> Vec<&'a str> {
-    identifiers
-        .filter(|(k, _)| *k == kind)
-        .map(|(_, value)| value.as_str())
-        .collect()
+    out: &mut Vec<&'a str>,
+) {
+    out.extend(
+        identifiers
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, value)| value.as_str()),
+    )
 }
 
 /// A profile's remembered trait values and its identifiers.
@@ -103,8 +123,35 @@ impl Side for ProfileSide<'_> {
         self.history.get(field).map_or(&[], Vec::as_slice)
     }
 
-    fn identifier_values(&self, kind: &str) -> Vec<&str> {
-        values_of_kind(self.identifiers.iter().map(|i| (&i.kind, &i.value)), kind)
+    fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>) {
+        push_values_of_kind(
+            self.identifiers.iter().map(|i| (&i.kind, &i.value)),
+            kind,
+            out,
+        )
+    }
+}
+
+/// A side's values looked up once for every field the model compares ([`MatchModel::prepare`]),
+/// so that scoring it against many others does not look each field up by name again.
+#[derive(Debug, Clone)]
+pub struct PreparedSide<'s> {
+    /// The values of each compared trait, in the model's order, then of each swap partner
+    /// that is not compared itself.
+    traits: Vec<&'s [CompactString]>,
+    /// The values of the compared identifier kinds, kind after kind; `identifier_ends[k]` is
+    /// where kind `k`'s end.
+    identifiers: Vec<&'s str>,
+    identifier_ends: Vec<usize>,
+}
+
+impl<'s> PreparedSide<'s> {
+    fn identifiers_of(&self, comparison: usize) -> &[&'s str] {
+        let start = match comparison {
+            0 => 0,
+            k => self.identifier_ends[k - 1],
+        };
+        &self.identifiers[start..self.identifier_ends[comparison]]
     }
 }
 
@@ -171,6 +218,9 @@ pub enum Verdict {
 pub struct MatchModel {
     traits: Vec<CompiledComparison>,
     identifiers: Vec<CompiledComparison>,
+    /// The fields a prepared side holds values of: every compared trait, then each swap
+    /// partner that is not compared itself.
+    prepared_fields: Vec<CompactString>,
     threshold: f64,
     reference_profiles: f64,
     conflict_score: f64,
@@ -180,22 +230,71 @@ pub struct MatchModel {
 impl MatchModel {
     /// Builds the model from validated configuration.
     pub fn new(fuzzy: &FuzzyConfig, protection: &ProtectionConfig) -> Self {
-        MatchModel {
-            traits: fuzzy
-                .fields
+        let mut traits: Vec<CompiledComparison> = fuzzy
+            .fields
+            .iter()
+            .map(|(field, config)| CompiledComparison::new(field, config))
+            .collect();
+        let mut prepared_fields: Vec<CompactString> =
+            traits.iter().map(|c| c.field.clone()).collect();
+        let compared = prepared_fields.clone();
+        for comparison in &mut traits {
+            comparison.implied_by_traits = comparison
+                .implied_by
                 .iter()
-                .map(|(field, config)| CompiledComparison::new(field, config))
-                .collect(),
+                .filter_map(|other| compared.iter().position(|field| field == other))
+                .collect();
+            if let Some(partner) = &comparison.swap_with {
+                let slot = match prepared_fields.iter().position(|field| field == partner) {
+                    Some(slot) => slot,
+                    None => {
+                        prepared_fields.push(partner.clone());
+                        prepared_fields.len() - 1
+                    }
+                };
+                comparison.partner_slot = Some(slot);
+            }
+        }
+        MatchModel {
+            traits,
             identifiers: fuzzy
                 .identifiers
                 .iter()
                 .map(|(kind, config)| CompiledComparison::new(kind, config))
                 .collect(),
+            prepared_fields,
             threshold: fuzzy.threshold,
             reference_profiles: fuzzy.reference_profiles.max(1) as f64,
             conflict_score: protection.conflict_score,
             distinct_identity_conflict_score: protection.distinct_identity_conflict_score,
         }
+    }
+
+    /// Looks up `side`'s values of every field the model compares, for
+    /// [`MatchModel::score_prepared`]: a side scored against many others (an event against
+    /// its candidates) is prepared once.
+    pub fn prepare<'s>(&self, side: &'s impl Side) -> PreparedSide<'s> {
+        let traits = self
+            .prepared_fields
+            .iter()
+            .map(|field| side.trait_values(field))
+            .collect();
+        let mut identifiers = Vec::new();
+        let mut identifier_ends = Vec::with_capacity(self.identifiers.len());
+        for comparison in &self.identifiers {
+            side.push_identifier_values(&comparison.field, &mut identifiers);
+            identifier_ends.push(identifiers.len());
+        }
+        PreparedSide {
+            traits,
+            identifiers,
+            identifier_ends,
+        }
+    }
+
+    /// The identifier kinds the model compares; it looks at no other kind.
+    pub fn identifier_kinds(&self) -> Vec<CompactString> {
+        self.identifiers.iter().map(|c| c.field.clone()).collect()
     }
 
     /// The traits the model compares with their comparison kinds, in scoring order.
@@ -206,7 +305,8 @@ impl MatchModel {
     /// The level index each trait comparison reaches for `left` against `right` (`None`
     /// where either side lacks the field): the comparison vector EM training counts.
     pub fn comparison_vector(&self, left: &impl Side, right: &impl Side) -> Vec<Option<u8>> {
-        self.trait_levels(left, right)
+        let (left, right) = (self.prepare(left), self.prepare(right));
+        self.trait_levels(&left, &right)
             .into_iter()
             .map(|found| found.map(|(level, _, _)| level as u8))
             .collect()
@@ -216,28 +316,24 @@ impl MatchModel {
     /// from; `None` where either side lacks the field.
     fn trait_levels<'v>(
         &self,
-        left: &'v impl Side,
-        right: &'v impl Side,
+        left: &PreparedSide<'v>,
+        right: &PreparedSide<'v>,
     ) -> Vec<Option<(usize, &'v str, &'v str)>> {
         self.traits
             .iter()
-            .map(|comparison| {
-                let partners = match &comparison.swap_with {
-                    Some(partner) => Partners {
-                        left: left.trait_values(partner),
-                        right: right.trait_values(partner),
+            .enumerate()
+            .map(|(index, comparison)| {
+                let partners = match comparison.partner_slot {
+                    Some(slot) => Partners {
+                        left: left.traits[slot],
+                        right: right.traits[slot],
                     },
                     None => Partners::default(),
                 };
                 best_level(
                     comparison,
-                    left.trait_values(&comparison.field)
-                        .iter()
-                        .map(CompactString::as_str),
-                    right
-                        .trait_values(&comparison.field)
-                        .iter()
-                        .map(CompactString::as_str),
+                    left.traits[index].iter().map(CompactString::as_str),
+                    right.traits[index].iter().map(CompactString::as_str),
                     partners,
                 )
             })
@@ -247,6 +343,11 @@ impl MatchModel {
     /// Scores `left` against `right`: per field, every value of one side against every
     /// value of the other, the best weight wins.
     pub fn score(&self, left: &impl Side, right: &impl Side) -> MatchScore {
+        self.score_prepared(&self.prepare(left), &self.prepare(right))
+    }
+
+    /// [`MatchModel::score`] of two prepared sides.
+    pub fn score_prepared(&self, left: &PreparedSide<'_>, right: &PreparedSide<'_>) -> MatchScore {
         let mut result = MatchScore {
             total: 0.0,
             trait_total: 0.0,
@@ -268,12 +369,8 @@ impl MatchModel {
             let mut weight = comparison.weights[level];
             // Agreeing on a field that another agreeing field implies (the city of an
             // agreeing postcode) is the same evidence twice.
-            let implied = comparison.implied_by.iter().any(|other| {
-                self.traits
-                    .iter()
-                    .position(|c| c.field == *other)
-                    .and_then(|i| levels[i].map(|(level, _, _)| level == self.traits[i].exact))
-                    .unwrap_or(false)
+            let implied = comparison.implied_by_traits.iter().any(|&other| {
+                levels[other].is_some_and(|(level, _, _)| level == self.traits[other].exact)
             });
             if implied && weight > 0.0 {
                 weight = 0.0;
@@ -296,15 +393,11 @@ impl MatchModel {
         result.trait_total = round3(result.total);
         let mut any_alike = false;
         let mut any_different = false;
-        for comparison in &self.identifiers {
-            let (left_values, right_values) = (
-                left.identifier_values(&comparison.field),
-                right.identifier_values(&comparison.field),
-            );
+        for (index, comparison) in self.identifiers.iter().enumerate() {
             let Some((level, a, b)) = best_level(
                 comparison,
-                left_values.iter().copied(),
-                right_values.iter().copied(),
+                left.identifiers_of(index).iter().copied(),
+                right.identifiers_of(index).iter().copied(),
                 Partners::default(),
             ) else {
                 continue;
