@@ -313,11 +313,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 None => return Ok(None),
             }
         }
-        Err(StoreError::Corrupt {
-            table: Table::Customers.name(),
-            key: id.to_owned(),
-            reason: "redirect chain too long".into(),
-        })
+        Err(redirect_chain_too_long(id))
     }
 
     /// A mutable live profile, loaded into the overlay and marked dirty.
@@ -381,11 +377,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 FeatureEntry::Redirect(to) => current = to,
             }
         }
-        Err(StoreError::Corrupt {
-            table: Table::Customers.name(),
-            key: id.to_owned(),
-            reason: "redirect chain too long".into(),
-        })
+        Err(redirect_chain_too_long(id))
     }
 
     /// A shared handle on a live profile; cheap, and unaffected by later writes.
@@ -579,6 +571,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
 fn sized_map<V>(capacity: usize) -> FxHashMap<String, V> {
     FxHashMap::with_capacity_and_hasher(capacity, Default::default())
+}
+
+fn redirect_chain_too_long(id: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: Table::Customers.name(),
+        key: id.to_owned(),
+        reason: "redirect chain too long".into(),
+    }
 }
 
 fn not_live(id: &str) -> StoreError {

@@ -24,12 +24,11 @@ struct CompiledComparison {
     /// The index of the kind's "exact" level (not always the first: a name's Jr/Sr check
     /// comes before it).
     exact: usize,
-    swap_with: Option<CompactString>,
-    implied_by: Vec<CompactString>,
     refuse_when_different: bool,
-    /// Where a prepared side keeps the values of `swap_with` (see [`PreparedSide`]).
+    /// Where a prepared side keeps the values of the field's `swap_with` partner (see
+    /// [`PreparedSide`]).
     partner_slot: Option<usize>,
-    /// The compared traits of `implied_by`, as indices into the model's traits.
+    /// The compared traits of the field's `implied_by`, as indices into the model's traits.
     implied_by_traits: Vec<usize>,
 }
 
@@ -46,12 +45,6 @@ impl CompiledComparison {
             kind: config.comparison,
             weights,
             exact: config.comparison.index_of(EXACT),
-            swap_with: config.swap_with.as_deref().map(CompactString::from),
-            implied_by: config
-                .implied_by
-                .iter()
-                .map(|f| CompactString::from(f.as_str()))
-                .collect(),
             refuse_when_different: config.refuse_when_different.unwrap_or(false),
             partner_slot: None,
             implied_by_traits: Vec::new(),
@@ -70,13 +63,6 @@ pub trait Side {
 
     /// Appends every value held for an identifier kind to `out`, in the side's order.
     fn push_identifier_values<'s>(&'s self, kind: &str, out: &mut Vec<&'s str>);
-
-    /// Every value held for an identifier kind.
-    fn identifier_values(&self, kind: &str) -> Vec<&str> {
-        let mut values = Vec::new();
-        self.push_identifier_values(kind, &mut values);
-        values
-    }
 }
 
 /// An event's traits and identifiers.
@@ -230,30 +216,24 @@ pub struct MatchModel {
 impl MatchModel {
     /// Builds the model from validated configuration.
     pub fn new(fuzzy: &FuzzyConfig, protection: &ProtectionConfig) -> Self {
-        let mut traits: Vec<CompiledComparison> = fuzzy
+        let mut prepared_fields: Vec<CompactString> = fuzzy
             .fields
-            .iter()
-            .map(|(field, config)| CompiledComparison::new(field, config))
+            .keys()
+            .map(|field| field.as_str().into())
             .collect();
-        let mut prepared_fields: Vec<CompactString> =
-            traits.iter().map(|c| c.field.clone()).collect();
-        let compared = prepared_fields.clone();
-        for comparison in &mut traits {
-            comparison.implied_by_traits = comparison
+        let mut traits = Vec::with_capacity(fuzzy.fields.len());
+        for (field, config) in &fuzzy.fields {
+            let mut comparison = CompiledComparison::new(field, config);
+            comparison.implied_by_traits = config
                 .implied_by
                 .iter()
-                .filter_map(|other| compared.iter().position(|field| field == other))
+                .filter_map(|other| fuzzy.fields.keys().position(|field| field == other))
                 .collect();
-            if let Some(partner) = &comparison.swap_with {
-                let slot = match prepared_fields.iter().position(|field| field == partner) {
-                    Some(slot) => slot,
-                    None => {
-                        prepared_fields.push(partner.clone());
-                        prepared_fields.len() - 1
-                    }
-                };
-                comparison.partner_slot = Some(slot);
-            }
+            comparison.partner_slot = config
+                .swap_with
+                .as_deref()
+                .map(|partner| slot_of(&mut prepared_fields, partner));
+            traits.push(comparison);
         }
         MatchModel {
             traits,
@@ -452,6 +432,17 @@ impl MatchModel {
         match self.conflict(score) {
             Some((rule, kind)) => Verdict::Refused(rule, kind),
             None => Verdict::Link,
+        }
+    }
+}
+
+/// The index of `field` in `fields`, added at the end if it is not there yet.
+fn slot_of(fields: &mut Vec<CompactString>, field: &str) -> usize {
+    match fields.iter().position(|known| known == field) {
+        Some(slot) => slot,
+        None => {
+            fields.push(field.into());
+            fields.len() - 1
         }
     }
 }
