@@ -11,13 +11,14 @@ use idgraph_model::{CompactString, InputCoordinates};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::blocking_index::{not_a_customer_id, Block, BlockingIndex, CustomerKey, Listed};
 use crate::cache::{Cached, StateCache};
 use crate::duplicates::{timed, EventClock, EventRecord, EVENT_CLOCK_KEY};
 use crate::features::{FeatureEntry, MatchFeatures};
 use crate::matching::Side;
 use crate::state::{
-    decode, decode_customer, encode, evidence_key, BlockRecord, CustomerEntry, NodeRecord,
-    ProfileState, RootInfo, StampedEvidence,
+    decode, decode_customer, encode, evidence_key, CustomerEntry, NodeRecord, ProfileState,
+    RootInfo, StampedEvidence,
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet, PROFILES_CREATED_KEY};
 
@@ -106,9 +107,9 @@ impl Side for CandidateView {
 
 pub(crate) struct Batch<'s, S: StateRead> {
     store: &'s S,
-    /// Nodes, customer entries and blocking records are read into and changed in the cache's
-    /// current generation in place (see [`StateCache`]); the dirty sets say which of them the
-    /// batch changed. Profiles are shared with callers through `Arc`, so reading one costs no
+    /// Nodes and customer entries are read into and changed in the cache's current generation
+    /// in place, and blocking keys in its blocking index (see [`StateCache`]); the dirty sets
+    /// say which of them the batch changed. Profiles are shared with callers through `Arc`, so reading one costs no
     /// copy; a write copies only when someone still holds the old version.
     cache: &'s mut StateCache,
     dirty_nodes: DirtyKeys,
@@ -341,10 +342,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// [`crate::features`]). Features keep identifiers of `compared_kinds` only.
     pub(crate) fn candidate(
         &mut self,
-        id: &str,
+        id: String,
         compared_kinds: &[CompactString],
     ) -> Result<Option<(String, CandidateView)>, StoreError> {
-        let mut current = id.to_owned();
+        let mut current = id;
         for _ in 0..MAX_REDIRECT_HOPS {
             let entry = if let Some(cached) = self.cache.peek_customer(&current) {
                 match cached {
@@ -377,7 +378,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 FeatureEntry::Redirect(to) => current = to,
             }
         }
-        Err(redirect_chain_too_long(id))
+        Err(redirect_chain_too_long(&current))
     }
 
     /// A shared handle on a live profile; cheap, and unaffected by later writes.
@@ -404,30 +405,35 @@ impl<'s, S: StateRead> Batch<'s, S> {
             .insert_customer(id.to_owned(), Some(Cached::Redirect(to.to_owned())));
     }
 
-    /// A blocking record to change in place: it is copied only if someone still holds the
-    /// version the cache has (copying a list of up to `max_block_size` ids for every key an
-    /// event adds a profile to was a visible share of resolving).
-    pub(crate) fn block_mut(&mut self, key: &str) -> Result<&mut BlockRecord, StoreError> {
-        drop(self.block(key)?);
-        self.dirty_blocks.mark(key);
-        let block = self
-            .cache
-            .current
-            .blocks
-            .get_mut(key)
-            .expect("block() leaves the record in the current generation");
-        Ok(Arc::make_mut(block))
+    /// The cache's blocking index, loaded from the store if this is the first batch to
+    /// need it.
+    fn blocking_index(&mut self) -> Result<&mut BlockingIndex, StoreError> {
+        let index = match self.cache.blocking.take() {
+            Some(index) => index,
+            None => BlockingIndex::load(self.store)?,
+        };
+        Ok(self.cache.blocking.insert(index))
     }
 
-    pub(crate) fn block(&mut self, key: &str) -> Result<Arc<BlockRecord>, StoreError> {
-        if !self.cache.has_block(key) {
-            let block = match self.store.get(Table::Blocks, key.as_bytes())? {
-                Some(bytes) => decode(Table::Blocks, key.as_bytes(), &bytes)?,
-                None => BlockRecord::default(),
-            };
-            self.cache.current.insert_block(key, Arc::new(block));
+    /// What the blocking key `key` lists.
+    pub(crate) fn block(&mut self, key: &str) -> Result<Block<'_>, StoreError> {
+        Ok(self.blocking_index()?.get(key))
+    }
+
+    /// Lists `customer_id` under `key` (see [`BlockingIndex::list`]).
+    pub(crate) fn list_under(
+        &mut self,
+        key: &str,
+        customer_id: &str,
+        max_block_size: usize,
+    ) -> Result<Listed, StoreError> {
+        let customer = CustomerKey::parse(customer_id)
+            .ok_or_else(|| not_a_customer_id(Table::Customers, customer_id))?;
+        let listed = self.blocking_index()?.list(key, customer, max_block_size);
+        if listed != Listed::AlreadyOversize {
+            self.dirty_blocks.mark(key);
         }
-        Ok(Arc::clone(&self.cache.current.blocks[key]))
+        Ok(listed)
     }
 
     /// The record of an earlier event with the same key, if there is one.
@@ -530,12 +536,10 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 _ => {}
             }
         }
-        for key in self.dirty_blocks.sorted() {
-            writes.put(
-                Table::Blocks,
-                key.as_bytes(),
-                encode(&*self.cache.current.blocks[key]),
-            );
+        if let Some(index) = &self.cache.blocking {
+            for key in self.dirty_blocks.sorted() {
+                writes.put(Table::Blocks, key.as_bytes(), encode(&index.record(key)));
+            }
         }
         let mut events: Vec<(&String, &(i64, String))> = self.events.iter().collect();
         events.sort_unstable();

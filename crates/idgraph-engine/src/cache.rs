@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::blocking_index::BlockingIndex;
 use crate::features::FeatureCache;
-use crate::state::{memory, BlockRecord, NodeRecord, ProfileState};
+use crate::state::{memory, NodeRecord, ProfileState};
 
 /// A customer entry in decoded form.
 #[derive(Debug, Clone)]
@@ -31,7 +32,6 @@ pub(crate) enum Cached {
 pub(crate) struct Generation {
     pub(crate) nodes: FxHashMap<String, Option<NodeRecord>>,
     pub(crate) customers: FxHashMap<String, Option<Cached>>,
-    pub(crate) blocks: FxHashMap<String, Arc<BlockRecord>>,
     /// The estimated memory of the records as they entered this generation. Changes made in
     /// place afterwards are not counted until the record enters a newer generation, which
     /// keeps the count off the hot path; a record grows by little within one generation.
@@ -54,13 +54,9 @@ fn customer_bytes(id: &str, entry: &Option<Cached>) -> usize {
         }
 }
 
-fn block_bytes(key: &str, block: &Arc<BlockRecord>) -> usize {
-    memory::hash_slot::<Arc<BlockRecord>>() + memory::string(key.len()) + block.estimated_bytes()
-}
-
 impl Generation {
     fn len(&self) -> usize {
-        self.nodes.len() + self.customers.len() + self.blocks.len()
+        self.nodes.len() + self.customers.len()
     }
 
     /// Caches a node read from the store (`None`: known absent).
@@ -76,11 +72,6 @@ impl Generation {
             self.bytes += bytes;
         }
     }
-
-    pub(crate) fn insert_block(&mut self, key: &str, block: Arc<BlockRecord>) {
-        self.bytes += block_bytes(key, &block);
-        self.blocks.insert(key.to_owned(), block);
-    }
 }
 
 /// The part of the budget given to match features: one in this many bytes. Measured on 1M
@@ -88,8 +79,8 @@ impl Generation {
 /// which served a third of the candidates scored without a store read.
 const FEATURE_SHARE: usize = 4;
 
-/// Decoded nodes, profiles and blocking records, equal to the stored ones once the newest
-/// batch is committed.
+/// Decoded nodes and profiles and the whole blocking index, equal to the stored ones once the
+/// newest batch is committed.
 ///
 /// Two generations bound memory without a per-entry clock: records a batch uses live in the
 /// current one; when a batch starts and the current one holds more than half of `max_bytes`
@@ -109,6 +100,10 @@ pub struct StateCache {
     /// What candidate search compares of profiles, for many more profiles than the
     /// decoded records above (see [`crate::features`]).
     pub(crate) features: FeatureCache,
+    /// Every blocking key and what it lists, loaded from the store by the first batch that
+    /// needs it ([`crate::blocking_index`]). It is never dropped in part, and its memory
+    /// comes out of the decoded records' budget.
+    pub(crate) blocking: Option<BlockingIndex>,
 }
 
 impl StateCache {
@@ -136,14 +131,30 @@ impl StateCache {
         StateCache::new(megabytes.saturating_mul(1024 * 1024))
     }
 
-    /// Records held, in both generations.
+    /// Records held, in both generations, and match features (the blocking index's keys
+    /// are not counted).
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len() + self.features.len()
     }
 
-    /// The estimated memory of the records held, in both generations.
+    /// The estimated memory of the records held, in both generations, of the match features
+    /// and of the blocking index.
     pub fn estimated_bytes(&self) -> usize {
-        self.current.bytes + self.previous.bytes + self.features.estimated_bytes()
+        self.current.bytes
+            + self.previous.bytes
+            + self.features.estimated_bytes()
+            + self.blocking_index_bytes()
+    }
+
+    fn blocking_index_bytes(&self) -> usize {
+        self.blocking
+            .as_ref()
+            .map_or(0, BlockingIndex::estimated_bytes)
+    }
+
+    /// What is left of the decoded records' budget beside the blocking index.
+    fn decoded_budget(&self) -> usize {
+        self.max_bytes.saturating_sub(self.blocking_index_bytes())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,6 +168,7 @@ impl StateCache {
         self.previous = Generation::default();
         self.pinned.clear();
         self.features.clear();
+        self.blocking = None;
     }
 
     /// Keeps the entries of these customers, whatever the cache's size, until
@@ -203,7 +215,7 @@ impl StateCache {
             let mut kept = std::mem::take(&mut self.current);
             self.previous = Generation::default();
             self.keep_pinned_entries(&mut kept);
-        } else if self.current.bytes > self.max_bytes / 2 {
+        } else if self.current.bytes > self.decoded_budget() / 2 {
             let mut dropped =
                 std::mem::replace(&mut self.previous, std::mem::take(&mut self.current));
             self.keep_pinned_entries(&mut dropped);
@@ -251,18 +263,6 @@ impl StateCache {
             &mut current.bytes,
             id,
             customer_bytes,
-        )
-    }
-
-    /// Whether the blocking record `key` is cached; if it is, it is in the current generation.
-    pub(crate) fn has_block(&mut self, key: &str) -> bool {
-        let (current, previous) = (&mut self.current, &mut self.previous);
-        promote(
-            &mut current.blocks,
-            &mut previous.blocks,
-            &mut current.bytes,
-            key,
-            block_bytes,
         )
     }
 }

@@ -13,6 +13,7 @@
 //! `idgraph-store-rocksdb`.
 
 mod batch;
+mod blocking_index;
 pub mod cache;
 pub mod config;
 pub mod conformance;

@@ -17,7 +17,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::cache::StateCache;
 use crate::state::{encode_live, ProfileState};
-use crate::store::{Entries, StateRead, StateStore, StoreError, Table, WriteOp, WriteSet};
+use crate::store::{
+    Entries, EntryVisitor, StateRead, StateStore, StoreError, Table, WriteOp, WriteSet,
+};
 
 /// The write sets of one or more batches on their way to the store, indexed for point reads,
 /// and the live profiles that will be written with them once they are encoded (see
@@ -295,6 +297,18 @@ impl<R: StateRead> StateRead for ReadThrough<'_, R> {
             }
         }
         Ok(merged.into_iter().collect())
+    }
+
+    /// Straight from the store when nothing is pending (a worker loading its state at
+    /// start); otherwise through the merged scan above.
+    fn for_each_entry(&self, table: Table, visit: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return self.store.for_each_entry(table, visit);
+        }
+        for (key, value) in self.scan_prefix(table, b"")? {
+            visit(&key, &value)?;
+        }
+        Ok(())
     }
 }
 

@@ -191,7 +191,20 @@ pub trait StateRead {
 
     /// Every entry whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError>;
+
+    /// Calls `visit` with every entry of `table`, in key order, and stops at its first
+    /// error. Loading a whole table into memory ([`crate::blocking_index`]) uses it; a store
+    /// that can iterate without collecting the table first (RocksDB) overrides it.
+    fn for_each_entry(&self, table: Table, visit: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
+        for (key, value) in self.scan_prefix(table, b"")? {
+            visit(&key, &value)?;
+        }
+        Ok(())
+    }
 }
+
+/// What [`StateRead::for_each_entry`] calls with each key and value.
+pub type EntryVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'a;
 
 /// Durable key-value state, split into [`Table`]s.
 ///
@@ -252,6 +265,10 @@ impl StateRead for Box<dyn SendStore> {
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         (**self).scan_prefix(table, prefix)
+    }
+
+    fn for_each_entry(&self, table: Table, visit: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
+        (**self).for_each_entry(table, visit)
     }
 }
 

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use idgraph_engine::duplicates::record_time_of;
 use idgraph_engine::store::SendStore;
 use idgraph_engine::store::{
-    Entries, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION, UPGRADABLE_STATE_SCHEMA_VERSIONS,
+    Entries, EntryVisitor, SCHEMA_VERSION_KEY, STATE_SCHEMA_VERSION,
+    UPGRADABLE_STATE_SCHEMA_VERSIONS,
 };
 use idgraph_engine::{StateRead, StateStore, StoreError, StoreFigures, Table, WriteOp, WriteSet};
 use rocksdb::{
@@ -364,6 +365,15 @@ fn scan_prefix(db: &DB, table: Table, prefix: &[u8]) -> Result<Entries, StoreErr
     Ok(out)
 }
 
+/// Every entry of `table`, in key order, without collecting them.
+fn for_each_entry(db: &DB, table: Table, visit: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
+    for item in db.iterator_cf(handle(db, table), IteratorMode::Start) {
+        let (key, value) = item.map_err(convert)?;
+        visit(&key, &value)?;
+    }
+    Ok(())
+}
+
 impl RocksReader {
     /// The same figures as the store's [`StateStore::figures`], from another thread.
     pub fn figures(&self) -> StoreFigures {
@@ -383,6 +393,10 @@ impl StateRead for RocksReader {
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         scan_prefix(&self.db, table, prefix)
     }
+
+    fn for_each_entry(&self, table: Table, visit: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
+        for_each_entry(&self.db, table, visit)
+    }
 }
 
 impl StateRead for RocksStore {
@@ -396,6 +410,10 @@ impl StateRead for RocksStore {
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Entries, StoreError> {
         scan_prefix(&self.db, table, prefix)
+    }
+
+    fn for_each_entry(&self, table: Table, visit: &mut EntryVisitor<'_>) -> Result<(), StoreError> {
+        for_each_entry(&self.db, table, visit)
     }
 }
 

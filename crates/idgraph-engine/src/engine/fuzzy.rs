@@ -7,6 +7,7 @@ use idgraph_model::{CompactString, FieldScore, Identifier, LinkRule, NormalizedE
 
 use super::{fuzzy_rule, EventContext};
 use crate::batch::{Batch, CandidateView};
+use crate::blocking_index::{Block, Listed};
 use crate::matching::model::round3;
 use crate::matching::{
     blocking_keys, identifier_typo_keys, is_broad_key, rule_key, EventSide, MatchScore,
@@ -124,15 +125,17 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<(String, CandidateView)>, EngineError> {
         let mut found = Vec::new();
+        let mut listed = Vec::new();
         'keys: for key in keys {
-            let block = batch.block(key)?;
-            if block.oversize {
-                continue;
+            listed.clear();
+            match batch.block(key)? {
+                Block::Oversize => continue,
+                Block::Listed(customers) => listed.extend_from_slice(customers),
             }
-            for id in &block.customers {
-                // A live id already listed resolves to itself: skip it before resolving,
-                // which copies the id.
-                if Some(id.as_str()) == exclude || seen.contains(id) {
+            for customer in &listed {
+                let id = customer.to_id();
+                // A live id already listed resolves to itself: skip it before resolving.
+                if Some(id.as_str()) == exclude || seen.contains(&id) {
                     continue;
                 }
                 let Some((live, view)) = batch.candidate(id, &self.compared_kinds)? else {
@@ -194,11 +197,9 @@ impl Engine {
             let Some(key) = rule_key(rule, agreed) else {
                 continue;
             };
-            let block = batch.block(&key)?;
-            let holders = if block.oversize {
-                2 * self.config.fuzzy.max_block_size
-            } else {
-                block.customers.len()
+            let holders = match batch.block(&key)? {
+                Block::Oversize => 2 * self.config.fuzzy.max_block_size,
+                Block::Listed(customers) => customers.len(),
             };
             if holders < 2 {
                 continue;
@@ -360,18 +361,10 @@ impl Engine {
                 continue;
             };
             state.blocking_keys.insert(position, key.clone());
-            if batch.block(&key)?.oversize {
-                continue;
+            match batch.list_under(&key, customer_id, max_block_size)? {
+                Listed::AlreadyOversize => {}
+                Listed::Added | Listed::BecameOversize => added.push(key),
             }
-            let block = batch.block_mut(&key)?;
-            if block.customers.len() >= max_block_size {
-                // Too common to narrow anything down; the list is dropped to save space.
-                block.oversize = true;
-                block.customers = Vec::new();
-            } else {
-                block.customers.push(customer_id.to_owned());
-            }
-            added.push(key);
         }
         Ok(added)
     }
