@@ -16,9 +16,10 @@ use crate::cache::{Cached, StateCache};
 use crate::duplicates::{timed, EventClock, EventRecord, EVENT_CLOCK_KEY};
 use crate::features::{FeatureEntry, MatchFeatures};
 use crate::matching::Side;
+use crate::node_index::{IdentifierId, NodeIndex};
 use crate::state::{
-    decode, decode_customer, encode, evidence_key, CustomerEntry, NodeRecord, ProfileState,
-    RootInfo, StampedEvidence,
+    decode_customer, encode, evidence_key, CustomerEntry, NodeRecord, ProfileState, RootInfo,
+    StampedEvidence,
 };
 use crate::store::{StateRead, StoreError, Table, WriteSet, PROFILES_CREATED_KEY};
 
@@ -112,7 +113,7 @@ pub(crate) struct Batch<'s, S: StateRead> {
     /// say which of them the batch changed. Profiles are shared with callers through `Arc`, so reading one costs no
     /// copy; a write copies only when someone still holds the old version.
     cache: &'s mut StateCache,
-    dirty_nodes: DirtyKeys,
+    dirty_nodes: FxHashSet<IdentifierId>,
     dirty_customers: DirtyKeys,
     dirty_blocks: DirtyKeys,
     /// The batch's processed events: event time (ms) and customer.
@@ -143,7 +144,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
         Batch {
             store,
             cache,
-            dirty_nodes: DirtyKeys::with_capacity(messages),
+            dirty_nodes: FxHashSet::with_capacity_and_hasher(messages, Default::default()),
             dirty_customers: DirtyKeys::with_capacity(messages),
             dirty_blocks: DirtyKeys::with_capacity(messages),
             events: sized_map(messages),
@@ -157,18 +158,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
     }
 
-    /// Reads the records of `event_keys` and `node_keys` that neither the batch nor the cache
-    /// holds with one multi-get per table. Nearly all of them are new and absent from the
-    /// store, and asking for them together lets RocksDB probe its filters for all at once.
-    /// The keys are asked for in byte order, which spares RocksDB sorting them itself.
-    /// Each record lands where a lookup one at a time would have put it, and the store does
-    /// not change while a batch runs, so no result depends on it.
-    pub(crate) fn prefetch(
-        &mut self,
-        event_keys: &[&str],
-        node_keys: &[&str],
-    ) -> Result<(), StoreError> {
-        self.prefetch_nodes(node_keys)?;
+    /// Reads the records of `event_keys` that the batch does not hold with one multi-get.
+    /// Nearly all of them are new and absent from the store, and asking for them together
+    /// lets RocksDB probe its filters for all at once. The keys are asked for in byte order,
+    /// which spares RocksDB sorting them itself. Each record lands where a lookup one at a
+    /// time would have put it, and the store does not change while a batch runs, so no
+    /// result depends on it. Loads the node index too, if this is the first batch.
+    pub(crate) fn prefetch(&mut self, event_keys: &[&str]) -> Result<(), StoreError> {
+        self.node_index()?;
         self.prefetch_events(event_keys)?;
         self.clock = EventClock::load(self.store)?;
         self.profiles_created_before = match self.store.get(Table::Meta, PROFILES_CREATED_KEY)? {
@@ -193,27 +190,6 @@ impl<'s, S: StateRead> Batch<'s, S> {
         self.profiles_created += 1;
     }
 
-    fn prefetch_nodes(&mut self, keys: &[&str]) -> Result<(), StoreError> {
-        let mut missing = Vec::with_capacity(keys.len());
-        for &key in keys {
-            if !self.cache.has_node(key) {
-                missing.push(key);
-            }
-        }
-        missing.sort_unstable();
-        missing.dedup();
-        let asked: Vec<&[u8]> = missing.iter().map(|key| key.as_bytes()).collect();
-        let values = self.store.get_many(Table::Nodes, &asked)?;
-        for (key, value) in missing.into_iter().zip(values) {
-            let node = match value {
-                Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
-                None => None,
-            };
-            self.cache.current.insert_node(key, node);
-        }
-        Ok(())
-    }
-
     fn prefetch_events(&mut self, keys: &[&str]) -> Result<(), StoreError> {
         let mut missing: Vec<&str> = keys
             .iter()
@@ -231,64 +207,60 @@ impl<'s, S: StateRead> Batch<'s, S> {
         Ok(())
     }
 
+    /// The cache's node index, loaded from the store if this is the first batch to need it.
+    fn node_index(&mut self) -> Result<&mut NodeIndex, StoreError> {
+        loaded(&mut self.cache.nodes, || NodeIndex::load(self.store))
+    }
+
     pub(crate) fn node(&mut self, key: &str) -> Result<Option<NodeRecord>, StoreError> {
-        Ok(self.node_ref(key)?.cloned())
+        let index = self.node_index()?;
+        Ok(index.id_of(key).and_then(|id| index.record(id)))
     }
 
-    /// The node under `key`, borrowed: most lookups only look at one field, and a clone
-    /// costs an allocation per string in the record.
-    pub(crate) fn node_ref(&mut self, key: &str) -> Result<Option<&NodeRecord>, StoreError> {
-        if !self.cache.has_node(key) {
-            let node = match self.store.get(Table::Nodes, key.as_bytes())? {
-                Some(bytes) => Some(decode(Table::Nodes, key.as_bytes(), &bytes)?),
-                None => None,
-            };
-            self.cache.current.insert_node(key, node);
-        }
-        Ok(self.cache.current.nodes.get(key).and_then(Option::as_ref))
+    /// Whether the node under `key` is generic; `None` if there is no such node.
+    pub(crate) fn node_generic(&mut self, key: &str) -> Result<Option<bool>, StoreError> {
+        Ok(self.node_index()?.generic(key))
     }
 
-    pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) {
-        // A node is nearly always read before it is written: reuse its key.
-        match self.cache.current.nodes.get_mut(key) {
-            Some(slot) => *slot = Some(node),
-            None => self.cache.current.insert_node(key, Some(node)),
-        }
-        self.dirty_nodes.mark(key);
+    pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) -> Result<(), StoreError> {
+        let index = loaded(&mut self.cache.nodes, || NodeIndex::load(self.store))?;
+        let id = index.intern(key);
+        index.set(id, node)?;
+        self.dirty_nodes.insert(id);
+        Ok(())
     }
 
     /// Finds the root of `key`'s set, compressing the path on the way.
     pub(crate) fn find(&mut self, key: &str) -> Result<(String, RootInfo), StoreError> {
+        let index = loaded(&mut self.cache.nodes, || NodeIndex::load(self.store))?;
+        let mut current = index.id_of(key).ok_or_else(|| dangling(key))?;
         let mut path = Vec::new();
-        let mut current = key.to_owned();
         loop {
-            let node = self.node_ref(&current)?.ok_or_else(|| dangling(&current))?;
-            match (&node.parent, &node.root) {
-                (Some(parent), _) => {
-                    let parent = parent.clone();
-                    path.push(current);
-                    current = parent;
-                    if path.len() > 1_000_000 {
-                        return Err(StoreError::Corrupt {
-                            table: Table::Nodes.name(),
-                            key: key.replace('\0', "/"),
-                            reason: "parent pointers form a cycle".into(),
-                        });
-                    }
-                }
-                (None, Some(root)) => {
-                    let root = root.clone();
-                    // Path compression: every node on the way now points at the root directly.
-                    // The last node of the path already does.
-                    for node_key in path.iter().rev().skip(1) {
-                        let mut node = self.node(node_key)?.ok_or_else(|| dangling(node_key))?;
-                        node.parent = Some(current.clone());
-                        self.put_node(node_key, node);
-                    }
-                    return Ok((current, root));
-                }
-                (None, None) => return Err(dangling(&current)),
+            if !index.is_present(current) {
+                return Err(dangling(index.key(current)));
             }
+            if let Some(parent) = index.parent(current) {
+                path.push(current);
+                current = parent;
+                if path.len() > 1_000_000 {
+                    return Err(StoreError::Corrupt {
+                        table: Table::Nodes.name(),
+                        key: key.replace('\0', "/"),
+                        reason: "parent pointers form a cycle".into(),
+                    });
+                }
+                continue;
+            }
+            let root = index
+                .root_info(current)
+                .ok_or_else(|| dangling(index.key(current)))?;
+            // Path compression: every node on the way now points at the root directly. The
+            // last node of the path already does.
+            for &node in path.iter().rev().skip(1) {
+                index.set_parent(node, current);
+                self.dirty_nodes.insert(node);
+            }
+            return Ok((index.key(current).to_owned(), root));
         }
     }
 
@@ -408,11 +380,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// The cache's blocking index, loaded from the store if this is the first batch to
     /// need it.
     fn blocking_index(&mut self) -> Result<&mut BlockingIndex, StoreError> {
-        let index = match self.cache.blocking.take() {
-            Some(index) => index,
-            None => BlockingIndex::load(self.store)?,
-        };
-        Ok(self.cache.blocking.insert(index))
+        loaded(&mut self.cache.blocking, || BlockingIndex::load(self.store))
     }
 
     /// What the blocking key `key` lists.
@@ -521,9 +489,17 @@ impl<'s, S: StateRead> Batch<'s, S> {
                 + self.positions.len(),
         );
         let mut live = Vec::new();
-        for key in self.dirty_nodes.sorted() {
-            if let Some(Some(node)) = self.cache.current.nodes.get(key) {
-                writes.put(Table::Nodes, key.as_bytes(), encode(node));
+        if let Some(index) = &self.cache.nodes {
+            let mut nodes: Vec<(&str, IdentifierId)> = self
+                .dirty_nodes
+                .iter()
+                .map(|&id| (index.key(id), id))
+                .collect();
+            nodes.sort_unstable();
+            for (key, id) in nodes {
+                if let Some(node) = index.record(id) {
+                    writes.put(Table::Nodes, key.as_bytes(), encode(&node));
+                }
             }
         }
         for key in self.dirty_customers.sorted() {
@@ -571,6 +547,17 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
         (writes, live)
     }
+}
+
+/// What `slot` holds, loaded first if it holds nothing yet.
+fn loaded<T>(
+    slot: &mut Option<T>,
+    load: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<&mut T, StoreError> {
+    if slot.is_none() {
+        *slot = Some(load()?);
+    }
+    Ok(slot.as_mut().expect("filled above"))
 }
 
 fn sized_map<V>(capacity: usize) -> FxHashMap<String, V> {

@@ -18,7 +18,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::blocking_index::BlockingIndex;
 use crate::features::FeatureCache;
-use crate::state::{memory, NodeRecord, ProfileState};
+use crate::node_index::NodeIndex;
+use crate::state::{memory, ProfileState};
 
 /// A customer entry in decoded form.
 #[derive(Debug, Clone)]
@@ -30,18 +31,11 @@ pub(crate) enum Cached {
 /// One generation of cached records (`None` means known to be absent from the store).
 #[derive(Debug, Default)]
 pub(crate) struct Generation {
-    pub(crate) nodes: FxHashMap<String, Option<NodeRecord>>,
     pub(crate) customers: FxHashMap<String, Option<Cached>>,
     /// The estimated memory of the records as they entered this generation. Changes made in
     /// place afterwards are not counted until the record enters a newer generation, which
     /// keeps the count off the hot path; a record grows by little within one generation.
     bytes: usize,
-}
-
-fn node_bytes(key: &str, node: &Option<NodeRecord>) -> usize {
-    memory::hash_slot::<Option<NodeRecord>>()
-        + memory::string(key.len())
-        + node.as_ref().map_or(0, NodeRecord::estimated_heap_bytes)
 }
 
 fn customer_bytes(id: &str, entry: &Option<Cached>) -> usize {
@@ -56,13 +50,7 @@ fn customer_bytes(id: &str, entry: &Option<Cached>) -> usize {
 
 impl Generation {
     fn len(&self) -> usize {
-        self.nodes.len() + self.customers.len()
-    }
-
-    /// Caches a node read from the store (`None`: known absent).
-    pub(crate) fn insert_node(&mut self, key: &str, node: Option<NodeRecord>) {
-        self.bytes += node_bytes(key, &node);
-        self.nodes.insert(key.to_owned(), node);
+        self.customers.len()
     }
 
     /// Caches a customer entry; an entry that replaces one already here is not counted again.
@@ -79,7 +67,7 @@ impl Generation {
 /// which served a third of the candidates scored without a store read.
 const FEATURE_SHARE: usize = 4;
 
-/// Decoded nodes and profiles and the whole blocking index, equal to the stored ones once the
+/// Decoded profiles, the whole node and blocking indexes, equal to the stored ones once the
 /// newest batch is committed.
 ///
 /// Two generations bound memory without a per-entry clock: records a batch uses live in the
@@ -104,20 +92,23 @@ pub struct StateCache {
     /// needs it ([`crate::blocking_index`]). It is never dropped in part, and its memory
     /// comes out of the decoded records' budget.
     pub(crate) blocking: Option<BlockingIndex>,
+    /// Every identifier node, loaded like the blocking index ([`crate::node_index`]).
+    pub(crate) nodes: Option<NodeIndex>,
 }
 
 impl StateCache {
     /// A cache that keeps records of about `max_bytes` of memory between batches (it may
     /// exceed that by one batch's records); 0 keeps nothing between batches. A quarter of it
-    /// holds match features ([`crate::features`]), the rest decoded records.
+    /// holds match features ([`crate::features`]), the rest the node and blocking indexes and
+    /// decoded records.
     pub fn new(max_bytes: usize) -> Self {
         let features = max_bytes / FEATURE_SHARE;
         StateCache::with_budgets(max_bytes - features, features)
     }
 
-    /// A cache with its two budgets set apart: `decoded_bytes` for decoded records,
-    /// `feature_bytes` for match features. Tests use it to make candidates come from features
-    /// nearly always (a tiny decoded cache, a large feature cache).
+    /// A cache with its two budgets set apart: `decoded_bytes` for the indexes and decoded
+    /// records, `feature_bytes` for match features. Tests use it to make candidates come
+    /// from features nearly always (a tiny decoded cache, a large feature cache).
     pub fn with_budgets(decoded_bytes: usize, feature_bytes: usize) -> Self {
         StateCache {
             max_bytes: decoded_bytes,
@@ -131,8 +122,8 @@ impl StateCache {
         StateCache::new(megabytes.saturating_mul(1024 * 1024))
     }
 
-    /// Records held, in both generations, and match features (the blocking index's keys
-    /// are not counted).
+    /// Records held, in both generations, and match features (the keys of the node and
+    /// blocking indexes are not counted).
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len() + self.features.len()
     }
@@ -143,18 +134,20 @@ impl StateCache {
         self.current.bytes
             + self.previous.bytes
             + self.features.estimated_bytes()
-            + self.blocking_index_bytes()
+            + self.index_bytes()
     }
 
-    fn blocking_index_bytes(&self) -> usize {
+    /// The memory of the node and blocking indexes.
+    fn index_bytes(&self) -> usize {
         self.blocking
             .as_ref()
             .map_or(0, BlockingIndex::estimated_bytes)
+            + self.nodes.as_ref().map_or(0, NodeIndex::estimated_bytes)
     }
 
-    /// What is left of the decoded records' budget beside the blocking index.
+    /// What is left of the decoded records' budget beside the indexes.
     fn decoded_budget(&self) -> usize {
-        self.max_bytes.saturating_sub(self.blocking_index_bytes())
+        self.max_bytes.saturating_sub(self.index_bytes())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,6 +162,7 @@ impl StateCache {
         self.pinned.clear();
         self.features.clear();
         self.blocking = None;
+        self.nodes = None;
     }
 
     /// Keeps the entries of these customers, whatever the cache's size, until
@@ -232,18 +226,6 @@ impl StateCache {
         }
     }
 
-    /// Whether the node under `key` is cached; if it is, it is in the current generation.
-    pub(crate) fn has_node(&mut self, key: &str) -> bool {
-        let (current, previous) = (&mut self.current, &mut self.previous);
-        promote(
-            &mut current.nodes,
-            &mut previous.nodes,
-            &mut current.bytes,
-            key,
-            node_bytes,
-        )
-    }
-
     /// The customer entry `id` if it is cached, without moving it into the current
     /// generation: what candidate search uses to compare a profile does not make it hot (and
     /// moving an entry re-estimates its size, a visible share of scoring a candidate).
@@ -294,19 +276,24 @@ fn promote<V>(
 mod tests {
     use super::*;
 
-    /// One batch's use of the cache: a hot node used by every batch and a node of its own.
+    /// One batch's use of the cache: a hot (absent) customer used by every batch and one of
+    /// its own.
     fn run_batch(cache: &mut StateCache, batch: usize) {
         cache.begin_batch();
-        if !cache.has_node("hot") {
-            cache.current.insert_node("hot", None);
+        if !cache.has_customer("hot") {
+            cache.current.insert_customer("hot".into(), None);
         }
-        cache.current.insert_node(&format!("cold-{batch}"), None);
+        cache.current.insert_customer(format!("cold-{batch}"), None);
+    }
+
+    fn entry_bytes() -> usize {
+        customer_bytes("cold-10", &None)
     }
 
     #[test]
     fn hot_records_survive_turnover_while_the_size_stays_bounded() {
-        let entry = node_bytes("cold-10", &None);
-        let mut cache = StateCache::new(6 * entry);
+        let entry = entry_bytes();
+        let mut cache = StateCache::with_budgets(6 * entry, 0);
         for batch in 0..20 {
             run_batch(&mut cache, batch);
             // At most the budget plus one batch's records.
@@ -317,23 +304,26 @@ mod tests {
                 cache.estimated_bytes()
             );
             assert_eq!(
-                cache.current.nodes.contains_key("hot") as usize
-                    + cache.previous.nodes.contains_key("hot") as usize,
+                cache.current.customers.contains_key("hot") as usize
+                    + cache.previous.customers.contains_key("hot") as usize,
                 1,
                 "a key lives in one generation only"
             );
         }
         cache.begin_batch();
-        assert!(cache.has_node("hot"));
-        assert!(cache.has_node("cold-19"));
-        assert!(!cache.has_node("cold-0"), "cold records are dropped");
+        assert!(cache.has_customer("hot"));
+        assert!(cache.has_customer("cold-19"));
+        assert!(!cache.has_customer("cold-0"), "cold records are dropped");
     }
 
     #[test]
     fn a_cache_of_size_zero_keeps_nothing_between_batches() {
         let mut cache = StateCache::new(0);
         run_batch(&mut cache, 0);
-        assert!(cache.has_node("hot"), "the batch itself works in the cache");
+        assert!(
+            cache.has_customer("hot"),
+            "the batch itself works in the cache"
+        );
         cache.begin_batch();
         assert!(cache.is_empty());
     }
@@ -347,8 +337,8 @@ mod tests {
 
     #[test]
     fn pinned_customers_survive_turnover_until_taken() {
-        for size in [0, 4 * node_bytes("cold-10", &None)] {
-            let mut cache = StateCache::new(size);
+        for size in [0, 4 * entry_bytes()] {
+            let mut cache = StateCache::with_budgets(size, 0);
             cache.begin_batch();
             cache.current.insert_customer("kept".into(), live("kept"));
             cache.current.insert_customer("cold".into(), live("cold"));

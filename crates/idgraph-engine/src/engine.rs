@@ -735,25 +735,20 @@ impl Engine {
     }
 }
 
-/// Reads the stored records of every event and identifier node of a batch in one go (see
-/// [`Batch::prefetch`]) before its events are resolved one by one.
+/// Reads the stored records of every event of a batch in one go (see [`Batch::prefetch`])
+/// before its events are resolved one by one.
 fn prefetch<S: StateRead>(
     batch: &mut Batch<'_, S>,
     messages: &[PreparedMessage],
 ) -> Result<(), StoreError> {
-    let events = messages
+    let event_keys: Vec<&str> = messages
         .iter()
         .filter_map(|message| match &message.content {
-            Prepared::Event(prepared) => Some(&**prepared),
+            Prepared::Event(prepared) => Some(prepared.event_key.as_str()),
             Prepared::DeadLetter(_) => None,
-        });
-    let mut event_keys = Vec::with_capacity(messages.len());
-    let mut node_keys = Vec::with_capacity(messages.len() * 3);
-    for prepared in events {
-        event_keys.push(prepared.event_key.as_str());
-        node_keys.extend(prepared.node_keys.iter().map(String::as_str));
-    }
-    batch.prefetch(&event_keys, &node_keys)
+        })
+        .collect();
+    batch.prefetch(&event_keys)
 }
 
 /// The enriched record of an event: its prepared fields plus the resolution.

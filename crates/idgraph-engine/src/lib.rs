@@ -21,6 +21,7 @@ pub mod duplicates;
 mod engine;
 mod features;
 pub mod matching;
+mod node_index;
 pub mod pending;
 pub mod profile;
 pub mod read;

@@ -141,10 +141,7 @@ impl Engine {
         identifiers: &[Identifier],
     ) -> Result<bool, EngineError> {
         for identifier in identifiers {
-            if !batch
-                .node_ref(&identifier.node_key())?
-                .is_some_and(|n| n.generic)
-            {
+            if batch.node_generic(&identifier.node_key())? != Some(true) {
                 return Ok(false);
             }
         }
@@ -185,7 +182,7 @@ impl Engine {
                     },
                 );
             }
-            batch.put_node(&key, node);
+            batch.put_node(&key, node)?;
         }
         Ok(())
     }

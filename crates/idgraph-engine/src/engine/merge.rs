@@ -154,13 +154,13 @@ impl Engine {
         let mut small_node = batch.node(small)?.unwrap_or_else(empty_node);
         small_node.parent = Some(big.to_owned());
         small_node.root = None;
-        batch.put_node(small, small_node);
+        batch.put_node(small, small_node)?;
         let mut big_node = batch.node(big)?.unwrap_or_else(empty_node);
         big_node.root = Some(RootInfo {
             customer_id: customer_id.to_owned(),
             size: big_info,
         });
-        batch.put_node(big, big_node);
+        batch.put_node(big, big_node)?;
         Ok(big.to_owned())
     }
 
@@ -176,7 +176,7 @@ impl Engine {
             customer_id: customer_id.to_owned(),
             size,
         });
-        batch.put_node(root, node);
+        batch.put_node(root, node)?;
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ impl Engine {
         let mut groups: Vec<Group> = Vec::new();
         let mut new_identifiers = Vec::new();
         for (identifier, node_key) in event.identifiers.iter().zip(node_keys) {
-            let generic = batch.node_ref(node_key)?.map(|node| node.generic);
+            let generic = batch.node_generic(node_key)?;
             match generic {
                 None => new_identifiers.push(identifier.clone()),
                 Some(true) => stats.generic_identifier_hits += 1,
@@ -193,12 +193,12 @@ impl Engine {
                             parent: Some(root.clone()),
                             ..empty_node()
                         },
-                    );
+                    )?;
                     let mut root_node = batch.node(&root)?.unwrap_or_else(empty_node);
                     if let Some(info) = root_node.root.as_mut() {
                         info.size += 1;
                     }
-                    batch.put_node(&root, root_node);
+                    batch.put_node(&root, root_node)?;
                 }
                 None => {
                     batch.put_node(
@@ -210,7 +210,7 @@ impl Engine {
                             }),
                             ..empty_node()
                         },
-                    );
+                    )?;
                     batch.profile_mut(primary)?.root = Some(key.clone());
                 }
             }
