@@ -33,9 +33,6 @@ pub(crate) struct CustomerKey([u8; 12]);
 const CUSTOMER_ID_PREFIX: &str = "cus_";
 
 impl CustomerKey {
-    /// A placeholder for fixed-size records that hold no customer.
-    pub(crate) const ZERO: CustomerKey = CustomerKey([0; 12]);
-
     /// The key of `id`, or `None` if `id` is not of the form the engine mints.
     pub(crate) fn parse(id: &str) -> Option<CustomerKey> {
         let digits = id.strip_prefix(CUSTOMER_ID_PREFIX)?.as_bytes();

@@ -137,8 +137,10 @@ impl StateCache {
             + self.index_bytes()
     }
 
-    /// The memory of the node and blocking indexes.
-    fn index_bytes(&self) -> usize {
+    /// The estimated memory of the node and blocking indexes (part of
+    /// [`StateCache::estimated_bytes`]): they hold every identifier and blocking key, so
+    /// they grow with the graph, and what is left of the budget holds decoded profiles.
+    pub fn index_bytes(&self) -> usize {
         self.blocking
             .as_ref()
             .map_or(0, BlockingIndex::estimated_bytes)

@@ -6,7 +6,7 @@
 //! batch, but still a search of every level of the store for a key it mostly lacked), and
 //! each node held a `String` key, a parent key and a customer id in separate allocations.
 //! Here each identifier's node key is interned once: an [`IdentifierId`] indexes its key (in
-//! one arena) and its node (parent as an id, the root's customer as the 12 bytes of its id),
+//! one arena) and its node (parent as an id; a root's customer as the 12 bytes of its id),
 //! so a lookup is a hash probe and an array read, and an identifier the index lacks is
 //! known to be new without asking the store.
 //!
@@ -16,6 +16,7 @@
 
 use std::mem::size_of;
 
+use hashbrown::HashTable;
 use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -32,41 +33,44 @@ const NO_PARENT: u32 = u32::MAX;
 
 /// The node has a stored record (an id may be interned only as another node's parent).
 const PRESENT: u8 = 1;
-/// The node is a root and `root_customer`/`root_size` hold its [`RootInfo`].
-const HAS_ROOT: u8 = 2;
-const GENERIC: u8 = 4;
+const GENERIC: u8 = 2;
 
-/// One node in compact form; [`NodeIndex::record`] turns it back into a [`NodeRecord`].
+/// What a root knows about its set; kept for roots only (about one node in five).
 #[derive(Debug, Clone, Copy)]
-struct Node {
-    root_size: u64,
-    root_customer: CustomerKey,
-    parent: u32,
-    flags: u8,
+struct Root {
+    customer: CustomerKey,
+    size: u64,
 }
 
-const EMPTY_NODE: Node = Node {
-    root_size: 0,
-    root_customer: CustomerKey::ZERO,
-    parent: NO_PARENT,
-    flags: 0,
-};
-
-/// Every identifier node of the state.
+/// Every identifier node of the state, in about 10 bytes a node plus its key: the nodes are
+/// as many as the identifiers of the whole graph, and this is held whole.
 #[derive(Debug, Default)]
 pub(crate) struct NodeIndex {
-    /// A 64-bit hash of the node key → its id. Keys whose hash another key holds already
-    /// are in `collided`; with 64 bits that is about one key in a billion at 10M keys, but a
-    /// collision must not join two identifiers, so it is handled, not assumed away.
-    ids: FxHashMap<u64, u32>,
-    collided: FxHashMap<Box<str>, u32>,
+    /// Ids, found by the xxh3 hash of their key and told apart by the key itself (so two
+    /// keys with one hash stay two nodes). Only the id is stored: the hash is recomputed
+    /// from the key when the table grows.
+    ids: HashTable<u32>,
     /// Node keys, back to back; key `i` ends at `key_ends[i]`.
     keys: String,
     key_ends: Vec<u32>,
-    nodes: Vec<Node>,
+    /// Per node: its parent's id (or [`NO_PARENT`]) and its flags.
+    parents: Vec<u32>,
+    flags: Vec<u8>,
+    roots: FxHashMap<u32, Root>,
     /// Other profiles a value was seen with, for the few nodes that have any.
     conflicts: FxHashMap<u32, Vec<String>>,
     conflict_bytes: usize,
+}
+
+/// Key `id` of an arena (see [`NodeIndex::keys`]).
+fn key_in<'k>(keys: &'k str, key_ends: &[u32], id: u32) -> &'k str {
+    let index = id as usize;
+    let start = if index == 0 {
+        0
+    } else {
+        key_ends[index - 1] as usize
+    };
+    &keys[start..key_ends[index] as usize]
 }
 
 impl NodeIndex {
@@ -88,11 +92,11 @@ impl NodeIndex {
 
     /// The id of `key` if the index has it (as a node or as a node's parent).
     pub(crate) fn id_of(&self, key: &str) -> Option<IdentifierId> {
-        let id = *self.ids.get(&xxh3_64(key.as_bytes()))?;
-        if self.key(IdentifierId(id)) == key {
-            return Some(IdentifierId(id));
-        }
-        self.collided.get(key).map(|&id| IdentifierId(id))
+        self.ids
+            .find(xxh3_64(key.as_bytes()), |&id| {
+                key_in(&self.keys, &self.key_ends, id) == key
+            })
+            .map(|&id| IdentifierId(id))
     }
 
     /// The id of `key`, interned now if the index did not have it (as an absent node).
@@ -100,80 +104,71 @@ impl NodeIndex {
         if let Some(id) = self.id_of(key) {
             return id;
         }
-        let id = u32::try_from(self.nodes.len())
+        let id = u32::try_from(self.parents.len())
             .ok()
             .filter(|&id| id != NO_PARENT)
             .expect("fewer than 4 billion identifiers");
         self.keys.push_str(key);
         self.key_ends
             .push(u32::try_from(self.keys.len()).expect("fewer than 4 GiB of identifier values"));
-        self.nodes.push(EMPTY_NODE);
-        let hash = xxh3_64(key.as_bytes());
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.ids.entry(hash) {
-            slot.insert(id);
-        } else {
-            self.collided.insert(key.into(), id);
-        }
+        self.parents.push(NO_PARENT);
+        self.flags.push(0);
+        let (keys, key_ends) = (&self.keys, &self.key_ends);
+        self.ids.insert_unique(xxh3_64(key.as_bytes()), id, |&id| {
+            xxh3_64(key_in(keys, key_ends, id).as_bytes())
+        });
         IdentifierId(id)
     }
 
     /// The node key of `id`.
     pub(crate) fn key(&self, id: IdentifierId) -> &str {
-        let index = id.0 as usize;
-        let start = if index == 0 {
-            0
-        } else {
-            self.key_ends[index - 1] as usize
-        };
-        &self.keys[start..self.key_ends[index] as usize]
+        key_in(&self.keys, &self.key_ends, id.0)
     }
 
-    fn node(&self, id: IdentifierId) -> &Node {
-        &self.nodes[id.0 as usize]
+    fn flags(&self, id: IdentifierId) -> u8 {
+        self.flags[id.0 as usize]
     }
 
     /// Whether `id` has a record.
     pub(crate) fn is_present(&self, id: IdentifierId) -> bool {
-        self.node(id).flags & PRESENT != 0
+        self.flags(id) & PRESENT != 0
     }
 
     /// Whether the node is generic; `None` if the index has no record for `key`.
     pub(crate) fn generic(&self, key: &str) -> Option<bool> {
-        let id = self.id_of(key)?;
-        let node = self.node(id);
-        (node.flags & PRESENT != 0).then_some(node.flags & GENERIC != 0)
+        let flags = self.flags(self.id_of(key)?);
+        (flags & PRESENT != 0).then_some(flags & GENERIC != 0)
     }
 
     /// The parent of `id`, if it has one.
     pub(crate) fn parent(&self, id: IdentifierId) -> Option<IdentifierId> {
-        let parent = self.node(id).parent;
+        let parent = self.parents[id.0 as usize];
         (parent != NO_PARENT).then_some(IdentifierId(parent))
     }
 
     /// What a root knows about its set, if `id` is a root.
     pub(crate) fn root_info(&self, id: IdentifierId) -> Option<RootInfo> {
-        let node = self.node(id);
-        (node.flags & HAS_ROOT != 0).then(|| RootInfo {
-            customer_id: node.root_customer.to_id(),
-            size: node.root_size,
+        self.roots.get(&id.0).map(|root| RootInfo {
+            customer_id: root.customer.to_id(),
+            size: root.size,
         })
     }
 
     /// Points `id` at `parent`, leaving the rest of its record as it is.
     pub(crate) fn set_parent(&mut self, id: IdentifierId, parent: IdentifierId) {
-        self.nodes[id.0 as usize].parent = parent.0;
+        self.parents[id.0 as usize] = parent.0;
     }
 
     /// The record of `id` as [`Table::Nodes`] keeps it; `None` if it has none.
     pub(crate) fn record(&self, id: IdentifierId) -> Option<NodeRecord> {
-        let node = self.node(id);
-        if node.flags & PRESENT == 0 {
+        let flags = self.flags(id);
+        if flags & PRESENT == 0 {
             return None;
         }
         Some(NodeRecord {
             parent: self.parent(id).map(|parent| self.key(parent).to_owned()),
             root: self.root_info(id),
-            generic: node.flags & GENERIC != 0,
+            generic: flags & GENERIC != 0,
             conflicts: self.conflicts.get(&id.0).cloned().unwrap_or_default(),
         })
     }
@@ -182,28 +177,21 @@ impl NodeIndex {
     /// nothing, if the root's customer id is not one the engine mints.
     pub(crate) fn set(&mut self, id: IdentifierId, record: NodeRecord) -> Result<(), StoreError> {
         let root = match &record.root {
-            Some(root) => Some((
-                CustomerKey::parse(&root.customer_id)
+            Some(root) => Some(Root {
+                customer: CustomerKey::parse(&root.customer_id)
                     .ok_or_else(|| not_a_customer_id(Table::Nodes, &root.customer_id))?,
-                root.size,
-            )),
+                size: root.size,
+            }),
             None => None,
         };
         let parent = record.parent.as_deref().map(|parent| self.intern(parent));
-        let mut node = Node {
-            parent: parent.map_or(NO_PARENT, |parent| parent.0),
-            flags: PRESENT,
-            ..EMPTY_NODE
+        let slot = id.0 as usize;
+        self.parents[slot] = parent.map_or(NO_PARENT, |parent| parent.0);
+        self.flags[slot] = PRESENT | if record.generic { GENERIC } else { 0 };
+        match root {
+            Some(root) => self.roots.insert(id.0, root),
+            None => self.roots.remove(&id.0),
         };
-        if let Some((customer, size)) = root {
-            node.flags |= HAS_ROOT;
-            node.root_customer = customer;
-            node.root_size = size;
-        }
-        if record.generic {
-            node.flags |= GENERIC;
-        }
-        self.nodes[id.0 as usize] = node;
         self.set_conflicts(id, record.conflicts);
         Ok(())
     }
@@ -222,10 +210,12 @@ impl NodeIndex {
 
     /// About how many bytes of memory the index takes.
     pub(crate) fn estimated_bytes(&self) -> usize {
-        self.ids.capacity() * (size_of::<(u64, u32)>() + 1)
+        self.ids.capacity() * (size_of::<u32>() + 1)
             + self.keys.capacity()
             + self.key_ends.capacity() * size_of::<u32>()
-            + self.nodes.capacity() * size_of::<Node>()
+            + self.parents.capacity() * size_of::<u32>()
+            + self.flags.capacity()
+            + self.roots.capacity() * (size_of::<(u32, Root)>() + 1)
             + self.conflicts.capacity() * (size_of::<(u32, Vec<String>)>() + 1)
             + self.conflict_bytes
     }
@@ -291,6 +281,7 @@ mod tests {
         let id = index.id_of("phone\0+15550100").unwrap();
         index.set(id, child_of("email\0a@x.example")).unwrap();
         assert!(index.conflicts.is_empty(), "conflicts go with the record");
+        assert!(index.roots.len() == 1, "only a@x is a root");
         assert!(index.estimated_bytes() < bytes);
     }
 
@@ -310,17 +301,17 @@ mod tests {
     }
 
     #[test]
-    fn keys_whose_hashes_collide_stay_apart() {
+    fn many_keys_keep_their_own_ids_as_the_table_grows() {
         let mut index = NodeIndex::default();
-        let first = index.intern("email\0a@x.example");
-        // Force the second key into the collision map by taking its hash slot first.
-        let second_key = "email\0b@x.example";
-        index.ids.insert(xxh3_64(second_key.as_bytes()), first.0);
-        let second = index.intern(second_key);
-        assert_ne!(first, second);
-        assert_eq!(index.id_of(second_key), Some(second));
-        assert_eq!(index.id_of("email\0a@x.example"), Some(first));
-        assert_eq!(index.key(second), second_key);
+        let keys: Vec<String> = (0..10_000)
+            .map(|n| format!("email\0{n}@x.example"))
+            .collect();
+        let ids: Vec<IdentifierId> = keys.iter().map(|key| index.intern(key)).collect();
+        for (key, id) in keys.iter().zip(&ids) {
+            assert_eq!(index.id_of(key), Some(*id));
+            assert_eq!(index.key(*id), key);
+            assert_eq!(index.intern(key), *id, "interning twice gives the same id");
+        }
     }
 
     #[test]

@@ -537,8 +537,10 @@ pub fn resolve_file(
                     let rate =
                         (line_number - resumed_after) as f64 / started.elapsed().as_secs_f64();
                     eprintln!(
-                        "resolved {line_number} lines ({rate:.0} lines/s, state cache {} MiB)",
-                        cache.estimated_bytes() >> 20
+                        "resolved {line_number} lines ({rate:.0} lines/s, state cache {} MiB, \
+                         of which node and blocking indexes {} MiB)",
+                        cache.estimated_bytes() >> 20,
+                        cache.index_bytes() >> 20
                     );
                 }
             }
