@@ -31,6 +31,9 @@ pub struct HttpConfig {
     pub api_listen: String,
     /// A bearer token the profile API requires; empty requires none.
     pub api_token: String,
+    /// Serve the API on a reachable address without a token (see
+    /// [`HttpConfig::check_api_exposure`]).
+    pub api_allow_anonymous: bool,
     pub max_connections: usize,
     pub header_read_timeout_ms: u64,
     pub request_timeout_ms: u64,
@@ -50,6 +53,36 @@ impl HttpConfig {
     pub fn token(&self) -> Option<String> {
         Some(self.api_token.trim().to_owned()).filter(|token| !token.is_empty())
     }
+
+    /// Refuses to serve the profile API on `listen` (the value of `setting`) when other hosts
+    /// can reach it and no token guards it, unless `http.api_allow_anonymous` says something
+    /// in front of idgraph checks callers: a plain `docker run` must not serve customer data
+    /// to anyone.
+    pub fn check_api_exposure(&self, listen: &str, setting: &str) -> Result<()> {
+        if self.token().is_some() || self.api_allow_anonymous || is_loopback(listen) {
+            return Ok(());
+        }
+        bail!(
+            "{setting} is {listen:?}, which other hosts can reach, and http.api_token is empty, \
+             so the profile API would serve customer data to anyone; set http.api_token (best \
+             from IDGRAPH__HTTP__API_TOKEN), listen on a loopback address such as \
+             127.0.0.1:9465, or set http.api_allow_anonymous = true if a proxy in front of \
+             idgraph authenticates every caller"
+        )
+    }
+}
+
+/// Whether `listen` (`host:port`) is reachable from this host only. A name other than
+/// `localhost` counts as reachable: it may resolve to any interface.
+fn is_loopback(listen: &str) -> bool {
+    if let Ok(address) = listen.trim().parse::<std::net::SocketAddr>() {
+        return address.ip().is_loopback();
+    }
+    let host = listen
+        .trim()
+        .rsplit_once(':')
+        .map_or(listen, |(host, _)| host);
+    host.eq_ignore_ascii_case("localhost")
 }
 
 /// `[resolve]`: file mode.
@@ -358,6 +391,56 @@ mod deploy_tests {
         let config = AppConfig::load_with_env(Some(&path), Vec::new()).unwrap();
         assert!(config.storage.sync_writes);
         assert_eq!(config.resolve.batch_size, 10_000);
+    }
+
+    #[test]
+    fn the_production_api_refuses_to_start_without_a_token_and_starts_with_one() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/production.toml");
+        let open = AppConfig::load_with_env(Some(&path), Vec::new()).unwrap();
+        let error = open
+            .http
+            .check_api_exposure(&open.http.api_listen, "http.api_listen")
+            .unwrap_err()
+            .to_string();
+        for named in [
+            "http.api_listen",
+            "0.0.0.0:9465",
+            "http.api_token",
+            "IDGRAPH__HTTP__API_TOKEN",
+            "http.api_allow_anonymous",
+        ] {
+            assert!(error.contains(named), "{named} missing from: {error}");
+        }
+        let token = vec![("IDGRAPH__HTTP__API_TOKEN".to_owned(), "s3cret".to_owned())];
+        let guarded = AppConfig::load_with_env(Some(&path), token).unwrap();
+        assert!(guarded
+            .http
+            .check_api_exposure(&guarded.http.api_listen, "http.api_listen")
+            .is_ok());
+        let anonymous = vec![(
+            "IDGRAPH__HTTP__API_ALLOW_ANONYMOUS".to_owned(),
+            "true".to_owned(),
+        )];
+        let opted_out = AppConfig::load_with_env(Some(&path), anonymous).unwrap();
+        assert!(opted_out
+            .http
+            .check_api_exposure(&opted_out.http.api_listen, "http.api_listen")
+            .is_ok());
+    }
+
+    #[test]
+    fn only_loopback_addresses_count_as_private() {
+        for private in [
+            "127.0.0.1:9465",
+            "127.0.0.2:1",
+            "[::1]:9465",
+            "localhost:9465",
+        ] {
+            assert!(is_loopback(private), "{private}");
+        }
+        for reachable in ["0.0.0.0:9465", "[::]:9465", "10.0.0.5:9465", "idgraph:9465"] {
+            assert!(!is_loopback(reachable), "{reachable}");
+        }
     }
 }
 

@@ -200,6 +200,10 @@ pub fn serve_sites(
     reader: RocksReader,
     api: (&str, &str),
 ) -> Result<(HttpServer, Option<HttpServer>)> {
+    let (api_listen, api_setting) = api;
+    if !api_listen.trim().is_empty() {
+        config.http.check_api_exposure(api_listen, api_setting)?;
+    }
     let limits = config.http.limits();
     let (metrics, ready) = operations;
     let operations = serve(
@@ -211,7 +215,6 @@ pub fn serve_sites(
         },
         limits,
     )?;
-    let (api_listen, api_setting) = api;
     if api_listen.trim().is_empty() {
         return Ok((operations, None));
     }
