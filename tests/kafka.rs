@@ -882,6 +882,68 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
     );
 }
 
+/// Sends SIGTERM to `worker` and returns how long it took to exit, giving up after `limit`.
+fn terminate(worker: &mut Child, limit: Duration) -> Duration {
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "SIGTERM was delivered");
+    while worker.try_wait().unwrap().is_none() {
+        if sent.elapsed() > limit {
+            let _ = worker.kill();
+            panic!("the worker was still running {limit:?} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sent.elapsed()
+}
+
+#[test]
+fn sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = generate_and_resolve(dir.path(), 1_000, 45);
+    let broker = Broker::start(dir.path());
+    broker.produce_in_order(&input);
+    let mut worker = broker.logged_worker(
+        &dir.path().join("state"),
+        "600",
+        &[("IDGRAPH__KAFKA__SHUTDOWN_TIMEOUT_MS", "3000")],
+    );
+    let stderr = worker.stderr.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !line_rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .expect("the worker logs that it was assigned partitions")
+        .contains("partitions assigned")
+    {}
+    // Let it catch up with the 1,000 events, then take the broker away for good.
+    std::thread::sleep(Duration::from_secs(3));
+    drop(broker);
+    std::thread::sleep(Duration::from_millis(500));
+    let took = terminate(&mut worker, Duration::from_secs(60));
+    assert!(
+        took < Duration::from_secs(3 + 4),
+        "the worker took {took:?} to exit after SIGTERM with kafka.shutdown_timeout_ms = 3000"
+    );
+    let logged: Vec<String> = line_rx.try_iter().collect();
+    if let Some(line) = logged.iter().find(|l| l.contains("shutdown_timeout_ms")) {
+        assert!(line.contains("batches_unacknowledged"), "{line}");
+        assert!(line.contains("batch log"), "{line}");
+    }
+}
+
 #[test]
 fn failed_produce_requests_are_retried_without_loss_or_change() {
     let dir = tempfile::tempdir().unwrap();

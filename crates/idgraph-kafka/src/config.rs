@@ -24,6 +24,8 @@ pub struct KafkaConfig {
     pub quality_interval_secs: u64,
     /// Longest wait for the broker to acknowledge a batch's outputs before retrying them.
     pub delivery_timeout_ms: u64,
+    /// Longest time from a stop signal to exit, however the drain goes.
+    pub shutdown_timeout_ms: u64,
     /// Most committed batches whose outputs may await acknowledgement while the next batch
     /// is resolved; 1 means one batch is delivered while the next is worked on.
     pub max_batches_in_flight: usize,
@@ -126,6 +128,12 @@ impl KafkaConfig {
         }
         if self.client.contains_key("message.max.bytes") {
             return Err("kafka.client.\"message.max.bytes\" cannot be set: the producer's limit follows engine.dead_letter.max_message_bytes (twice it plus 64 KiB), so that every valid input's outputs fit; raise that instead".into());
+        }
+        if self.shutdown_timeout_ms == 0 {
+            return Err(
+                "kafka.shutdown_timeout_ms must be at least 1 (milliseconds from SIGTERM to exit)"
+                    .into(),
+            );
         }
         if self.max_batches_in_flight == 0 {
             return Err(

@@ -27,4 +27,4 @@ pub use broker::DevBroker;
 pub use config::KafkaConfig;
 pub use error::KafkaWorkerError;
 pub use metrics::{MetricLabels, Metrics};
-pub use worker::{Worker, WorkerSummary};
+pub use worker::{ShutdownWatch, Worker, WorkerSummary};

@@ -40,7 +40,7 @@
 //! committed offsets.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,16 @@ fn retain_unrevoked<T>(batch: &mut Vec<(OwnedMessage, T)>, revoked: &[(String, i
     });
 }
 
+/// What a worker has not finished: batches whose outputs the broker has not acknowledged, and
+/// batches resolved since the last committed checkpoint. Both are in the batch log, so a
+/// process that ends now (a stop past `kafka.shutdown_timeout_ms`, a crash) loses none of
+/// them: the next start resolves and sends them again, identically.
+#[derive(Debug, Default)]
+pub struct ShutdownWatch {
+    pub unacknowledged: AtomicUsize,
+    pub since_checkpoint: AtomicUsize,
+}
+
 /// What a worker run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct WorkerSummary {
@@ -243,6 +253,8 @@ pub struct Worker<'e, S: StateStore> {
     /// Where the gauge thread reads the store's figures, if anywhere.
     figures: Option<FiguresSource>,
     ready: Arc<AtomicBool>,
+    /// What is left to do, for a stop that runs out of time (see [`ShutdownWatch`]).
+    watch: Arc<ShutdownWatch>,
     summary: WorkerSummary,
     quality_sequence: u64,
     /// When the broker last acknowledged a whole batch.
@@ -324,6 +336,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
             assignment,
             figures: None,
             ready: Arc::new(AtomicBool::new(false)),
+            watch: Arc::default(),
             summary: WorkerSummary::default(),
             quality_sequence: 0,
             last_output: None,
@@ -349,6 +362,21 @@ impl<'e, S: StateStore> Worker<'e, S> {
     /// True while the worker is consuming and its outputs are being acknowledged.
     pub fn readiness(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.ready)
+    }
+
+    /// What the worker has not finished, kept up to date while it runs and drains, for a
+    /// caller that ends the process when a stop takes too long (`kafka.shutdown_timeout_ms`).
+    pub fn shutdown_watch(&self) -> Arc<ShutdownWatch> {
+        Arc::clone(&self.watch)
+    }
+
+    fn publish_progress(&self) {
+        self.watch
+            .unacknowledged
+            .store(self.in_flight.len() + self.sending(), Ordering::Relaxed);
+        self.watch
+            .since_checkpoint
+            .store(self.logged.len(), Ordering::Relaxed);
     }
 
     /// Replays what the last run logged after its last checkpoint, then consumes until `stop`
@@ -842,6 +870,7 @@ impl<'e, S: StateStore> Worker<'e, S> {
         loop {
             self.take_sent(false);
             self.retire_delivered();
+            self.publish_progress();
             if self.in_flight.len() + self.sending() <= limit {
                 return Ok(());
             }

@@ -171,6 +171,32 @@ fn served_worker<'e>(
     Ok((worker, operations, api))
 }
 
+/// Ends the process `timeout` after `stop` is set if it is still running then. A draining
+/// worker waits for acknowledgements and writes a last checkpoint; with the broker gone that
+/// took 92 s, past any orchestrator's grace period, which then kills it anyway. The state is
+/// crash-safe, so exiting early loses nothing: what was unfinished is in the batch log and is
+/// sent again on the next start. The log line says how much that is.
+fn exit_when_a_stop_overruns(
+    stop: Arc<AtomicBool>,
+    watch: Arc<idgraph_kafka::ShutdownWatch>,
+    timeout: Duration,
+) {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(timeout);
+        tracing::warn!(
+            timeout_ms = timeout.as_millis() as u64,
+            batches_unacknowledged = watch.unacknowledged.load(Ordering::Relaxed),
+            batches_since_checkpoint = watch.since_checkpoint.load(Ordering::Relaxed),
+            "the worker did not finish stopping within kafka.shutdown_timeout_ms; exiting now: \
+             those batches are in the batch log and are resolved and sent again on the next start"
+        );
+        std::process::exit(0);
+    });
+}
+
 /// The streaming worker.
 pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Result<()> {
     let stop = stop_on_signal()?;
@@ -185,6 +211,11 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
         .map_or_else(|| "off".to_owned(), |api| api.address().to_string());
     tracing::info!(%address, %api_address, "http listening: /metrics, /healthz and /readyz on address, /v1/profiles on api_address");
     tracing::info!(bootstrap = %config.kafka.bootstrap_servers, state = %state.display(), "worker starting");
+    exit_when_a_stop_overruns(
+        Arc::clone(&stop),
+        worker.shutdown_watch(),
+        Duration::from_millis(config.kafka.shutdown_timeout_ms),
+    );
     let summary = worker.run(
         &stop,
         RunOptions {
