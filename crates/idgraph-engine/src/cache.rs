@@ -20,6 +20,7 @@ use crate::blocking_index::BlockingIndex;
 use crate::features::FeatureCache;
 use crate::node_index::NodeIndex;
 use crate::state::{memory, ProfileState};
+use crate::store::{StateRead, StoreError};
 
 /// A customer entry in decoded form.
 #[derive(Debug, Clone)]
@@ -154,6 +155,34 @@ impl StateCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Loads the node and blocking indexes from `store` now, the two side by side (one on a
+    /// scoped thread of its own), instead of in the first batch one after the other: on a
+    /// restart that is most of the time to the first output (about 1.6 s one after the other
+    /// for the 644k nodes and 684k blocking keys of 1M generated events). Indexes already
+    /// loaded stay as they are.
+    pub fn preload<S: StateRead + Sync + ?Sized>(&mut self, store: &S) -> Result<(), StoreError> {
+        let (nodes, blocking) = std::thread::scope(|scope| {
+            let nodes = self
+                .nodes
+                .is_none()
+                .then(|| scope.spawn(|| NodeIndex::load(store)));
+            let blocking = match self.blocking {
+                None => Some(BlockingIndex::load(store)),
+                Some(_) => None,
+            };
+            let nodes =
+                nodes.map(|loading| loading.join().expect("loading the node index panicked"));
+            (nodes, blocking)
+        });
+        if let Some(nodes) = nodes {
+            self.nodes = Some(nodes?);
+        }
+        if let Some(blocking) = blocking {
+            self.blocking = Some(blocking?);
+        }
+        Ok(())
     }
 
     /// Forgets everything. Required after a batch that failed or was not committed: the cache
@@ -366,5 +395,52 @@ mod tests {
                 "cache of {size}: taken means unpinned"
             );
         }
+    }
+
+    #[test]
+    fn preloading_loads_both_indexes_from_the_store_once() {
+        use crate::state::{encode, BlockRecord, NodeRecord, RootInfo};
+        use crate::store::{MemoryStore, StateStore, Table, WriteSet};
+        let customer = crate::customer_id_for("web", "web-1");
+        let mut writes = WriteSet::default();
+        let root = NodeRecord {
+            parent: None,
+            root: Some(RootInfo {
+                customer_id: customer.clone(),
+                size: 1,
+            }),
+            generic: false,
+            conflicts: Vec::new(),
+        };
+        writes.put(Table::Nodes, "email\0a@x.example", encode(&root));
+        let block = BlockRecord {
+            customers: vec![customer.clone()],
+            oversize: false,
+        };
+        writes.put(Table::Blocks, "nn:ann lee", encode(&block));
+        let mut store = MemoryStore::new();
+        store.write(&writes).unwrap();
+        let mut cache = StateCache::new(1 << 20);
+        cache.preload(&store).unwrap();
+        let nodes = cache.nodes.as_ref().expect("the node index is loaded");
+        let id = nodes.id_of("email\0a@x.example").unwrap();
+        assert_eq!(nodes.record(id), Some(root));
+        let blocking = cache
+            .blocking
+            .as_ref()
+            .expect("the blocking index is loaded");
+        assert_eq!(blocking.record("nn:ann lee"), block);
+        assert!(cache.index_bytes() > 0);
+        // A second preload keeps what is loaded, even if the store has changed since.
+        store
+            .write(&{
+                let mut more = WriteSet::default();
+                more.put(Table::Blocks, "nn:bob lee", encode(&block));
+                more
+            })
+            .unwrap();
+        cache.preload(&store).unwrap();
+        let blocking = cache.blocking.as_ref().unwrap();
+        assert_eq!(blocking.record("nn:bob lee"), BlockRecord::default());
     }
 }

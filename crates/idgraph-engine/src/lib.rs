@@ -8,7 +8,8 @@
 //! together with the output records; the caller decides when to write (through
 //! [`StateStore`]) and emit, and may resolve the next batch before the last one is written by
 //! reading through it ([`ReadThrough`]). Parsing and normalizing ([`Engine::prepare`]) need no
-//! state, so a caller may run them on another thread. It spawns no threads itself. This crate
+//! state, so a caller may run them on another thread. It spawns no threads itself, except
+//! [`StateCache::preload`], which loads its two indexes side by side. This crate
 //! also holds the in-memory store and the store conformance suite; the RocksDB store lives in
 //! `idgraph-store-rocksdb`.
 

@@ -273,7 +273,7 @@ pub struct Worker<'e, S: StateStore> {
     next_batch: usize,
 }
 
-impl<'e, S: StateStore> Worker<'e, S> {
+impl<'e, S: StateStore + Sync> Worker<'e, S> {
     /// Connects to the cluster and loads the stored input positions.
     pub fn new(
         engine: &'e Engine,
@@ -391,6 +391,8 @@ impl<'e, S: StateStore> Worker<'e, S> {
         if let Some(writer) = self.store.background_writer() {
             self.committer = Some(Committer::start(writer, self.metrics.clone()));
         }
+        // Nothing is pending yet: the indexes are loaded from the store as it is.
+        self.cache.preload(&self.store)?;
         self.recover_outbox(stop)?;
         self.replay_logged(stop)?;
         let topics: Vec<&str> = self.config.sources.values().map(String::as_str).collect();

@@ -490,6 +490,7 @@ pub fn resolve_file(
     let mut cache = StateCache::with_megabytes(config.engine.cache.max_mb);
     let mut line_number = resumed_after;
     let reader = store.reader();
+    cache.preload(&reader)?;
     let process_cpu_before = process_cpu_seconds();
     let resolver_cpu_before = thread_cpu_seconds();
     let (outputs, reader_cpu, committer_cpu) = std::thread::scope(|scope| {
