@@ -751,6 +751,22 @@ fn a_profile_grown_past_the_producer_limit_is_dead_lettered_by_reference_and_the
     );
 }
 
+/// The lines `worker` writes to its piped stderr, as they come, read on a thread of their own.
+fn stderr_lines(worker: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = worker.stderr.take().expect("the worker's stderr is piped");
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+    line_rx
+}
+
 #[test]
 fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -762,17 +778,7 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         "8",
         &[("IDGRAPH__KAFKA__BATCH_SIZE", "100")],
     );
-    let stderr = worker.stderr.take().unwrap();
-    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = line_tx.send(line);
-        }
-    });
+    let line_rx = stderr_lines(&mut worker);
     let wait_for = |needle: &str, within: Duration| -> Vec<String> {
         let deadline = Instant::now() + within;
         let mut seen = Vec::new();
@@ -911,17 +917,7 @@ fn sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout() {
         "600",
         &[("IDGRAPH__KAFKA__SHUTDOWN_TIMEOUT_MS", "3000")],
     );
-    let stderr = worker.stderr.take().unwrap();
-    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = line_tx.send(line);
-        }
-    });
+    let line_rx = stderr_lines(&mut worker);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !line_rx
         .recv_timeout(deadline.saturating_duration_since(Instant::now()))
