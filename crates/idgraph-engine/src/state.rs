@@ -26,22 +26,6 @@ pub struct NodeRecord {
     pub conflicts: Vec<String>,
 }
 
-impl NodeRecord {
-    /// About how many bytes of memory the decoded node takes beyond its own struct, for the
-    /// cache's budget (see [`memory`]).
-    pub fn estimated_heap_bytes(&self) -> usize {
-        use memory::{string, strings};
-        self.parent
-            .as_ref()
-            .map_or(0, |parent| string(parent.len()))
-            + self
-                .root
-                .as_ref()
-                .map_or(0, |root| string(root.customer_id.len()))
-            + strings(&self.conflicts)
-    }
-}
-
 /// A model of what decoded records cost in memory, for the state cache's budget. It need
 /// not be exact, only proportional: `engine.cache.max_mb` is checked against it, and the
 /// constants were set so that the estimate of a full cache came within a few percent of the
