@@ -108,10 +108,10 @@ impl Side for CandidateView {
 
 pub(crate) struct Batch<'s, S: StateRead> {
     store: &'s S,
-    /// Nodes and customer entries are read into and changed in the cache's current generation
-    /// in place, and blocking keys in its blocking index (see [`StateCache`]); the dirty sets
-    /// say which of them the batch changed. Profiles are shared with callers through `Arc`, so reading one costs no
-    /// copy; a write copies only when someone still holds the old version.
+    /// Customer entries are read into and changed in the cache's current generation in place,
+    /// nodes and blocking keys in its indexes (see [`StateCache`]); the dirty sets say which
+    /// of them the batch changed. Profiles are shared with callers through `Arc`, so reading
+    /// one costs no copy; a write copies only when someone still holds the old version.
     cache: &'s mut StateCache,
     dirty_nodes: FxHashSet<IdentifierId>,
     dirty_customers: DirtyKeys,
@@ -163,9 +163,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
     /// lets RocksDB probe its filters for all at once. The keys are asked for in byte order,
     /// which spares RocksDB sorting them itself. Each record lands where a lookup one at a
     /// time would have put it, and the store does not change while a batch runs, so no
-    /// result depends on it. Loads the node index too, if this is the first batch.
+    /// result depends on it.
     pub(crate) fn prefetch(&mut self, event_keys: &[&str]) -> Result<(), StoreError> {
-        self.node_index()?;
         self.prefetch_events(event_keys)?;
         self.clock = EventClock::load(self.store)?;
         self.profiles_created_before = match self.store.get(Table::Meta, PROFILES_CREATED_KEY)? {
@@ -209,7 +208,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     /// The cache's node index, loaded from the store if this is the first batch to need it.
     fn node_index(&mut self) -> Result<&mut NodeIndex, StoreError> {
-        loaded(&mut self.cache.nodes, || NodeIndex::load(self.store))
+        node_index_of(self.cache, self.store)
     }
 
     pub(crate) fn node(&mut self, key: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -223,7 +222,8 @@ impl<'s, S: StateRead> Batch<'s, S> {
     }
 
     pub(crate) fn put_node(&mut self, key: &str, node: NodeRecord) -> Result<(), StoreError> {
-        let index = loaded(&mut self.cache.nodes, || NodeIndex::load(self.store))?;
+        // Not `self.node_index()`: the dirty set is borrowed beside it.
+        let index = node_index_of(self.cache, self.store)?;
         let id = index.intern(key);
         index.set(id, node)?;
         self.dirty_nodes.insert(id);
@@ -232,7 +232,7 @@ impl<'s, S: StateRead> Batch<'s, S> {
 
     /// Finds the root of `key`'s set, compressing the path on the way.
     pub(crate) fn find(&mut self, key: &str) -> Result<(String, RootInfo), StoreError> {
-        let index = loaded(&mut self.cache.nodes, || NodeIndex::load(self.store))?;
+        let index = node_index_of(self.cache, self.store)?;
         let mut current = index.id_of(key).ok_or_else(|| dangling(key))?;
         let mut path = Vec::new();
         loop {
@@ -547,6 +547,14 @@ impl<'s, S: StateRead> Batch<'s, S> {
         }
         (writes, live)
     }
+}
+
+/// The node index of `cache`, loaded from `store` if it holds none yet.
+fn node_index_of<'c, S: StateRead>(
+    cache: &'c mut StateCache,
+    store: &S,
+) -> Result<&'c mut NodeIndex, StoreError> {
+    loaded(&mut cache.nodes, || NodeIndex::load(store))
 }
 
 /// What `slot` holds, loaded first if it holds nothing yet.

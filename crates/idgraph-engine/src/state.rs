@@ -213,17 +213,6 @@ pub struct BlockRecord {
     pub oversize: bool,
 }
 
-impl BlockRecord {
-    /// About how many bytes of memory the decoded record takes, with its `Arc`, for the
-    /// cache's budget (see [`memory`]).
-    pub fn estimated_bytes(&self) -> usize {
-        memory::PER_ALLOCATION
-            + 16
-            + std::mem::size_of::<BlockRecord>()
-            + memory::strings(&self.customers)
-    }
-}
-
 /// One stored reason why something belongs to a profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
