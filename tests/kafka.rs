@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "support/tls.rs"]
+mod tls;
+
 const BIN: &str = env!("CARGO_BIN_EXE_idgraph");
 
 /// Settings that keep the tests quick: a short group session (a restarted worker waits for
@@ -938,6 +941,203 @@ fn sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout() {
         assert!(line.contains("batches_unacknowledged"), "{line}");
         assert!(line.contains("batch log"), "{line}");
     }
+}
+
+/// `idgraph --config <file> --bootstrap-servers <servers> <args>` with the test settings.
+fn configured(config: &Path, bootstrap: &str, args: &[&str]) -> Output {
+    test_env(&mut Command::new(BIN))
+        .args(["--config", p(config), "--bootstrap-servers", bootstrap])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The worker over TLS, end to end: consuming, committing offsets and producing its outputs
+/// all go through a TLS endpoint whose certificate a test CA signed. A worker given another
+/// CA stops at start with librdkafka's reason. (The mock broker behind the endpoint speaks
+/// plaintext, so the broker's own TLS settings, client certificates and SASL logins are not
+/// exercised here; `clients_accept_tls_with_scram_and_plain_logins` covers what can be.)
+#[test]
+fn a_worker_configured_for_tls_streams_through_a_tls_endpoint_and_refuses_an_unknown_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 600, 47);
+    let mut broker = Broker::start(dir.path());
+    broker.produce_in_order(&input);
+
+    let trusted = tls::Authority::new(dir.path(), "test-ca");
+    let stranger = tls::Authority::new(dir.path(), "other-ca");
+    let endpoint = tls::TlsEndpoint::start(&trusted, broker.bootstrap.clone());
+    broker_command(
+        &mut broker,
+        &format!("advertise 1 127.0.0.1:{}", endpoint.port),
+    );
+    // The broker applies commands every 50 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    let tls_bootstrap = format!("127.0.0.1:{}", endpoint.port);
+    let config_for = |ca: &Path, name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[kafka.client]\n\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = {:?}\n\n[kafka.topics]\nadmin_timeout_ms = 4000\n",
+                p(ca)
+            ),
+        )
+        .unwrap();
+        path
+    };
+
+    let wrong = config_for(&stranger.certificate_file, "wrong-ca.toml");
+    let state = dir.path().join("state");
+    let run = ["run", "--state", p(&state), "--exit-when-idle", "3"];
+    let refused = configured(&wrong, &tls_bootstrap, &run);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "an unknown CA must stop the worker"
+    );
+    assert!(
+        stderr.contains("cannot reach the kafka cluster at 127.0.0.1:")
+            && stderr.contains("certificate verify failed"),
+        "the error names the servers and the TLS reason:\n{stderr}"
+    );
+    assert!(endpoint.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert_eq!(
+        endpoint
+            .handshakes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+
+    let right = config_for(&trusted.certificate_file, "test-ca.toml");
+    let summary = check(configured(&right, &tls_bootstrap, &run), &run);
+    let lines = std::fs::read(&input)
+        .unwrap()
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count();
+    assert!(summary.contains(&format!("messages {lines} ")), "{summary}");
+    assert!(
+        endpoint
+            .handshakes
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2
+    );
+
+    // Read the outputs back in plaintext, straight from the broker.
+    let plain = broker.bootstrap.rsplit_once(':').unwrap().1.to_owned();
+    broker_command(&mut broker, &format!("advertise 1 127.0.0.1:{plain}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let streamed = broker.streamed_customers(dir.path());
+    assert_eq!(
+        streamed,
+        file_mode_customers(&reference),
+        "same customers, same ids"
+    );
+}
+
+/// Producers compress with whatever their team chose: input written with each codec Kafka
+/// has (a quarter of it each, in order) resolves exactly as the uncompressed file does.
+#[test]
+fn input_compressed_with_every_codec_resolves_as_the_plain_file_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 800, 53);
+    let broker = Broker::start(dir.path());
+    let bytes = std::fs::read(&input).unwrap();
+    let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+    let codecs = ["gzip", "zstd", "lz4", "snappy"];
+    for (codec, part) in codecs
+        .iter()
+        .zip(lines.chunks(lines.len().div_ceil(codecs.len())))
+    {
+        let part_file = dir.path().join(format!("{codec}.jsonl"));
+        std::fs::write(&part_file, part.concat()).unwrap();
+        let config = dir.path().join(format!("{codec}.toml"));
+        std::fs::write(
+            &config,
+            format!("[kafka.client]\n\"compression.type\" = \"{codec}\"\n"),
+        )
+        .unwrap();
+        let produce = [
+            "produce",
+            "--input",
+            p(&part_file),
+            "--topic",
+            "touchpoints.web",
+        ];
+        check(configured(&config, &broker.bootstrap, &produce), &produce);
+    }
+    let state = dir.path().join("state");
+    let summary = broker.ok(&["run", "--state", p(&state), "--exit-when-idle", "3"]);
+    assert!(
+        summary.contains(&format!("messages {} ", lines.len())),
+        "{summary}"
+    );
+    let streamed = broker.streamed_customers(dir.path());
+    assert_eq!(
+        streamed,
+        file_mode_customers(&reference),
+        "same customers, same ids"
+    );
+}
+
+/// A topic recreated under a worker (a broker whose data was not on a volume, a deleted and
+/// recreated topic) holds fewer messages than the state has read. The worker stops, naming
+/// the partition and both offsets, instead of taking every new message for one processed
+/// already; with `kafka.on_position_lost = "earliest"` it reads the new messages.
+#[test]
+fn a_recreated_topic_stops_the_worker_unless_told_where_to_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first_input, _) = generate_and_resolve(dir.path(), 400, 61);
+    let state = dir.path().join("state");
+    let run = ["run", "--state", p(&state), "--exit-when-idle", "3"];
+    let stored = {
+        let broker = Broker::start(dir.path());
+        broker.produce_in_order(&first_input);
+        let summary = broker.ok(&run);
+        summary
+            .split("messages ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .expect("the summary counts messages")
+    };
+
+    let second = dir.path().join("recreated");
+    std::fs::create_dir(&second).unwrap();
+    let (second_input, _) = generate_and_resolve(&second, 100, 62);
+    let new_messages = std::fs::read(&second_input)
+        .unwrap()
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count();
+    assert!(new_messages < stored);
+    let broker = Broker::start(&second);
+    broker.produce_in_order(&second_input);
+
+    let refused = broker.command(&run).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a lost position must stop the worker"
+    );
+    let named = format!(
+        "touchpoints.web partition 0 is offset {stored}, but the broker holds offsets 0 to {new_messages}"
+    );
+    assert!(stderr.contains(&named), "expected {named:?} in:\n{stderr}");
+
+    let summary = check(
+        broker
+            .command(&run)
+            .env("IDGRAPH__KAFKA__ON_POSITION_LOST", "earliest")
+            .output()
+            .unwrap(),
+        &run,
+    );
+    assert!(
+        summary.contains(&format!("messages {new_messages} ")),
+        "every message of the recreated topic is read: {summary}"
+    );
 }
 
 #[test]

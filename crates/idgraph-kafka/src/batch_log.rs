@@ -19,9 +19,9 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use crate::client::client_config;
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
-use crate::sink::client_config;
 
 /// Key prefix of log entries in the state's meta table; the batch number follows,
 /// big-endian, so a prefix scan returns the entries in batch order.

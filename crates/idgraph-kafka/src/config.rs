@@ -32,6 +32,9 @@ pub struct KafkaConfig {
     /// Batches per checkpoint: state is written behind, the changes of this many batches in
     /// one write, and a restart resolves the batches logged since the last one again.
     pub checkpoint_interval: usize,
+    /// What to do when an assigned partition's stored position is one the broker no longer
+    /// has (see [`PositionLostAction`]).
+    pub on_position_lost: PositionLostAction,
     /// Source name → topic it is consumed from.
     pub sources: BTreeMap<String, String>,
     pub outputs: OutputTopics,
@@ -39,6 +42,37 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties for every client (security, tuning), e.g.
     /// `"security.protocol" = "SSL"`.
     pub client: BTreeMap<String, String>,
+}
+
+/// What the worker does when a partition's stored position is beyond the broker's high
+/// watermark (the topic was deleted and recreated, or truncated) or before its log start
+/// (retention deleted messages it never read). Reading on from the broker's reset point would
+/// either skip everything as already processed or silently lose the gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionLostAction {
+    /// Stop with an error naming the topic, partition and offsets; an operator decides.
+    Fail,
+    /// Read the partition from the oldest message the broker has.
+    Earliest,
+    /// Read only messages that arrive from now on.
+    Latest,
+}
+
+impl PositionLostAction {
+    pub const ALL: [PositionLostAction; 3] = [
+        PositionLostAction::Fail,
+        PositionLostAction::Earliest,
+        PositionLostAction::Latest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PositionLostAction::Fail => "fail",
+            PositionLostAction::Earliest => "earliest",
+            PositionLostAction::Latest => "latest",
+        }
+    }
 }
 
 /// How absent output topics are created at start.

@@ -19,6 +19,24 @@ pub enum KafkaWorkerError {
     /// The configuration cannot work.
     #[error("invalid kafka configuration: {0}")]
     Config(String),
+    /// No broker answered within `kafka.topics.admin_timeout_ms`; `reason` carries
+    /// librdkafka's last report (a refused connection, a failed TLS handshake, a refused
+    /// login).
+    #[error("cannot reach the kafka cluster at {bootstrap} within {timeout_ms} ms: {reason}; check kafka.bootstrap_servers and the security settings in kafka.client")]
+    Unreachable {
+        bootstrap: String,
+        timeout_ms: u64,
+        reason: String,
+    },
+    /// A partition's stored position is one the broker no longer has.
+    #[error("the stored position of {topic} partition {partition} is offset {stored}, but the broker holds offsets {low} to {high}: the topic was recreated or truncated, or retention deleted unread messages; set kafka.on_position_lost = \"earliest\" or \"latest\" to read on from there, or restore the topic")]
+    PositionLost {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        low: i64,
+        high: i64,
+    },
     /// Output topics are missing and could not be created.
     #[error("cannot create output topics {topics}: {reason}; create them yourself (see README) or set kafka.topics.create = false")]
     TopicSetup { topics: String, reason: String },

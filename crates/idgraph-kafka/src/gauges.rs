@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use idgraph_engine::StoreFigures;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use crate::client::client_config;
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
 use crate::metrics::Metrics;
-use crate::sink::client_config;
 
 /// Reads the store's figures from the refresher's thread.
 pub type FiguresSource = Box<dyn Fn() -> StoreFigures + Send>;

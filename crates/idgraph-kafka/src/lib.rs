@@ -11,6 +11,7 @@
 
 pub mod batch_log;
 pub mod broker;
+pub mod client;
 pub mod committer;
 pub mod config;
 pub mod error;

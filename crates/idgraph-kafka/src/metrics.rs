@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use idgraph_engine::BatchStats;
 use idgraph_model::{FailureKind, RefusalRule, ResolutionAction};
 
-use crate::config::OUTPUTS;
+use crate::config::{PositionLostAction, OUTPUTS};
 use crate::sink::RefusalReason;
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -83,6 +83,7 @@ pub struct Metrics {
     pub timestamp_to_output_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub delivery_retries: IntCounter,
+    pub positions_lost: IntCounterVec,
     records_refused: IntCounterVec,
     pub store_retries: IntCounter,
     pub replayed_batches: IntCounter,
@@ -284,6 +285,12 @@ impl Metrics {
                 "idgraph_output_delivery_retries_total",
                 "Batches whose outputs had to be sent again",
             ),
+            positions_lost: counter_vec(
+                &r,
+                "idgraph_kafka_positions_lost_total",
+                "Assigned partitions whose stored position the broker no longer has (beyond the high watermark: the topic was recreated or truncated; before the log start: retention deleted unread messages), by the action kafka.on_position_lost took",
+                &["action"],
+            ),
             records_refused: counter_vec(
                 &r,
                 "idgraph_output_records_refused_total",
@@ -388,6 +395,9 @@ impl Metrics {
         }
         for phase in ["resolve", "log", "send", "wait_for_acks", "checkpoint"] {
             self.batch_seconds.with_label_values(&[phase]);
+        }
+        for action in PositionLostAction::ALL {
+            self.positions_lost.with_label_values(&[action.as_str()]);
         }
         for output in OUTPUTS {
             for reason in RefusalReason::ALL {

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use idgraph_engine::BatchOutcome;
 use idgraph_model::{RecordMeta, WriteJson};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use serde::Serialize;
 
+use crate::client::client_config;
 use crate::config::{KafkaConfig, OutputTopics};
 use crate::error::KafkaWorkerError;
 
@@ -348,16 +348,6 @@ pub struct OutputSink {
 /// `max.message.bytes`) is dead-lettered by reference, never retried forever.
 pub fn max_record_bytes(max_input_bytes: usize) -> usize {
     max_input_bytes.saturating_mul(2).saturating_add(64 * 1024)
-}
-
-/// Base librdkafka settings shared by every client: servers plus the user's extra properties.
-pub fn client_config(config: &KafkaConfig) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.bootstrap_servers);
-    for (key, value) in &config.client {
-        client.set(key, value);
-    }
-    client
 }
 
 impl OutputSink {

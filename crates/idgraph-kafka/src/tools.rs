@@ -14,9 +14,10 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use serde::Serialize;
 
+use crate::client::client_config;
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
-use crate::sink::{client_config, send_with_backpressure};
+use crate::sink::send_with_backpressure;
 
 /// Sends each line of `input` to the topic of the source it names (`"source"` field; lines
 /// that cannot be read go to the first configured source's topic, where the worker

@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 
+use crate::client::{client_config, cluster_metadata};
 use crate::config::KafkaConfig;
 use crate::error::KafkaWorkerError;
-use crate::sink::client_config;
 
 /// What [`ensure_output_topics`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,12 +32,7 @@ pub fn ensure_output_topics(
     max_record_bytes: usize,
 ) -> Result<TopicSetup, KafkaWorkerError> {
     let timeout = Duration::from_millis(config.topics.admin_timeout_ms);
-    let probe: BaseConsumer = client_config(config)
-        .create()
-        .map_err(KafkaWorkerError::kafka("create metadata client"))?;
-    let metadata = probe
-        .fetch_metadata(None, timeout)
-        .map_err(KafkaWorkerError::kafka("fetch cluster metadata"))?;
+    let metadata = cluster_metadata(config)?;
     let known: Vec<&str> = metadata.topics().iter().map(|t| t.name()).collect();
     let (existing, missing): (Vec<&str>, Vec<&str>) = config
         .outputs

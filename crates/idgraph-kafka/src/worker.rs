@@ -57,15 +57,16 @@ use rdkafka::ClientContext;
 use serde::Serialize;
 
 use crate::batch_log::{fetch_logged, log_key, number_of, LoggedBatch, BATCH_LOG_PREFIX};
+use crate::client::client_config;
 use crate::committer::{self, Committer};
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, PositionLostAction};
 use crate::error::KafkaWorkerError;
 use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
 use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
 use crate::sender::{InFlight, Resolved, Sender};
 use crate::sink::{
-    client_config, decode_outbox, max_record_bytes, DeliveryStatus, OutputSink, Refusal, WireRecord,
+    decode_outbox, max_record_bytes, DeliveryStatus, OutputSink, Refusal, WireRecord,
 };
 
 /// Key prefix of the outbox entries older versions kept in [`Table::Meta`] (a batch's output
@@ -109,9 +110,44 @@ impl Polled {
     }
 }
 
+/// A partition whose stored position the broker no longer has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LostPosition {
+    topic: String,
+    partition: i32,
+    stored: i64,
+    low: i64,
+    high: i64,
+}
+
+impl From<LostPosition> for KafkaWorkerError {
+    fn from(lost: LostPosition) -> Self {
+        KafkaWorkerError::PositionLost {
+            topic: lost.topic,
+            partition: lost.partition,
+            stored: lost.stored,
+            low: lost.low,
+            high: lost.high,
+        }
+    }
+}
+
+/// Whether the broker, holding offsets `low` to `high` (the next to be written), no longer
+/// has the position `stored`. Reading on from it would be silent: past the high watermark
+/// librdkafka resets to the start and every message looks processed already; before the log
+/// start the messages in between are gone.
+fn position_is_lost(stored: i64, (low, high): (i64, i64)) -> bool {
+    stored > high || stored < low
+}
+
 /// Seeks newly assigned partitions to the stored positions and notes revoked ones.
 struct WorkerContext {
     positions: Positions,
+    /// `kafka.on_position_lost`.
+    on_position_lost: PositionLostAction,
+    /// Positions found lost under [`PositionLostAction::Fail`]: the run loop stops on them.
+    lost: Arc<Mutex<Vec<LostPosition>>>,
+    metrics: Metrics,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     /// Set once the group has given this worker its partitions; idleness counts from then.
     assigned: Arc<AtomicBool>,
@@ -130,20 +166,18 @@ impl ConsumerContext for WorkerContext {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let positions = self.positions.lock().expect("positions lock");
-                let assigned: Vec<(String, i32)> = tpl
+                let offered: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
-                for (topic, partition) in &assigned {
-                    // The state decides where to read: a partition it has never seen is read
-                    // from the beginning, whatever the group committed for another state.
-                    let offset = match positions.get(&(topic.clone(), *partition)) {
-                        Some(next) => Offset::Offset(*next),
-                        None => Offset::Beginning,
-                    };
-                    let _ = tpl.set_partition_offset(topic, *partition, offset);
+                let mut taken = TopicPartitionList::new();
+                let mut assigned = Vec::new();
+                for (topic, partition) in offered {
+                    if let Some(offset) = self.start_offset(consumer, &topic, partition) {
+                        let _ = taken.add_partition_offset(&topic, partition, offset);
+                        assigned.push((topic, partition));
+                    }
                 }
                 tracing::info!(
                     partitions = assigned.len(),
@@ -154,7 +188,7 @@ impl ConsumerContext for WorkerContext {
                     .lock()
                     .expect("assignment lock")
                     .extend(assigned);
-                if let Err(error) = consumer.assign(tpl) {
+                if let Err(error) = consumer.assign(&taken) {
                     tracing::error!(%error, "cannot take the assigned partitions");
                 }
             }
@@ -184,6 +218,75 @@ impl ConsumerContext for WorkerContext {
         }
     }
 }
+
+impl WorkerContext {
+    /// Where to start reading an assigned partition: the stored position, checked against
+    /// the offsets the broker holds; the beginning for a partition this state has never read
+    /// (whatever the group committed for another state). `None` leaves the partition
+    /// unassigned: its position is lost and `kafka.on_position_lost` says to stop.
+    fn start_offset(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+    ) -> Option<Offset> {
+        let mut positions = self.positions.lock().expect("positions lock");
+        let key = (topic.to_owned(), partition);
+        let Some(&stored) = positions.get(&key) else {
+            return Some(Offset::Beginning);
+        };
+        let held = match consumer.fetch_watermarks(topic, partition, WATERMARK_TIMEOUT) {
+            Ok(held) => held,
+            Err(error) => {
+                tracing::warn!(topic, partition, %error, "cannot check the stored position against the broker's offsets; seeking to it");
+                return Some(Offset::Offset(stored));
+            }
+        };
+        if !position_is_lost(stored, held) {
+            return Some(Offset::Offset(stored));
+        }
+        let (low, high) = held;
+        let action = self.on_position_lost;
+        self.metrics
+            .positions_lost
+            .with_label_values(&[action.as_str()])
+            .inc();
+        tracing::warn!(
+            topic,
+            partition,
+            stored,
+            low,
+            high,
+            action = action.as_str(),
+            "the broker no longer has this partition's stored position"
+        );
+        // The stored position moves with the reset, or every message before it would be
+        // taken for one processed already.
+        match action {
+            PositionLostAction::Fail => {
+                self.lost.lock().expect("lost lock").push(LostPosition {
+                    topic: topic.to_owned(),
+                    partition,
+                    stored,
+                    low,
+                    high,
+                });
+                None
+            }
+            PositionLostAction::Earliest => {
+                positions.insert(key, low);
+                Some(Offset::Offset(low))
+            }
+            PositionLostAction::Latest => {
+                positions.insert(key, high);
+                Some(Offset::Offset(high))
+            }
+        }
+    }
+}
+
+/// Longest wait for a partition's offsets when it is assigned.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keeps the messages of `batch` whose partition is not in `revoked`.
 fn retain_unrevoked<T>(batch: &mut Vec<(OwnedMessage, T)>, revoked: &[(String, i32)]) {
@@ -248,6 +351,8 @@ pub struct Worker<'e, S: StateStore> {
     sender: Option<Sender>,
     positions: Positions,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
+    /// Partitions whose position was lost, to stop on (see [`WorkerContext::start_offset`]).
+    lost: Arc<Mutex<Vec<LostPosition>>>,
     assigned: Arc<AtomicBool>,
     assignment: Assignment,
     /// Where the gauge thread reads the store's figures, if anywhere.
@@ -296,8 +401,12 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let assigned = Arc::new(AtomicBool::new(false));
         let assignment = Assignment::default();
+        let lost = Arc::new(Mutex::new(Vec::new()));
         let context = WorkerContext {
             positions: Arc::clone(&positions),
+            on_position_lost: config.on_position_lost,
+            lost: Arc::clone(&lost),
+            metrics: metrics.clone(),
             revoked: Arc::clone(&revoked),
             assigned: Arc::clone(&assigned),
             assignment: Arc::clone(&assignment),
@@ -332,6 +441,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             sender: None,
             positions,
             revoked,
+            lost,
             assigned,
             assignment,
             figures: None,
@@ -420,6 +530,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
                 Some(polled) => polled,
                 None => self.poll_batch(stop, true).0,
             };
+            self.stop_on_lost_position()?;
             if current.messages.is_empty() {
                 // Quiet input: checkpoint now rather than leave batches for a restart to
                 // replay.
@@ -483,6 +594,15 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             self.summary.active_secs = (last - first).as_secs_f64();
         }
         Ok(self.summary.clone())
+    }
+
+    /// Fails with the first partition whose position was found lost at assignment, under
+    /// `kafka.on_position_lost = "fail"` (the partition was left unassigned).
+    fn stop_on_lost_position(&self) -> Result<(), KafkaWorkerError> {
+        match self.lost.lock().expect("lost lock").first() {
+            Some(lost) => Err(lost.clone().into()),
+            None => Ok(()),
+        }
     }
 
     /// Collects up to `batch_size` messages, waiting at most `batch_timeout_ms` for them, or,
@@ -1276,6 +1396,20 @@ fn load_positions<S: StateStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_position_is_lost_beyond_the_high_watermark_or_before_the_log_start() {
+        // Caught up, or anywhere in between: held.
+        assert!(!position_is_lost(100, (0, 100)));
+        assert!(!position_is_lost(40, (0, 100)));
+        assert!(!position_is_lost(0, (0, 0)));
+        // Retention deleted everything, all of it read: held.
+        assert!(!position_is_lost(500, (500, 500)));
+        // The topic was recreated with fewer messages.
+        assert!(position_is_lost(101, (0, 100)));
+        // Retention deleted messages never read.
+        assert!(position_is_lost(400, (500, 900)));
+    }
 
     fn message(topic: &str, partition: i32, offset: i64) -> (OwnedMessage, u32) {
         (

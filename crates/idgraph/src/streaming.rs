@@ -63,7 +63,7 @@ pub fn broker(
         topic_list(config)
     );
     println!(
-        "fault injection on stdin: \"down N\" / \"up N\" (broker id N, from 1), \"produce-errors N\" (fail the next N produce requests)"
+        "fault injection on stdin: \"down N\" / \"up N\" (broker id N, from 1), \"produce-errors N\" (fail the next N produce requests), \"advertise N HOST:PORT\" (send clients to a proxy in front of broker N)"
     );
     std::io::stdout().flush()?;
     let commands = fault_commands();
@@ -78,6 +78,10 @@ pub fn broker(
                     broker.fail_produce_requests(count);
                     eprintln!("the next {count} produce requests will fail");
                 }
+                Fault::Advertise(id, host, port) => match broker.advertise(id, &host, port) {
+                    Ok(()) => eprintln!("broker {id} is advertised at {host}:{port}"),
+                    Err(error) => eprintln!("cannot advertise broker {id}: {error}"),
+                },
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -92,29 +96,21 @@ enum Fault {
     Broker(i32, bool),
     /// Fail this many produce requests.
     ProduceErrors(usize),
+    /// Send clients to this host and port for the broker (a proxy in front of it).
+    Advertise(i32, String, u16),
 }
 
-/// Reads `down N`, `up N` and `produce-errors N` lines from stdin. The mock cluster is driven
-/// from the thread that owns it, so the reader only forwards what it reads.
+/// Reads `down N`, `up N`, `produce-errors N` and `advertise N HOST:PORT` lines from stdin.
+/// The mock cluster is driven from the thread that owns it, so the reader only forwards what
+/// it reads.
 fn fault_commands() -> std::sync::mpsc::Receiver<Fault> {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::stdin().lock().lines().map_while(Result::ok) {
-            let mut words = line.split_whitespace();
-            let command = match (
-                words.next(),
-                words.next().and_then(|n| n.parse::<i32>().ok()),
-            ) {
-                (Some("down"), Some(id)) => Fault::Broker(id, false),
-                (Some("up"), Some(id)) => Fault::Broker(id, true),
-                (Some("produce-errors"), Some(count)) if count > 0 => {
-                    Fault::ProduceErrors(count as usize)
-                }
-                _ => {
-                    eprintln!("unknown command {line:?}; use \"down N\", \"up N\" or \"produce-errors N\"");
-                    continue;
-                }
+            let Some(command) = parse_fault(&line) else {
+                eprintln!("unknown command {line:?}; use \"down N\", \"up N\", \"produce-errors N\" or \"advertise N HOST:PORT\"");
+                continue;
             };
             if sender.send(command).is_err() {
                 break;
@@ -122,6 +118,23 @@ fn fault_commands() -> std::sync::mpsc::Receiver<Fault> {
         }
     });
     receiver
+}
+
+fn parse_fault(line: &str) -> Option<Fault> {
+    let mut words = line.split_whitespace();
+    let command = words.next()?;
+    let number: i32 = words.next()?.parse().ok()?;
+    let fault = match command {
+        "down" => Fault::Broker(number, false),
+        "up" => Fault::Broker(number, true),
+        "produce-errors" if number > 0 => Fault::ProduceErrors(number as usize),
+        "advertise" => {
+            let (host, port) = words.next()?.rsplit_once(':')?;
+            Fault::Advertise(number, host.to_owned(), port.parse().ok()?)
+        }
+        _ => return None,
+    };
+    words.next().is_none().then_some(fault)
 }
 
 fn topic_list(config: &AppConfig) -> String {
@@ -210,7 +223,12 @@ pub fn run(config: &AppConfig, state: &Path, exit_when_idle: Option<u64>) -> Res
         .as_ref()
         .map_or_else(|| "off".to_owned(), |api| api.address().to_string());
     tracing::info!(%address, %api_address, "http listening: /metrics, /healthz and /readyz on address, /v1/profiles on api_address");
-    tracing::info!(bootstrap = %config.kafka.bootstrap_servers, state = %state.display(), "worker starting");
+    tracing::info!(
+        bootstrap = %config.kafka.bootstrap_servers,
+        state = %state.display(),
+        client = %idgraph_kafka::client::librdkafka_description(),
+        "worker starting"
+    );
     exit_when_a_stop_overruns(
         Arc::clone(&stop),
         worker.shutdown_watch(),
