@@ -1140,6 +1140,55 @@ fn a_recreated_topic_stops_the_worker_unless_told_where_to_read() {
     );
 }
 
+/// Polls `/readyz` at `http` until it answers `status` (200 or 503), for at most `within`;
+/// returns how long that took.
+fn wait_for_readiness(http: &str, status: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    let expected = format!("HTTP/1.1 {status}");
+    while !get(http, "/readyz").starts_with(&expected) {
+        assert!(
+            started.elapsed() < within,
+            "/readyz did not answer {status} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+/// On a quiet stream nothing is delivered, so readiness must come from the consumer itself:
+/// the worker turns unready when its broker goes away and ready again when it is back,
+/// without a message arriving in between.
+#[test]
+fn readiness_follows_the_broker_on_a_quiet_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, _) = generate_and_resolve(dir.path(), 200, 63);
+    let mut broker = Broker::start(dir.path());
+    broker.produce_in_order(&input);
+    let mut worker = broker.logged_worker(&dir.path().join("state"), "600", &[]);
+    let line_rx = stderr_lines(&mut worker);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let http = loop {
+        let line = line_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the worker logs its http address");
+        if line.contains("http listening") {
+            let line: Value = serde_json::from_str(&line).unwrap();
+            break line["fields"]["address"].as_str().unwrap().to_owned();
+        }
+    };
+    wait_for_readiness(&http, 200, Duration::from_secs(30));
+    // Caught up with the 200 events: from here on the stream is quiet.
+    std::thread::sleep(Duration::from_secs(3));
+    broker_command(&mut broker, "down 1");
+    let unready = wait_for_readiness(&http, 503, Duration::from_secs(20));
+    broker_command(&mut broker, "up 1");
+    let ready_again = wait_for_readiness(&http, 200, Duration::from_secs(30));
+    eprintln!(
+        "unready {unready:?} after the broker went down, ready {ready_again:?} after it came back"
+    );
+    terminate(&mut worker, Duration::from_secs(30));
+}
+
 #[test]
 fn failed_produce_requests_are_retried_without_loss_or_change() {
     let dir = tempfile::tempdir().unwrap();

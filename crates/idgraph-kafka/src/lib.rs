@@ -18,6 +18,7 @@ pub mod error;
 pub mod gauges;
 pub mod latency;
 pub mod metrics;
+pub mod readiness;
 pub mod sender;
 pub mod sink;
 pub mod tools;

@@ -64,6 +64,7 @@ use crate::error::KafkaWorkerError;
 use crate::gauges::{Assignment, FiguresSource, GaugeRefresher, Positions};
 use crate::latency::LatencyHistogram;
 use crate::metrics::Metrics;
+use crate::readiness::{consumer_health, Readiness, STATISTICS_INTERVAL_MS};
 use crate::sender::{InFlight, Resolved, Sender};
 use crate::sink::{
     decode_outbox, max_record_bytes, DeliveryStatus, OutputSink, Refusal, WireRecord,
@@ -148,6 +149,8 @@ struct WorkerContext {
     /// Positions found lost under [`PositionLostAction::Fail`]: the run loop stops on them.
     lost: Arc<Mutex<Vec<LostPosition>>>,
     metrics: Metrics,
+    /// Told the consumer's health from its statistics.
+    readiness: Arc<Readiness>,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     /// Set once the group has given this worker its partitions; idleness counts from then.
     assigned: Arc<AtomicBool>,
@@ -155,7 +158,14 @@ struct WorkerContext {
     assignment: Assignment,
 }
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        match consumer_health(statistics) {
+            Ok(healthy) => self.readiness.set_consumer_healthy(healthy),
+            Err(error) => tracing::warn!(%error, "cannot read librdkafka's statistics"),
+        }
+    }
+}
 
 impl ConsumerContext for WorkerContext {
     fn rebalance(
@@ -357,7 +367,8 @@ pub struct Worker<'e, S: StateStore> {
     assignment: Assignment,
     /// Where the gauge thread reads the store's figures, if anywhere.
     figures: Option<FiguresSource>,
-    ready: Arc<AtomicBool>,
+    /// What `/readyz` says (see [`Readiness`]).
+    readiness: Arc<Readiness>,
     /// What is left to do, for a stop that runs out of time (see [`ShutdownWatch`]).
     watch: Arc<ShutdownWatch>,
     summary: WorkerSummary,
@@ -402,7 +413,9 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         let assigned = Arc::new(AtomicBool::new(false));
         let assignment = Assignment::default();
         let lost = Arc::new(Mutex::new(Vec::new()));
+        let readiness = Arc::new(Readiness::new(metrics.ready.clone()));
         let context = WorkerContext {
+            readiness: Arc::clone(&readiness),
             positions: Arc::clone(&positions),
             on_position_lost: config.on_position_lost,
             lost: Arc::clone(&lost),
@@ -422,6 +435,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set("enable.partition.eof", "false")
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string())
             .create_with_context(context)
             .map_err(KafkaWorkerError::kafka("create consumer"))?;
         let sink = Arc::new(OutputSink::new(
@@ -445,7 +459,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             assigned,
             assignment,
             figures: None,
-            ready: Arc::new(AtomicBool::new(false)),
+            readiness,
             watch: Arc::default(),
             summary: WorkerSummary::default(),
             quality_sequence: 0,
@@ -471,7 +485,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
 
     /// True while the worker is consuming and its outputs are being acknowledged.
     pub fn readiness(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.ready)
+        self.readiness.flag()
     }
 
     /// What the worker has not finished, kept up to date while it runs and drains, for a
@@ -509,7 +523,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         self.consumer
             .subscribe(&topics)
             .map_err(KafkaWorkerError::kafka("subscribe"))?;
-        self.set_ready(true);
+        self.readiness.set_flowing(true);
         let _gauges = GaugeRefresher::start(
             &self.config,
             self.metrics.clone(),
@@ -588,7 +602,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         self.take_sent(true);
         self.sender = None;
         self.publish_quality();
-        self.set_ready(false);
+        self.readiness.stop();
         self.summary.elapsed_secs = started.elapsed().as_secs_f64();
         if let (Some(first), Some(last)) = (first_poll, self.last_output) {
             self.summary.active_secs = (last - first).as_secs_f64();
@@ -638,8 +652,9 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
                     }
                 }
                 Some(Err(error)) => {
-                    // Broker trouble: report unready, keep polling; librdkafka reconnects.
-                    self.set_ready(false);
+                    // Broker trouble: report unready until the consumer's next statistics
+                    // say otherwise, keep polling; librdkafka reconnects.
+                    self.readiness.set_consumer_healthy(false);
                     tracing::warn!(%error, "consumer error");
                     std::thread::sleep(Duration::from_millis(100));
                     if !wait {
@@ -665,11 +680,6 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             retain_unrevoked(batch, &revoked);
         }
         revoked
-    }
-
-    fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
-        self.metrics.ready.set(i64::from(ready));
     }
 
     /// Whether every assigned partition has been processed up to its high watermark and all
@@ -1026,7 +1036,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             if self.sink.wait(oldest, STALL_SLICE) == DeliveryStatus::InFlight {
                 // Acknowledgements are overdue: the broker is slow or away. Report it long
                 // before the delivery timeout decides anything.
-                self.set_ready(false);
+                self.readiness.set_flowing(false);
             }
         }
     }
@@ -1062,7 +1072,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
                 self.summary.timestamp_to_output_ms.record(took_ms as f64);
             }
             self.last_output = Some(now);
-            self.set_ready(true);
+            self.readiness.set_flowing(true);
         }
     }
 
@@ -1111,7 +1121,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
     /// Waits until no send of the window is pending, then sends the first failed batch and
     /// every later one again, in order, so the newest version of each key arrives last.
     fn resend_from_first_failure(&mut self, backoff: &mut Duration, stop: &AtomicBool) {
-        self.set_ready(false);
+        self.readiness.set_flowing(false);
         for batch in self.in_flight.iter().map(|b| b.batch) {
             while self.sink.wait(batch, STALL_SLICE) == DeliveryStatus::InFlight {
                 if stop.load(Ordering::SeqCst) {
@@ -1150,17 +1160,21 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         mut write: impl FnMut(&mut S) -> Result<(), StoreError>,
     ) -> Result<(), KafkaWorkerError> {
         let store = &mut self.store;
-        let (ready, metrics) = (&self.ready, &self.metrics);
+        let (readiness, metrics) = (&self.readiness, &self.metrics);
+        let mut failed = false;
         committer::write_with_retry(
             || stop.load(Ordering::SeqCst),
             || {
                 // Nothing is consumed meanwhile, so nothing goes past what is durable.
-                ready.store(false, Ordering::SeqCst);
-                metrics.ready.set(0);
+                failed = true;
+                readiness.set_flowing(false);
             },
             metrics,
             || write(store),
         )?;
+        if failed {
+            readiness.set_flowing(true);
+        }
         Ok(())
     }
 
