@@ -454,6 +454,50 @@ fn an_unknown_config_key_stops_the_run_with_the_key_named() {
     assert!(stderr.contains("engine.fuzzy.treshold"), "{stderr}");
 }
 
+/// `idgraph validate` checks a config file as a start would, without starting anything:
+/// the deploy configs pass, and each kind of mistake is refused with the setting named.
+#[test]
+fn validate_passes_the_shipped_configs_and_names_what_is_wrong_in_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/production.toml");
+    let summary = ok(&["validate"]);
+    assert!(summary.contains("the configuration is valid"), "{summary}");
+    let output = Command::new(env!("CARGO_BIN_EXE_idgraph"))
+        .args(["--config", shipped, "validate"])
+        .env("IDGRAPH__HTTP__API_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    for (name, text, named) in [
+        ("typo.toml", "[kafka]\nbatch_sise = 3\n", "kafka.batch_sise"),
+        (
+            "librdkafka.toml",
+            "[kafka.client]\n\"security.protocol\" = \"SSLL\"\n",
+            "security.protocol",
+        ),
+        (
+            "exposed.toml",
+            "[http]\napi_listen = \"0.0.0.0:9465\"\n",
+            "http.api_token",
+        ),
+        (
+            "range.toml",
+            "[kafka]\nshutdown_timeout_ms = 0\n",
+            "kafka.shutdown_timeout_ms",
+        ),
+    ] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let output = idgraph(&["--config", p(&file), "validate"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} passed");
+        assert!(
+            stderr.contains(named),
+            "{name}: {named} not named in {stderr}"
+        );
+    }
+}
+
 /// Sends one HTTP/1.1 request with `headers` (each ending in CRLF) and returns the status
 /// code and the body.
 fn http_with(address: &str, method: &str, target: &str, headers: &str) -> (u16, String) {

@@ -864,6 +864,11 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         .unwrap()
         .is_empty());
     let metrics = get(&http, "/metrics");
+    let build_info = format!(
+        "idgraph_build_info{{commit=\"{}\",version=\"{}\"}} 1",
+        idgraph_kafka::metrics::BUILD_COMMIT,
+        env!("CARGO_PKG_VERSION")
+    );
     for name in [
         "idgraph_events_processed_total",
         "idgraph_resolution_actions_total",
@@ -872,6 +877,9 @@ fn with_the_broker_down_for_seconds_the_worker_waits_and_loses_nothing() {
         "idgraph_messages_consumed_total{source=\"web\"}",
         "idgraph_profile_events_bucket",
         "idgraph_event_to_output_seconds_count",
+        build_info.as_str(),
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }

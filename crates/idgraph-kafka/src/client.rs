@@ -27,6 +27,20 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// Checks `kafka.client` the way librdkafka will read it when a client is created: an
+/// unknown property, a value it does not take (`"security.protocol" = "SSLL"`) or a feature
+/// this build lacks is refused with librdkafka's message. Nothing connects.
+pub fn check_client_settings(config: &KafkaConfig) -> Result<(), KafkaWorkerError> {
+    check_settings(&client_config(config))
+}
+
+fn check_settings(client: &ClientConfig) -> Result<(), KafkaWorkerError> {
+    client
+        .create_native_config()
+        .map(drop)
+        .map_err(|error| KafkaWorkerError::Config(format!("kafka.client: {error}")))
+}
+
 /// The optional parts this build of librdkafka has (its `builtin.features`: `ssl`,
 /// `sasl_scram`, `zstd`, …), comma-separated. A managed cluster's TLS and SASL settings and
 /// a producer's codec work only if they are listed here.
@@ -135,6 +149,26 @@ mod tests {
                 "librdkafka lacks {needed}: {features:?}"
             );
         }
+    }
+
+    #[test]
+    fn client_settings_librdkafka_does_not_take_are_refused_with_its_reason() {
+        let settings = |pairs: &[(&str, &str)]| {
+            let mut client = ClientConfig::new();
+            for (key, value) in pairs {
+                client.set(*key, *value);
+            }
+            check_settings(&client).map_err(|e| e.to_string())
+        };
+        assert!(settings(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "PLAIN")
+        ])
+        .is_ok());
+        let error = settings(&[("security.protocol", "SSLL")]).unwrap_err();
+        assert!(error.contains("security.protocol"), "{error}");
+        let error = settings(&[("sasl.mechanism.typo", "PLAIN")]).unwrap_err();
+        assert!(error.contains("sasl.mechanism.typo"), "{error}");
     }
 
     /// Security settings a managed cluster asks for are accepted by librdkafka when the

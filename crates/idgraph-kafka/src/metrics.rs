@@ -117,6 +117,35 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     metric
 }
 
+/// The commit this binary was built from (see build.rs), or `unknown`.
+pub const BUILD_COMMIT: &str = env!("IDGRAPH_COMMIT");
+
+/// `idgraph_build_info{version,commit}` (always 1), and the standard `process_*` metrics
+/// (CPU seconds, start time, memory, descriptors, threads) from the prometheus crate's
+/// collector, which reads /proc on each scrape.
+fn register_process_and_build(registry: &Registry) {
+    let build_info = IntGaugeVec::new(
+        Opts::new(
+            "idgraph_build_info",
+            "Version and commit of the running binary; always 1",
+        ),
+        &["version", "commit"],
+    )
+    .expect("valid metric");
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), BUILD_COMMIT])
+        .set(1);
+    registry
+        .register(Box::new(build_info))
+        .expect("metric registered once");
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process metrics registered once");
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("valid metric");
     registry
@@ -367,6 +396,7 @@ impl Metrics {
             registry: r,
         };
         metrics.start_known_series();
+        register_process_and_build(&metrics.registry);
         metrics
     }
 

@@ -244,6 +244,27 @@ pub fn explain(config: &AppConfig, state: &Path, customer: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks what `run` and `resolve` check at start, beyond what loading `config` did (every
+/// key known, every value in range): the match model builds, the profile API is not exposed
+/// without a token, and librdkafka takes every `kafka.client` property. Opens no state and
+/// connects to nothing, so it can run in CI or before a rollout.
+pub fn validate(config: &AppConfig, file: Option<&Path>) -> Result<()> {
+    Engine::new(config.engine.clone(), PROCESSOR_VERSION)
+        .context("engine settings (the match model) are invalid")?;
+    if !config.http.api_listen.is_empty() {
+        config
+            .http
+            .check_api_exposure(&config.http.api_listen, "http.api_listen")?;
+    }
+    idgraph_kafka::client::check_client_settings(&config.kafka)?;
+    let source = file.map_or_else(
+        || "the defaults".to_owned(),
+        |file| format!("the defaults and {}", file.display()),
+    );
+    println!("the configuration is valid ({source}, then IDGRAPH__ environment overrides)");
+    Ok(())
+}
+
 /// Serves the profile API over `state` on `listen`, and its own metrics and health on
 /// `http.listen`, until SIGINT/SIGTERM.
 pub fn serve(config: &AppConfig, state: &Path, listen: &str) -> Result<()> {

@@ -130,6 +130,10 @@ enum Command {
         #[arg(long)]
         customer: String,
     },
+    /// Check a configuration (`--config FILE`, then the environment) as `run` and `resolve`
+    /// would at start, without opening a state or connecting to anything: every key and value,
+    /// the match model, the profile API's exposure and the librdkafka properties.
+    Validate,
     /// Serve the HTTP profile API (and /healthz, /readyz) over a state directory until
     /// SIGINT/SIGTERM, e.g. after `resolve --state DIR`. A running worker serves the same API
     /// itself; RocksDB lets only one process open a directory.
@@ -304,6 +308,7 @@ fn main() -> Result<()> {
             value,
         } => commands::lookup(&config, &state, customer.as_deref(), kind.zip(value)),
         Command::Explain { state, customer } => commands::explain(&config, &state, &customer),
+        Command::Validate => commands::validate(&config, cli.config.as_deref()),
         Command::Serve { state, listen } => commands::serve(
             &config,
             &state,
