@@ -1197,6 +1197,51 @@ fn readiness_follows_the_broker_on_a_quiet_stream() {
     terminate(&mut worker, Duration::from_secs(30));
 }
 
+/// Two workers in one group would each build a graph from their share of the partitions and
+/// write conflicting profiles to the same topic. A second worker started on the group of a
+/// running one leaves with the reason; the running one keeps every partition and finishes
+/// the input as if alone.
+#[test]
+fn a_second_worker_in_the_group_of_a_running_one_refuses_to_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, reference) = generate_and_resolve(dir.path(), 1_000, 65);
+    let broker = Broker::start(dir.path());
+    broker.produce_in_order(&input);
+    let mut first = broker.logged_worker(&dir.path().join("state"), "8", &[]);
+    let line_rx = stderr_lines(&mut first);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !line_rx
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        .expect("the first worker is assigned its partitions")
+        .contains("partitions assigned")
+    {}
+    let second = broker
+        .command(&[
+            "run",
+            "--state",
+            p(&dir.path().join("second-state")),
+            "--exit-when-idle",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second worker must not run");
+    assert!(
+        stderr.contains("another live member of consumer group \"idgraph\"")
+            && stderr.contains("one worker per group"),
+        "{stderr}"
+    );
+    let output = first.wait_with_output().unwrap();
+    assert!(output.status.success(), "the first worker went on");
+    let streamed = broker.streamed_customers(dir.path());
+    assert_eq!(
+        streamed,
+        file_mode_customers(&reference),
+        "the first worker saw every event"
+    );
+}
+
 #[test]
 fn failed_produce_requests_are_retried_without_loss_or_change() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,9 @@ pub enum KafkaWorkerError {
         timeout_ms: u64,
         reason: String,
     },
+    /// Another live member holds partitions of the worker's consumer group.
+    #[error("{0}")]
+    SharedGroup(String),
     /// A partition's stored position is one the broker no longer has.
     #[error("the stored position of {topic} partition {partition} is offset {stored}, but the broker holds offsets {low} to {high}: the topic was recreated or truncated, or retention deleted unread messages; set kafka.on_position_lost = \"earliest\" or \"latest\" to read on from there, or restore the topic")]
     PositionLost {

@@ -151,6 +151,13 @@ struct WorkerContext {
     metrics: Metrics,
     /// Told the consumer's health from its statistics.
     readiness: Arc<Readiness>,
+    group_id: String,
+    /// The source topics, whose partitions a sole member of the group is given all of.
+    sources: Vec<String>,
+    /// Set once the first assignment has been checked for another live member.
+    first_assignment_seen: AtomicBool,
+    /// Set when that first assignment left partitions to another member: the run loop stops.
+    shared_group: Arc<Mutex<Option<String>>>,
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     /// Set once the group has given this worker its partitions; idleness counts from then.
     assigned: Arc<AtomicBool>,
@@ -183,6 +190,15 @@ impl ConsumerContext for WorkerContext {
                     .collect();
                 let mut taken = TopicPartitionList::new();
                 let mut assigned = Vec::new();
+                if let Some(refusal) = self.another_member_holds_partitions(consumer, offered.len())
+                {
+                    tracing::error!(%refusal, "refusing to share the consumer group");
+                    *self.shared_group.lock().expect("shared group lock") = Some(refusal);
+                    if let Err(error) = consumer.assign(&taken) {
+                        tracing::error!(%error, "cannot take the assigned partitions");
+                    }
+                    return;
+                }
                 for (topic, partition) in offered {
                     if let Some(offset) = self.start_offset(consumer, &topic, partition) {
                         let _ = taken.add_partition_offset(&topic, partition, offset);
@@ -230,6 +246,45 @@ impl ConsumerContext for WorkerContext {
 }
 
 impl WorkerContext {
+    /// At the first assignment only: why this worker must not join, if another live member
+    /// of the group holds some of the source partitions. Until the graph can be split across
+    /// workers, a second member would build a second graph from its share and write
+    /// conflicting profiles to the same compacted topic. A worker already running keeps
+    /// going through later rebalances; the newcomer leaves, and the running one gets its
+    /// partitions back.
+    fn another_member_holds_partitions(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        offered: usize,
+    ) -> Option<String> {
+        if self.first_assignment_seen.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let mut total = 0;
+        for topic in &self.sources {
+            match consumer.fetch_metadata(Some(topic), WATERMARK_TIMEOUT) {
+                Ok(metadata) => {
+                    total += metadata
+                        .topics()
+                        .iter()
+                        .map(|t| t.partitions().len())
+                        .sum::<usize>()
+                }
+                Err(error) => {
+                    tracing::warn!(topic, %error, "cannot count the source partitions; not checking for another member");
+                    return None;
+                }
+            }
+        }
+        (offered < total).then(|| {
+            format!(
+                "another live member of consumer group {:?} holds {} of the {total} source partitions; idgraph runs one worker per group until the graph can be split across workers (a second one would write conflicting profiles): stop the other worker, or give this one its own kafka.group_id and state",
+                self.group_id,
+                total - offered
+            )
+        })
+    }
+
     /// Where to start reading an assigned partition: the stored position, checked against
     /// the offsets the broker holds; the beginning for a partition this state has never read
     /// (whatever the group committed for another state). `None` leaves the partition
@@ -363,6 +418,8 @@ pub struct Worker<'e, S: StateStore> {
     revoked: Arc<Mutex<Vec<(String, i32)>>>,
     /// Partitions whose position was lost, to stop on (see [`WorkerContext::start_offset`]).
     lost: Arc<Mutex<Vec<LostPosition>>>,
+    /// Why this worker must leave its group, if another member was found at start.
+    shared_group: Arc<Mutex<Option<String>>>,
     assigned: Arc<AtomicBool>,
     assignment: Assignment,
     /// Where the gauge thread reads the store's figures, if anywhere.
@@ -414,8 +471,13 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         let assignment = Assignment::default();
         let lost = Arc::new(Mutex::new(Vec::new()));
         let readiness = Arc::new(Readiness::new(metrics.ready.clone()));
+        let shared_group = Arc::new(Mutex::new(None));
         let context = WorkerContext {
             readiness: Arc::clone(&readiness),
+            sources: config.sources.values().cloned().collect(),
+            group_id: config.group_id.clone(),
+            first_assignment_seen: AtomicBool::new(false),
+            shared_group: Arc::clone(&shared_group),
             positions: Arc::clone(&positions),
             on_position_lost: config.on_position_lost,
             lost: Arc::clone(&lost),
@@ -456,6 +518,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
             positions,
             revoked,
             lost,
+            shared_group,
             assigned,
             assignment,
             figures: None,
@@ -544,7 +607,7 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
                 Some(polled) => polled,
                 None => self.poll_batch(stop, true).0,
             };
-            self.stop_on_lost_position()?;
+            self.stop_on_refused_assignment()?;
             if current.messages.is_empty() {
                 // Quiet input: checkpoint now rather than leave batches for a restart to
                 // replay.
@@ -610,9 +673,13 @@ impl<'e, S: StateStore + Sync> Worker<'e, S> {
         Ok(self.summary.clone())
     }
 
-    /// Fails with the first partition whose position was found lost at assignment, under
-    /// `kafka.on_position_lost = "fail"` (the partition was left unassigned).
-    fn stop_on_lost_position(&self) -> Result<(), KafkaWorkerError> {
+    /// Fails when the first assignment found another live member in the group, or with the
+    /// first partition whose position was found lost at assignment under
+    /// `kafka.on_position_lost = "fail"` (what it concerns was left unassigned).
+    fn stop_on_refused_assignment(&self) -> Result<(), KafkaWorkerError> {
+        if let Some(refusal) = self.shared_group.lock().expect("shared group lock").take() {
+            return Err(KafkaWorkerError::SharedGroup(refusal));
+        }
         match self.lost.lock().expect("lost lock").first() {
             Some(lost) => Err(lost.clone().into()),
             None => Ok(()),
