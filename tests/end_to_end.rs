@@ -459,15 +459,17 @@ fn an_unknown_config_key_stops_the_run_with_the_key_named() {
 #[test]
 fn validate_passes_the_shipped_configs_and_names_what_is_wrong_in_others() {
     let dir = tempfile::tempdir().unwrap();
-    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/production.toml");
     let summary = ok(&["validate"]);
     assert!(summary.contains("the configuration is valid"), "{summary}");
-    let output = Command::new(env!("CARGO_BIN_EXE_idgraph"))
-        .args(["--config", shipped, "validate"])
-        .env("IDGRAPH__HTTP__API_TOKEN", "s3cret")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    for shipped in ["deploy/production.toml", "deploy/k8s/idgraph.toml"] {
+        let path = format!("{}/../../{shipped}", env!("CARGO_MANIFEST_DIR"));
+        let output = Command::new(env!("CARGO_BIN_EXE_idgraph"))
+            .args(["--config", &path, "validate"])
+            .env("IDGRAPH__HTTP__API_TOKEN", "s3cret")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{shipped}: {output:?}");
+    }
     for (name, text, named) in [
         ("typo.toml", "[kafka]\nbatch_sise = 3\n", "kafka.batch_sise"),
         (
