@@ -1,5 +1,5 @@
 //! Golden scenarios: touchpoints in, customers, profiles and the identity change feed out,
-//! one scenario per resolution rule of SPEC §3.
+//! one scenario per resolution rule of README, Concepts and Matching.
 
 mod support;
 

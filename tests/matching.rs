@@ -1,6 +1,6 @@
 //! Matching scenarios: pairs of records that must link whatever corruption one of them
 //! carries, near-misses that must stay apart, and a `merge_refused` record for every rule
-//! that keeps two profiles apart (SPEC §3.2–3.3).
+//! that keeps two profiles apart (README, Matching).
 
 mod support;
 

@@ -440,7 +440,7 @@ proptest! {
         prop_assume!(inside > 0 && after > 0);
     }
 
-    /// SPEC §5: enriched events, identity changes and dead letters do not depend on the
+    /// docs/formats.md §4: enriched events, identity changes and dead letters do not depend on the
     /// checkpoint interval or the batch size, nor does the last profile record per customer;
     /// with the same batch size, neither does the state.
     #[test]

@@ -10,7 +10,7 @@
 //! That never changes a result as long as every batch is either committed or followed by
 //! [`StateCache::clear`]: a caller whose batch fails (in the engine or in the commit) must clear
 //! the cache before it resolves anything else. It assumes one writer per state directory,
-//! which SPEC §7 guarantees.
+//! which RocksDB's lock on the directory guarantees.
 
 use std::sync::Arc;
 

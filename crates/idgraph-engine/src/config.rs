@@ -30,7 +30,7 @@ pub struct EngineConfig {
     pub mappings: BTreeMap<String, idgraph_model::FieldMapping>,
 }
 
-/// How long an event id is remembered to recognise a re-sent event (SPEC §5).
+/// How long an event id is remembered to recognise a re-sent event (docs/formats.md §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DuplicatesConfig {

@@ -1,4 +1,4 @@
-//! Duplicate events within an event-time window (SPEC §5) and the expiry of per-event records:
+//! Duplicate events within an event-time window (docs/formats.md §4) and the expiry of per-event records:
 //! how a processed event is recorded in [`Table::Events`] and evidence in
 //! [`Table::Evidence`] (each with its event time in front), and the clock that says which
 //! records are still inside their window.

@@ -1,7 +1,7 @@
 //! The identity-resolution engine of idgraph: a union-find identity graph (path compression,
 //! union by size) over normalized identifiers, deterministic links on shared identifiers,
 //! fuzzy links by blocking and Fellegi–Sunter style scoring, over-merge protection, stable
-//! customer ids, link evidence and profile building (SPEC §3).
+//! customer ids, link evidence and profile building (README, Concepts and Matching).
 //!
 //! The engine does no I/O, reads no clock and draws no random numbers. It reads state through
 //! the small [`StateRead`] trait and returns a batch's state changes as one [`WriteSet`]

@@ -99,7 +99,7 @@ pub(crate) fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
     }
 }
 
-/// The data-quality figures of SPEC §6, computed from accumulated [`BatchStats`]: what the
+/// The data-quality figures of README, Operations, computed from accumulated [`BatchStats`]: what the
 /// quality topic and `quality.json` carry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QualityReport {

@@ -99,7 +99,7 @@ pub const OUTPUTS: [&str; 5] = [
     "dead_letter",
 ];
 
-/// Output topic names (SPEC §4).
+/// Output topic names (docs/formats.md §3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputTopics {

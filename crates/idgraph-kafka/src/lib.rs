@@ -1,6 +1,6 @@
 //! The Kafka edge of idgraph, and the only crate that links rdkafka: the streaming worker
 //! (`idgraph run`) that consumes touchpoint topics, resolves them with the engine and produces
-//! the five outputs of SPEC §4; the development broker (librdkafka's mock cluster, which
+//! the five outputs of docs/formats.md §3; the development broker (librdkafka's mock cluster, which
 //! speaks the real Kafka protocol over TCP); and small tools that load a JSON Lines file into
 //! the source topics and read a topic back.
 //!

@@ -1,4 +1,4 @@
-//! Producing a batch's records to the output topics (SPEC §4), with their keys and headers,
+//! Producing a batch's records to the output topics (docs/formats.md §3), with their keys and headers,
 //! tracking per batch when the broker has acknowledged every one, and the outbox encoding
 //! that keeps a batch's records byte-identical across a restart.
 

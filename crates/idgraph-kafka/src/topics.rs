@@ -1,4 +1,4 @@
-//! Creating the output topics at start when they are absent (SPEC §4), with the partitions and
+//! Creating the output topics at start when they are absent (docs/formats.md §3), with the partitions and
 //! replication factor from config; the profile topic is compacted.
 
 use std::time::Duration;

@@ -1416,7 +1416,7 @@ fn undeliverable_letter(
     WireRecord::of(&topics.dead_letter, &record.input, &letter.meta, &letter)
 }
 
-/// The quality figures of one source (SPEC §6), as sent on the quality topic.
+/// The quality figures of one source (README, Operations), as sent on the quality topic.
 #[derive(Debug, Serialize)]
 struct SourceQuality<'a> {
     schema_version: u32,

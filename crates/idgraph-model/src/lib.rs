@@ -1,5 +1,5 @@
 //! The data model of idgraph: the touchpoint event envelope and its parsers (canonical and
-//! Segment Spec), normalization of identifiers and traits (SPEC §2), and the output records
+//! Segment Spec), normalization of identifiers and traits (docs/formats.md §2), and the output records
 //! (enriched events, profiles, identity changes, dead letters) with their `schema_version`.
 //!
 //! This crate does no I/O and holds no state: it turns bytes into events and events into

@@ -1,4 +1,4 @@
-//! Normalization of identifiers and traits (SPEC §2).
+//! Normalization of identifiers and traits (docs/formats.md §2).
 //!
 //! The normalized form is what the identity graph stores and compares, so every rule here is
 //! part of the matching contract: changing one changes which events link.

@@ -1,4 +1,4 @@
-//! Output record types (SPEC §4) and the profile they carry.
+//! Output record types (docs/formats.md §3) and the profile they carry.
 //!
 //! Every record has a `schema_version`; maps are ordered (`BTreeMap`, or the profile's
 //! [`SortedMap`]s) so that serializing the same record always gives the same bytes.
@@ -190,7 +190,7 @@ pub struct FieldScore {
     pub weight: f64,
 }
 
-/// A rule that refused a merge (SPEC §3.3).
+/// A rule that refused a merge (README, Matching).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalRule {
@@ -305,7 +305,7 @@ pub struct TraitValue {
     pub updated_at: CompactString,
 }
 
-/// Traits computed from the profile's events (SPEC §3.6).
+/// Traits computed from the profile's events (docs/formats.md §3).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ComputedTraits {
     pub event_count: u64,

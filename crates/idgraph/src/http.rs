@@ -1,4 +1,4 @@
-//! The HTTP endpoints of SPEC §6, on two addresses.
+//! The HTTP endpoints of README, Operations, on two addresses.
 //!
 //! - Operations on `http.listen`: `GET /metrics` (Prometheus text format), `GET /healthz`
 //!   (the process is up), `GET /readyz` (it is consuming and its outputs are being

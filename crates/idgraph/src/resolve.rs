@@ -1,4 +1,4 @@
-//! File mode: JSON Lines in, the five outputs of SPEC §4 out, state in RocksDB.
+//! File mode: JSON Lines in, the five outputs of docs/formats.md §3 out, state in RocksDB.
 //!
 //! State is written behind, in checkpoints of `resolve.checkpoint_interval` batches. A batch's
 //! enriched events, identity changes and dead letters are appended to the files as soon as it

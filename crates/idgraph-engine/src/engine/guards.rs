@@ -1,4 +1,4 @@
-//! Over-merge protection (SPEC §3.3): the rules that keep two profiles, or a profile and an
+//! Over-merge protection (README, Matching): the rules that keep two profiles, or a profile and an
 //! identifier, apart, and the trait scores they judge by. Each refusal names its rule; the
 //! caller reports it.
 
