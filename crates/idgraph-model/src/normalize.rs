@@ -3,6 +3,7 @@
 //! The normalized form is what the identity graph stores and compares, so every rule here is
 //! part of the matching contract: changing one changes which events link.
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
 use chrono::NaiveDate;
@@ -28,6 +29,9 @@ pub struct NormalizeConfig {
     pub social_handle_network_prefix: bool,
     /// How to read ambiguous numeric dates such as 03/04/1980: "dmy" or "mdy".
     pub date_order: DateOrder,
+    /// `date_order` for the sources that write dates the other way (source name → order).
+    #[serde(default)]
+    pub date_order_by_source: BTreeMap<String, DateOrder>,
     /// Identifier values (after normalization) that never link anything.
     pub blocked_values: Vec<String>,
     /// Regular expressions; an identifier value (after normalization) matching any is blocked.
@@ -244,7 +248,8 @@ impl Normalizer {
         }
         identifiers.sort();
         identifiers.dedup();
-        let traits = self.traits(&raw.traits, &mut issues);
+        let reading = DateReading::new(self.date_order_of(&raw.source), raw.time().date_naive());
+        let traits = self.traits(&raw.traits, reading, &mut issues);
         NormalizedEvent {
             raw,
             identifiers,
@@ -283,6 +288,15 @@ impl Normalizer {
         Ok(normalized)
     }
 
+    /// How `source` writes ambiguous numeric dates.
+    fn date_order_of(&self, source: &str) -> DateOrder {
+        self.config
+            .date_order_by_source
+            .get(source)
+            .copied()
+            .unwrap_or(self.config.date_order)
+    }
+
     fn is_blocked(&self, value: &str) -> bool {
         self.config.blocked_values.iter().any(|b| b == value)
             || self.blocked_patterns.is_match(value)
@@ -312,6 +326,7 @@ impl Normalizer {
     fn traits(
         &self,
         raw: &SortedMap<CompactString, CompactString>,
+        reading: DateReading,
         issues: &mut Vec<QualityIssue>,
     ) -> SortedMap<CompactString, CompactString> {
         let mut traits = SortedMap::new();
@@ -325,7 +340,7 @@ impl Normalizer {
                         text
                     }
                 }
-                DATE_OF_BIRTH => match parse_date(value, self.config.date_order) {
+                DATE_OF_BIRTH => match parse_date(value, reading) {
                     Some(date) => date.format("%Y-%m-%d").to_string(),
                     None => {
                         if !value.trim().is_empty() {
@@ -467,47 +482,155 @@ fn abbreviate_street(text: &str) -> String {
         .join(" ")
 }
 
-/// Parses a date of birth written in one of the common formats.
-pub fn parse_date(value: &str, order: DateOrder) -> Option<NaiveDate> {
-    let value = value.trim();
-    const UNAMBIGUOUS: [&str; 8] = [
-        "%Y-%m-%d",
-        "%Y/%m/%d",
-        "%Y.%m.%d",
-        "%Y%m%d",
-        "%d %b %Y",
-        "%d %B %Y",
-        "%b %d, %Y",
-        "%B %d, %Y",
-    ];
-    if let Some(date) = UNAMBIGUOUS
-        .iter()
-        .find_map(|format| NaiveDate::parse_from_str(value, format).ok())
-    {
-        return plausible(date);
+/// How to read a date of birth: the order of an ambiguous numeric date, and the latest day a
+/// birth can be (the event's own date), which places a two-digit year.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DateReading {
+    pub order: DateOrder,
+    pub latest: NaiveDate,
+}
+
+impl DateReading {
+    /// Reads with `order`, for an event on `latest`.
+    pub fn new(order: DateOrder, latest: NaiveDate) -> Self {
+        DateReading { order, latest }
     }
+}
+
+/// A date of birth in one of the forms CRMs export, or `None` when it fits none; a value is
+/// never guessed. Accepted:
+/// - ISO dates (`1980-02-29`, `1980/02/29`, `1980.02.29`, `19800229`) and a timestamp's date;
+/// - numeric dates with the year last (`29/02/1980`, `4/2/71`, `04-02-1971`), day-first or
+///   month-first by `reading.order` unless one part is above 12;
+/// - month names or their first three letters, before or after the day, with or without a
+///   comma (`17-Jun-93`, `Apr 2 1971`, `June 17, 1993`, `2nd April 1971`), and after a leading
+///   four-digit year (`1971 Apr 2`).
+///
+/// A two-digit year is the latest year ending in those digits that does not put the birth
+/// after `reading.latest`: `4/2/71` read in 2026 is 1971, `1/1/25` is 2025 and `1/1/27` is
+/// 1927. Years before 1900 or after 2100 are refused as typos or placeholders.
+pub fn parse_date(value: &str, reading: DateReading) -> Option<NaiveDate> {
+    let value = value.trim();
     // Timestamps such as 1980-02-29T00:00:00Z: the date part is the date of birth.
     if value.len() > 10 && value.as_bytes().get(10) == Some(&b'T') {
-        return parse_date(&value[..10], order);
+        return parse_date(&value[..10], reading);
     }
-    let parts: Vec<&str> = value.split(['/', '-', '.']).collect();
-    if parts.len() != 3 || parts[2].len() != 4 {
+    if value.len() == 8 && value.bytes().all(|b| b.is_ascii_digit()) {
+        return NaiveDate::parse_from_str(value, "%Y%m%d")
+            .ok()
+            .and_then(plausible);
+    }
+    let parts: Vec<&str> = value
+        .split(['/', '-', '.', ' ', ','])
+        .filter(|part| !part.is_empty())
+        .collect();
+    let [first, second, third] = parts[..] else {
         return None;
+    };
+    let date = match (month_number(first), month_number(second)) {
+        // Apr 2 1971, June 17, 1993
+        (Some(month), None) => day_month_year(second, month, third, reading)?,
+        // 17-Jun-93, 2 April 1971, or 1971 Apr 2
+        (None, Some(month)) if is_year4(first) => {
+            ymd(first.parse().ok()?, month, day_number(third)?)?
+        }
+        (None, Some(month)) => day_month_year(first, month, third, reading)?,
+        (None, None) => numeric_date(first, second, third, reading)?,
+        (Some(_), Some(_)) => return None,
+    };
+    plausible(date)
+}
+
+/// A numeric date: year first (four digits, as in ISO) or last.
+fn numeric_date(first: &str, second: &str, third: &str, reading: DateReading) -> Option<NaiveDate> {
+    let number = |part: &str| -> Option<u32> {
+        (part.len() <= 2 && part.bytes().all(|b| b.is_ascii_digit())).then(|| part.parse().ok())?
+    };
+    if is_year4(first) {
+        return ymd(first.parse().ok()?, number(second)?, number(third)?);
     }
-    let first: u32 = parts[0].parse().ok()?;
-    let second: u32 = parts[1].parse().ok()?;
-    let year: i32 = parts[2].parse().ok()?;
-    let (day, month) = if first > 12 {
-        (first, second)
-    } else if second > 12 {
-        (second, first)
+    let (a, b) = (number(first)?, number(second)?);
+    let (day, month) = if a > 12 {
+        (a, b)
+    } else if b > 12 {
+        (b, a)
     } else {
-        match order {
-            DateOrder::Dmy => (first, second),
-            DateOrder::Mdy => (second, first),
+        match reading.order {
+            DateOrder::Dmy => (a, b),
+            DateOrder::Mdy => (b, a),
         }
     };
-    NaiveDate::from_ymd_opt(year, month, day).and_then(plausible)
+    with_year(day, month, third, reading)
+}
+
+fn day_month_year(day: &str, month: u32, year: &str, reading: DateReading) -> Option<NaiveDate> {
+    with_year(day_number(day)?, month, year, reading)
+}
+
+/// The date of `day` and `month` in `year`, four digits or two (placed by `reading.latest`).
+fn with_year(day: u32, month: u32, year: &str, reading: DateReading) -> Option<NaiveDate> {
+    if !year.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match year.len() {
+        4 => ymd(year.parse().ok()?, month, day),
+        2 => {
+            use chrono::Datelike;
+            let two: i32 = year.parse().ok()?;
+            let latest = reading.latest;
+            let same_century = latest.year() - latest.year().rem_euclid(100) + two;
+            match ymd(same_century, month, day) {
+                Some(date) if date <= latest => Some(date),
+                // After the event: the century before (a 29 February that century lacks is
+                // no date at all).
+                _ => ymd(same_century - 100, month, day),
+            }
+        }
+        _ => None,
+    }
+}
+
+fn ymd(year: i32, month: u32, day: u32) -> Option<NaiveDate> {
+    NaiveDate::from_ymd_opt(year, month, day)
+}
+
+fn is_year4(part: &str) -> bool {
+    part.len() == 4 && part.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A day of the month, with an English ordinal suffix or without (`2`, `02`, `2nd`, `17th`).
+fn day_number(part: &str) -> Option<u32> {
+    let digits = part.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let suffix = &part[digits.len()..];
+    let ordinal = ["", "st", "nd", "rd", "th"].contains(&suffix.to_ascii_lowercase().as_str());
+    (ordinal && (1..=2).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())?
+}
+
+/// The month an English month name or its usual abbreviation (`Jun`, `June`, `Sept`) names.
+fn month_number(part: &str) -> Option<u32> {
+    const MONTHS: [&str; 12] = [
+        "january",
+        "february",
+        "march",
+        "april",
+        "may",
+        "june",
+        "july",
+        "august",
+        "september",
+        "october",
+        "november",
+        "december",
+    ];
+    let word = part.to_ascii_lowercase();
+    if word.len() < 3 || !word.bytes().all(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    let position = MONTHS.iter().position(|month| {
+        *month == word || month[..3] == word || (word == "sept" && *month == "september")
+    })?;
+    Some(position as u32 + 1)
 }
 
 /// Births before 1900 or after 2100 are typos or placeholders, not dates of birth.
@@ -526,6 +649,7 @@ mod tests {
             email_provider_rules: true,
             social_handle_network_prefix: false,
             date_order: DateOrder::Dmy,
+            date_order_by_source: BTreeMap::new(),
             blocked_values: vec!["+14155550000".into()],
             blocked_patterns: vec!["^guest-".into()],
         })
@@ -689,10 +813,18 @@ mod tests {
         );
     }
 
+    /// Read as an event of 2026-03-01 would read them.
+    fn date(value: &str, order: DateOrder) -> Option<String> {
+        let latest = NaiveDate::from_ymd_opt(2026, 3, 1).unwrap();
+        parse_date(value, DateReading::new(order, latest)).map(|d| d.to_string())
+    }
+
     #[test]
     fn dates_of_birth_parse_from_common_formats() {
-        let d = |s| parse_date(s, DateOrder::Dmy).map(|d| d.to_string());
+        let d = |s| date(s, DateOrder::Dmy);
         assert_eq!(d("1980-02-29"), Some("1980-02-29".into()));
+        assert_eq!(d("19800229"), Some("1980-02-29".into()));
+        assert_eq!(d("1980-02-29T00:00:00Z"), Some("1980-02-29".into()));
         assert_eq!(d("29/02/1980"), Some("1980-02-29".into()));
         assert_eq!(d("02/29/1980"), Some("1980-02-29".into()));
         assert_eq!(d("03/04/1980"), Some("1980-04-03".into()));
@@ -700,11 +832,107 @@ mod tests {
         assert_eq!(d("1981-02-29"), None);
         assert_eq!(d("yesterday"), None);
         assert_eq!(
-            parse_date("03/04/1980", DateOrder::Mdy)
-                .unwrap()
-                .to_string(),
-            "1980-03-04"
+            date("03/04/1980", DateOrder::Mdy),
+            Some("1980-03-04".into())
         );
+    }
+
+    /// The formats CRMs export, each read as a person would.
+    #[test]
+    fn crm_dates_with_two_digit_years_and_month_names_parse() {
+        let d = |s| date(s, DateOrder::Dmy);
+        let m = |s| date(s, DateOrder::Mdy);
+        assert_eq!(d("4/2/71"), Some("1971-02-04".into()));
+        assert_eq!(m("4/2/71"), Some("1971-04-02".into()));
+        assert_eq!(
+            d("21/9/1990"),
+            Some("1990-09-21".into()),
+            "a part above 12 decides"
+        );
+        assert_eq!(m("21/9/1990"), Some("1990-09-21".into()));
+        assert_eq!(d("17-Jun-93"), Some("1993-06-17".into()));
+        assert_eq!(d("17 JUN 1993"), Some("1993-06-17".into()));
+        assert_eq!(d("Apr 2 1971"), Some("1971-04-02".into()));
+        assert_eq!(d("Apr 2, 1971"), Some("1971-04-02".into()));
+        assert_eq!(d("June 17, 1993"), Some("1993-06-17".into()));
+        assert_eq!(d("2 April 1971"), Some("1971-04-02".into()));
+        assert_eq!(d("2nd April 1971"), Some("1971-04-02".into()));
+        assert_eq!(d("Sept 3 1988"), Some("1988-09-03".into()));
+        assert_eq!(d("1971 Apr 2"), Some("1971-04-02".into()));
+        assert_eq!(d("1971/4/2"), Some("1971-04-02".into()));
+    }
+
+    /// A two-digit year is the latest that does not put the birth after the event.
+    #[test]
+    fn two_digit_years_never_put_a_birth_after_the_event() {
+        let d = |s| date(s, DateOrder::Dmy);
+        assert_eq!(d("1/1/25"), Some("2025-01-01".into()));
+        assert_eq!(
+            d("28/2/26"),
+            Some("2026-02-28".into()),
+            "the day before the event"
+        );
+        assert_eq!(
+            d("2/3/26"),
+            Some("1926-03-02".into()),
+            "the day after the event"
+        );
+        assert_eq!(d("1/1/27"), Some("1927-01-01".into()));
+        assert_eq!(d("17-Jun-93"), Some("1993-06-17".into()));
+        assert_eq!(d("1/1/00"), Some("2000-01-01".into()));
+        // 29 February 1900 does not exist, and 2000 is after the event of 1999.
+        let latest = NaiveDate::from_ymd_opt(1999, 6, 1).unwrap();
+        assert_eq!(
+            parse_date("29/2/00", DateReading::new(DateOrder::Dmy, latest)),
+            None
+        );
+    }
+
+    /// What is not clearly a date is refused, not guessed.
+    #[test]
+    fn odd_dates_are_refused() {
+        let d = |s| date(s, DateOrder::Dmy);
+        for odd in [
+            "13/13/1990",
+            "31-Feb-90",
+            "1990",
+            "Jun 1990",
+            "12/05",
+            "1/2/3",
+            "1/2/199",
+            "00/00/0000",
+            "Foo 2 1971",
+            "Apr May 1971",
+            "2x April 1971",
+            "12/05/1850",
+            "1/2/3/1990",
+            "",
+        ] {
+            assert_eq!(d(odd), None, "{odd:?} was read as a date");
+        }
+    }
+
+    #[test]
+    fn each_source_may_write_dates_its_own_way() {
+        let mut config = normalizer().config.clone();
+        config
+            .date_order_by_source
+            .insert("crm".into(), DateOrder::Mdy);
+        let normalizer = Normalizer::new(config).unwrap();
+        let read = |source: &str| {
+            let raw = crate::event::parse_event(
+                br#"{"event_id":"1","event_type":"t","timestamp":"2026-01-01T00:00:00Z","traits":{"date_of_birth":"03/04/80"}}"#,
+                source,
+            )
+            .unwrap();
+            normalizer
+                .normalize(raw)
+                .traits
+                .get("date_of_birth")
+                .cloned()
+        };
+        assert_eq!(read("crm").as_deref(), Some("1980-03-04"));
+        assert_eq!(read("web").as_deref(), Some("1980-04-03"));
     }
 
     #[test]

@@ -113,8 +113,9 @@ pub enum LogFormat {
 
 /// Tables whose keys are names chosen by the user (identifier kinds, sources, librdkafka
 /// properties), not settings.
-const OPEN_TABLES: [&str; 4] = [
+const OPEN_TABLES: [&str; 5] = [
     "engine.identifiers.max_per_profile",
+    "engine.normalize.date_order_by_source",
     "engine.mappings",
     "kafka.sources",
     "kafka.client",
