@@ -166,6 +166,22 @@ fn twins_with_their_own_emails_stay_apart() {
     assert_eq!(h.changes_of_type("merge_refused").len(), 1);
 }
 
+/// A CRM export writes the same person as `Doe, Jane` born `4/2/71`; the web form wrote
+/// `Jane` `Doe` born 1971-02-04 at an older address. Read as people read them, the two
+/// records match.
+#[test]
+fn a_full_name_and_a_two_digit_year_match_the_parts_they_stand_for() {
+    let web = json!({"first_name": "Jane", "last_name": "Doe", "date_of_birth": "1971-02-04",
+        "street": "14 Larch Road", "city": "Leeds", "postcode": "LS6 2AB"});
+    // She has moved since: only her name, birth date and city link the two.
+    let crm = json!({"name": "Doe, Jane", "date_of_birth": "4/2/71",
+        "street": "3 Cliff Mount", "city": "Leeds", "postcode": "LS6 2HS"});
+    let mut h = Harness::new();
+    h.run_one("web", 1, json!({}), web);
+    h.run_one("crm", 2, json!({}), crm);
+    assert_eq!(h.current_customer("web"), h.current_customer("crm"));
+}
+
 #[test]
 fn a_father_and_son_with_jr_stay_apart() {
     let father = json!({"first_name": "Robert", "last_name": "Kowalski", "date_of_birth": "1958-09-02",

@@ -9,6 +9,7 @@ mod canonical;
 pub mod error;
 pub mod event;
 pub mod json;
+pub mod names;
 pub mod normalize;
 pub mod packed;
 pub mod records;

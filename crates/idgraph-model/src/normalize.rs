@@ -110,6 +110,11 @@ pub struct NormalizedEvent {
 
 /// Trait names that take part in fuzzy matching and get matching-grade normalization.
 pub const NAME_TRAITS: [&str; 2] = ["first_name", "last_name"];
+/// Middle names and initials, kept apart from the first name.
+pub const MIDDLE_NAME: &str = "middle_name";
+/// A generational suffix (`jr`, `sr`, `ii`, `iii`, `iv`), named apart; the last name keeps
+/// it too until the match model compares suffixes (see [`crate::names`]).
+pub const NAME_SUFFIX: &str = "name_suffix";
 const TEXT_TRAITS: [&str; 4] = ["street", "address_line2", "city", "state"];
 pub const DATE_OF_BIRTH: &str = "date_of_birth";
 
@@ -330,9 +335,30 @@ impl Normalizer {
         issues: &mut Vec<QualityIssue>,
     ) -> SortedMap<CompactString, CompactString> {
         let mut traits = SortedMap::new();
+        let has_name_fields = NAME_TRAITS.iter().any(|field| raw.get(*field).is_some());
         for (name, value) in raw {
             let normalized = match name.as_str() {
-                n if NAME_TRAITS.contains(&n) || TEXT_TRAITS.contains(&n) => {
+                "first_name" => {
+                    let (first, middle) = crate::names::split_first_name(value);
+                    keep_part(&mut traits, raw, MIDDLE_NAME, middle);
+                    first
+                }
+                "last_name" => {
+                    let (last, suffix) = crate::names::split_last_name(value);
+                    keep_part(&mut traits, raw, NAME_SUFFIX, suffix);
+                    last
+                }
+                // A full name in one field, when the parts are not given: split into them.
+                "name" | "full_name" if !has_name_fields => {
+                    if let Some(parts) = crate::names::split_full_name(value) {
+                        keep_part(&mut traits, raw, "first_name", parts.first);
+                        keep_part(&mut traits, raw, "last_name", parts.last);
+                        keep_part(&mut traits, raw, MIDDLE_NAME, parts.middle);
+                        keep_part(&mut traits, raw, NAME_SUFFIX, parts.suffix);
+                    }
+                    continue;
+                }
+                n if TEXT_TRAITS.contains(&n) || n == MIDDLE_NAME || n == NAME_SUFFIX => {
                     let text = fold_text(value);
                     if n == "street" {
                         abbreviate_street(&text)
@@ -368,6 +394,18 @@ impl Normalizer {
             }
         }
         traits
+    }
+}
+
+/// Sets a name part found inside another field, unless the event gives that part itself.
+fn keep_part(
+    traits: &mut SortedMap<CompactString, CompactString>,
+    raw: &SortedMap<CompactString, CompactString>,
+    field: &str,
+    value: String,
+) {
+    if !value.is_empty() && raw.get(field).is_none() {
+        traits.insert(field.into(), value.into());
     }
 }
 
@@ -910,6 +948,45 @@ mod tests {
         ] {
             assert_eq!(d(odd), None, "{odd:?} was read as a date");
         }
+    }
+
+    /// Full names, honorifics, initials and suffixes land in the traits matching compares.
+    #[test]
+    fn names_as_crms_write_them_become_their_parts() {
+        let traits = |json: &str| {
+            let event = format!(
+                r#"{{"event_id":"1","event_type":"t","timestamp":"2026-01-01T00:00:00Z","traits":{json}}}"#
+            );
+            let raw = crate::event::parse_event(event.as_bytes(), "web").unwrap();
+            let traits = normalizer().normalize(raw).traits;
+            traits
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            traits(r#"{"name":"Doe, Jane A."}"#),
+            "first_name=jane last_name=doe middle_name=a"
+        );
+        assert_eq!(
+            traits(r#"{"full_name":"Dr John Smith Jr"}"#),
+            "first_name=john last_name=smith jr name_suffix=jr"
+        );
+        assert_eq!(
+            traits(r#"{"first_name":"Mrs Ann M.","last_name":"Lee III"}"#),
+            "first_name=ann last_name=lee iii middle_name=m name_suffix=iii"
+        );
+        // Given parts win over what another field implies.
+        assert_eq!(
+            traits(r#"{"first_name":"Ann M.","middle_name":"Marie"}"#),
+            "first_name=ann middle_name=marie"
+        );
+        // With the parts given, a full name is kept as it was sent.
+        assert_eq!(
+            traits(r#"{"first_name":"Ann","name":"Ann Lee"}"#),
+            "first_name=ann name=Ann Lee"
+        );
     }
 
     #[test]
