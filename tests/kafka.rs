@@ -130,6 +130,16 @@ impl Broker {
         customers_by_event(self.dump("idgraph.enriched", dir).iter().map(value))
     }
 
+    /// Asserts that the enriched topic gives every event of the file-mode run in `reference`
+    /// the same customer id.
+    fn assert_same_customers_as_file_mode(&self, dir: &Path, reference: &Path) {
+        assert_eq!(
+            self.streamed_customers(dir),
+            file_mode_customers(reference),
+            "same customers, same ids"
+        );
+    }
+
     /// customer id -> its last profile (Null for a tombstone), from the profile topic.
     fn streamed_profiles(&self, dir: &Path) -> BTreeMap<String, Value> {
         final_profiles(self.dump("idgraph.profiles", dir).iter().map(value))
@@ -951,6 +961,15 @@ fn sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout() {
     }
 }
 
+/// Lines of a file that may hold invalid UTF-8 (the generator writes some on purpose).
+fn line_count(path: &Path) -> usize {
+    std::fs::read(path)
+        .unwrap()
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+}
+
 /// `idgraph --config <file> --bootstrap-servers <servers> <args>` with the test settings.
 fn configured(config: &Path, bootstrap: &str, args: &[&str]) -> Output {
     test_env(&mut Command::new(BIN))
@@ -1019,11 +1038,7 @@ fn a_worker_configured_for_tls_streams_through_a_tls_endpoint_and_refuses_an_unk
 
     let right = config_for(&trusted.certificate_file, "test-ca.toml");
     let summary = check(configured(&right, &tls_bootstrap, &run), &run);
-    let lines = std::fs::read(&input)
-        .unwrap()
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count();
+    let lines = line_count(&input);
     assert!(summary.contains(&format!("messages {lines} ")), "{summary}");
     assert!(
         endpoint
@@ -1036,12 +1051,7 @@ fn a_worker_configured_for_tls_streams_through_a_tls_endpoint_and_refuses_an_unk
     let plain = broker.bootstrap.rsplit_once(':').unwrap().1.to_owned();
     broker_command(&mut broker, &format!("advertise 1 127.0.0.1:{plain}"));
     std::thread::sleep(Duration::from_millis(300));
-    let streamed = broker.streamed_customers(dir.path());
-    assert_eq!(
-        streamed,
-        file_mode_customers(&reference),
-        "same customers, same ids"
-    );
+    broker.assert_same_customers_as_file_mode(dir.path(), &reference);
 }
 
 /// Producers compress with whatever their team chose: input written with each codec Kafka
@@ -1081,12 +1091,7 @@ fn input_compressed_with_every_codec_resolves_as_the_plain_file_does() {
         summary.contains(&format!("messages {} ", lines.len())),
         "{summary}"
     );
-    let streamed = broker.streamed_customers(dir.path());
-    assert_eq!(
-        streamed,
-        file_mode_customers(&reference),
-        "same customers, same ids"
-    );
+    broker.assert_same_customers_as_file_mode(dir.path(), &reference);
 }
 
 /// A topic recreated under a worker (a broker whose data was not on a volume, a deleted and
@@ -1114,11 +1119,7 @@ fn a_recreated_topic_stops_the_worker_unless_told_where_to_read() {
     let second = dir.path().join("recreated");
     std::fs::create_dir(&second).unwrap();
     let (second_input, _) = generate_and_resolve(&second, 100, 62);
-    let new_messages = std::fs::read(&second_input)
-        .unwrap()
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count();
+    let new_messages = line_count(&second_input);
     assert!(new_messages < stored);
     let broker = Broker::start(&second);
     broker.produce_in_order(&second_input);
@@ -1234,12 +1235,7 @@ fn a_second_worker_in_the_group_of_a_running_one_refuses_to_join() {
     );
     let output = first.wait_with_output().unwrap();
     assert!(output.status.success(), "the first worker went on");
-    let streamed = broker.streamed_customers(dir.path());
-    assert_eq!(
-        streamed,
-        file_mode_customers(&reference),
-        "the first worker saw every event"
-    );
+    broker.assert_same_customers_as_file_mode(dir.path(), &reference);
 }
 
 #[test]
@@ -1393,12 +1389,7 @@ fn transient_state_write_failures_are_waited_out_without_loss() {
             .contains("idgraph_state_write_retries_total 3"),
         "the failed commit was retried three times"
     );
-    let streamed = broker.streamed_customers(dir.path());
-    assert_eq!(
-        streamed,
-        file_mode_customers(&reference),
-        "nothing was lost and the result is unchanged"
-    );
+    broker.assert_same_customers_as_file_mode(dir.path(), &reference);
 }
 
 /// Every `idgraph_` metric a file names (alert expressions, dashboard queries).

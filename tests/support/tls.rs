@@ -22,6 +22,27 @@ use openssl::ssl::{SslAcceptor, SslMethod, SslStream};
 use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectAlternativeName};
 use openssl::x509::{X509Name, X509};
 
+/// A version 3 certificate of `subject` for `key`, issued by `issuer`, valid for a day.
+fn certificate_builder(
+    subject: &openssl::x509::X509NameRef,
+    issuer: &openssl::x509::X509NameRef,
+    key: &PKey<Private>,
+) -> openssl::x509::X509Builder {
+    let mut builder = X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder.set_serial_number(&serial()).unwrap();
+    builder.set_subject_name(subject).unwrap();
+    builder.set_issuer_name(issuer).unwrap();
+    builder.set_pubkey(key).unwrap();
+    builder
+        .set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    builder
+        .set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    builder
+}
+
 /// A certificate authority and the PEM file of its certificate.
 pub struct Authority {
     key: PKey<Private>,
@@ -49,18 +70,7 @@ impl Authority {
     /// A self-signed CA valid for a day, its certificate written to `dir/<name>.pem`.
     pub fn new(dir: &Path, common_name: &str) -> Authority {
         let key = new_key();
-        let mut builder = X509::builder().unwrap();
-        builder.set_version(2).unwrap();
-        builder.set_serial_number(&serial()).unwrap();
-        builder.set_subject_name(&name(common_name)).unwrap();
-        builder.set_issuer_name(&name(common_name)).unwrap();
-        builder.set_pubkey(&key).unwrap();
-        builder
-            .set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        builder
-            .set_not_after(&Asn1Time::days_from_now(1).unwrap())
-            .unwrap();
+        let mut builder = certificate_builder(&name(common_name), &name(common_name), &key);
         builder
             .append_extension(BasicConstraints::new().critical().ca().build().unwrap())
             .unwrap();
@@ -88,20 +98,8 @@ impl Authority {
     /// A server certificate for 127.0.0.1 and localhost signed by this CA, with its key.
     pub fn server_certificate(&self) -> (X509, PKey<Private>) {
         let key = new_key();
-        let mut builder = X509::builder().unwrap();
-        builder.set_version(2).unwrap();
-        builder.set_serial_number(&serial()).unwrap();
-        builder.set_subject_name(&name("localhost")).unwrap();
-        builder
-            .set_issuer_name(self.certificate.subject_name())
-            .unwrap();
-        builder.set_pubkey(&key).unwrap();
-        builder
-            .set_not_before(&Asn1Time::days_from_now(0).unwrap())
-            .unwrap();
-        builder
-            .set_not_after(&Asn1Time::days_from_now(1).unwrap())
-            .unwrap();
+        let mut builder =
+            certificate_builder(&name("localhost"), self.certificate.subject_name(), &key);
         let names = SubjectAlternativeName::new()
             .ip("127.0.0.1")
             .dns("localhost")
