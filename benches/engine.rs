@@ -92,6 +92,20 @@ fn scoring(c: &mut Criterion) {
         };
         b.iter(|| black_box(model.score_prepared(&prepared_event, &model.prepare(&profile_side))))
     });
+    // A stranger's candidate as candidate search now meets most of them: only the total,
+    // which falls short of the threshold, so no per-field account is built.
+    c.bench_function("screen_candidate_of_a_prepared_event", |b| {
+        let event_side = EventSide {
+            traits: &event,
+            identifiers: &[],
+        };
+        let prepared_event = model.prepare(&event_side);
+        let profile_side = ProfileSide {
+            history: &known,
+            identifiers: &[],
+        };
+        b.iter(|| black_box(model.screen_prepared(&prepared_event, &model.prepare(&profile_side))))
+    });
     c.bench_function("blocking_keys", |b| {
         b.iter(|| black_box(blocking_keys(&event)))
     });

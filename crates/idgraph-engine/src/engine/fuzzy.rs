@@ -29,6 +29,14 @@ pub(super) struct EventMatches {
     pub refused: Vec<Candidate>,
 }
 
+/// What scoring one candidate gave: the whole account with the candidate's creation time, or
+/// only the total of one that cannot reach the threshold.
+enum Scored {
+    /// Boxed: most candidates are set aside, and this one is a few hundred bytes.
+    Full(Box<(CompactString, Candidate)>),
+    Below(f64),
+}
+
 /// A scored candidate profile.
 pub(super) struct Candidate {
     pub id: String,
@@ -87,20 +95,32 @@ impl Engine {
             keys.iter().partition(|key| is_broad_key(key));
         let mut seen: Vec<String> = Vec::new();
         let mut scored = Vec::new();
+        // Candidates set aside by screening: how many, and the best of their totals.
+        let mut screened_out = 0u32;
+        let mut best_screened: Option<f64> = None;
         let side = self.model.prepare(side);
+        let threshold = self.model.threshold_for(batch.profiles_known());
         for phase in [selective, broad] {
             let found = self.listed_profiles(batch, &phase, exclude, &mut seen, limit)?;
             for candidate in found {
-                scored.push(self.score_candidate(batch, &side, candidate)?);
+                match self.score_candidate(batch, &side, candidate, threshold)? {
+                    Scored::Full(full) => scored.push(*full),
+                    Scored::Below(total) => {
+                        screened_out += 1;
+                        best_screened = Some(best_screened.map_or(total, |best| best.max(total)));
+                    }
+                }
             }
             if scored.iter().any(|(_, c)| c.verdict == Verdict::Link) {
                 break;
             }
         }
-        if scored.is_empty() {
+        if scored.is_empty() && screened_out == 0 {
             return Ok(Vec::new());
         }
-        stats.candidates_per_event.push(scored.len() as u32);
+        stats
+            .candidates_per_event
+            .push(scored.len() as u32 + screened_out);
         scored.sort_by(|(created_a, a), (created_b, b)| {
             b.score
                 .total
@@ -108,8 +128,9 @@ impl Engine {
                 .then_with(|| created_a.cmp(created_b))
                 .then_with(|| a.id.cmp(&b.id))
         });
-        if let Some((_, best)) = scored.first() {
-            stats.fuzzy_scores.push(best.score.total);
+        let best_full = scored.first().map(|(_, best)| best.score.total);
+        if let Some(best) = best_full.into_iter().chain(best_screened).reduce(f64::max) {
+            stats.fuzzy_scores.push(best);
         }
         Ok(scored.into_iter().map(|(_, candidate)| candidate).collect())
     }
@@ -155,20 +176,32 @@ impl Engine {
     }
 
     /// One candidate's score, term-frequency discount and verdict, with its creation time
-    /// for ordering.
+    /// for ordering; or only its total, when even that falls short of `threshold`. Most
+    /// candidates are strangers, and the discount applied after scoring only lowers a score,
+    /// so such a candidate is below the threshold whatever its account would say: the
+    /// per-field account (names, levels, compared values) is built only for the others.
     fn score_candidate<S: StateRead>(
         &self,
         batch: &mut Batch<'_, S>,
         side: &PreparedSide<'_>,
         (id, view): (String, CandidateView),
-    ) -> Result<(CompactString, Candidate), EngineError> {
-        let mut score = self.model.score_prepared(side, &self.model.prepare(&view));
+        threshold: f64,
+    ) -> Result<Scored, EngineError> {
+        let candidate_side = self.model.prepare(&view);
+        let total = self.model.screen_prepared(side, &candidate_side);
+        if total < threshold {
+            return Ok(Scored::Below(total));
+        }
+        let mut score = self.model.score_prepared(side, &candidate_side);
+        drop(candidate_side);
         let created_at = view.created_at().clone();
         drop(view);
         self.discount_common_values(batch, &mut score)?;
-        let threshold = self.model.threshold_for(batch.profiles_known());
         let verdict = self.model.verdict(&score, threshold);
-        Ok((created_at, Candidate { id, score, verdict }))
+        Ok(Scored::Full(Box::new((
+            created_at,
+            Candidate { id, score, verdict },
+        ))))
     }
 
     /// Term frequency: agreeing on a full name or a birth date that many profiles share says

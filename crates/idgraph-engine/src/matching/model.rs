@@ -326,7 +326,69 @@ impl MatchModel {
         self.score_prepared(&self.prepare(left), &self.prepare(right))
     }
 
-    /// [`MatchModel::score`] of two prepared sides.
+    /// Visits every compared field of `left` against `right` in scoring order: traits, then
+    /// identifiers, each with its best level, weight (zero for an agreement another agreeing
+    /// field implies) and the pair of values it came from, or `None` for a trait either side
+    /// lacks. [`MatchModel::score_prepared`] and [`MatchModel::screen_prepared`] both add the
+    /// weights in this order, so their totals are the same number to the last bit.
+    fn walk_fields<'v>(
+        &self,
+        left: &PreparedSide<'v>,
+        right: &PreparedSide<'v>,
+        mut visit: impl FnMut(Field<'_, 'v>),
+    ) {
+        let levels = self.trait_levels(left, right);
+        for (index, comparison) in self.traits.iter().enumerate() {
+            let Some((level, a, b)) = levels[index] else {
+                visit(Field::MissingTrait(comparison));
+                continue;
+            };
+            let mut weight = comparison.weights[level];
+            // Agreeing on a field that another agreeing field implies (the city of an
+            // agreeing postcode) is the same evidence twice.
+            let implied = comparison.implied_by_traits.iter().any(|&other| {
+                levels[other].is_some_and(|(level, _, _)| level == self.traits[other].exact)
+            });
+            if implied && weight > 0.0 {
+                weight = 0.0;
+            }
+            visit(Field::Trait(comparison, level, weight, a, b));
+        }
+        visit(Field::TraitsDone);
+        for (index, comparison) in self.identifiers.iter().enumerate() {
+            let Some((level, a, b)) = best_level(
+                comparison,
+                left.identifiers_of(index).iter().copied(),
+                right.identifiers_of(index).iter().copied(),
+                Partners::default(),
+            ) else {
+                continue;
+            };
+            visit(Field::Identifier(
+                comparison,
+                level,
+                comparison.weights[level],
+                a,
+                b,
+            ));
+        }
+    }
+
+    /// The total [`MatchModel::score_prepared`] would give, without the per-field account:
+    /// what candidate search needs to set aside a candidate that cannot reach the threshold
+    /// (the term-frequency discount applied afterwards only lowers a score).
+    pub fn screen_prepared(&self, left: &PreparedSide<'_>, right: &PreparedSide<'_>) -> f64 {
+        let mut total = 0.0;
+        self.walk_fields(left, right, |field| match field {
+            Field::Trait(_, _, weight, _, _) | Field::Identifier(_, _, weight, _, _) => {
+                total += weight
+            }
+            Field::MissingTrait(_) | Field::TraitsDone => {}
+        });
+        round3(total)
+    }
+
+    /// Scores two prepared sides (see [`MatchModel::score`]).
     pub fn score_prepared(&self, left: &PreparedSide<'_>, right: &PreparedSide<'_>) -> MatchScore {
         let mut result = MatchScore {
             total: 0.0,
@@ -339,62 +401,44 @@ impl MatchModel {
             distinct_identifiers: false,
             different_identifier: None,
         };
-        let levels = self.trait_levels(left, right);
-        for (index, comparison) in self.traits.iter().enumerate() {
-            let Some((level, a, b)) = levels[index] else {
-                result.fields.push(missing(&comparison.field));
-                result.compared_values.push(None);
-                continue;
-            };
-            let mut weight = comparison.weights[level];
-            // Agreeing on a field that another agreeing field implies (the city of an
-            // agreeing postcode) is the same evidence twice.
-            let implied = comparison.implied_by_traits.iter().any(|&other| {
-                levels[other].is_some_and(|(level, _, _)| level == self.traits[other].exact)
-            });
-            if implied && weight > 0.0 {
-                weight = 0.0;
-            }
-            if comparison.kind.is_personal() && weight < 0.0 {
-                result.personal_disagreement += weight;
-                result.personal_conflict += weight;
-            } else if comparison.kind.offsets_disagreement() {
-                result.personal_conflict += weight;
-            }
-            if level == comparison.exact {
-                result
-                    .exact_values
-                    .push((comparison.field.clone(), a.into()));
-            }
-            result.total += weight;
-            result.fields.push(field_score(comparison, level, weight));
-            result.compared_values.push(Some((a.into(), b.into())));
-        }
-        result.trait_total = round3(result.total);
         let mut any_alike = false;
         let mut any_different = false;
-        for (index, comparison) in self.identifiers.iter().enumerate() {
-            let Some((level, a, b)) = best_level(
-                comparison,
-                left.identifiers_of(index).iter().copied(),
-                right.identifiers_of(index).iter().copied(),
-                Partners::default(),
-            ) else {
-                continue;
-            };
-            let weight = comparison.weights[level];
-            if comparison.label(level) == ELSE {
-                any_different = true;
-                if comparison.refuse_when_different && result.different_identifier.is_none() {
-                    result.different_identifier = Some(comparison.field.clone());
-                }
-            } else {
-                any_alike = true;
+        self.walk_fields(left, right, |field| match field {
+            Field::MissingTrait(comparison) => {
+                result.fields.push(missing(&comparison.field));
+                result.compared_values.push(None);
             }
-            result.total += weight;
-            result.fields.push(field_score(comparison, level, weight));
-            result.compared_values.push(Some((a.into(), b.into())));
-        }
+            Field::Trait(comparison, level, weight, a, b) => {
+                if comparison.kind.is_personal() && weight < 0.0 {
+                    result.personal_disagreement += weight;
+                    result.personal_conflict += weight;
+                } else if comparison.kind.offsets_disagreement() {
+                    result.personal_conflict += weight;
+                }
+                if level == comparison.exact {
+                    result
+                        .exact_values
+                        .push((comparison.field.clone(), a.into()));
+                }
+                result.total += weight;
+                result.fields.push(field_score(comparison, level, weight));
+                result.compared_values.push(Some((a.into(), b.into())));
+            }
+            Field::TraitsDone => result.trait_total = round3(result.total),
+            Field::Identifier(comparison, level, weight, a, b) => {
+                if comparison.label(level) == ELSE {
+                    any_different = true;
+                    if comparison.refuse_when_different && result.different_identifier.is_none() {
+                        result.different_identifier = Some(comparison.field.clone());
+                    }
+                } else {
+                    any_alike = true;
+                }
+                result.total += weight;
+                result.fields.push(field_score(comparison, level, weight));
+                result.compared_values.push(Some((a.into(), b.into())));
+            }
+        });
         result.distinct_identifiers = any_different && !any_alike;
         result.total = round3(result.total);
         result
@@ -434,6 +478,16 @@ impl MatchModel {
             None => Verdict::Link,
         }
     }
+}
+
+/// One compared field, as [`MatchModel::walk_fields`] visits it: the comparison, its level,
+/// its weight and the two values, or a trait one side lacks; `TraitsDone` comes between the
+/// traits and the identifiers.
+enum Field<'c, 'v> {
+    MissingTrait(&'c CompiledComparison),
+    Trait(&'c CompiledComparison, usize, f64, &'v str, &'v str),
+    TraitsDone,
+    Identifier(&'c CompiledComparison, usize, f64, &'v str, &'v str),
 }
 
 /// The index of `field` in `fields`, added at the end if it is not there yet.
@@ -517,6 +571,46 @@ mod tests {
                 (CompactString::from(*field), values)
             })
             .collect()
+    }
+
+    proptest::proptest! {
+        /// Screening a candidate adds the same weights in the same order as scoring it, so
+        /// setting one aside below the threshold never changes a decision.
+        #[test]
+        fn screening_gives_the_total_scoring_gives(
+            left in proptest::collection::vec((0usize..6, 0usize..5), 0..9),
+            right in proptest::collection::vec((0usize..6, 0usize..5), 0..9),
+        ) {
+            const FIELDS: [&str; 6] =
+                ["first_name", "last_name", "date_of_birth", "street", "city", "postcode"];
+            const VALUES: [[&str; 5]; 6] = [
+                ["ann", "anne", "anna", "bob", "a"],
+                ["lee", "leigh", "lee jr", "smith", "smyth"],
+                ["1980-02-29", "1980-03-29", "1980-29-02", "1981-02-28", "1908-02-29"],
+                ["12 high st", "12 high rd", "21 high st", "4 low rd", "12 hgh st"],
+                ["leeds", "leads", "york", "springfield", "sprngfield"],
+                ["ls6 2ab", "ls6 2ba", "62701", "62704", "ls62ab"],
+            ];
+            let sides: Vec<SortedMap<CompactString, Vec<CompactString>>> = [left, right]
+                .iter()
+                .map(|picks| {
+                    let mut history: SortedMap<CompactString, Vec<CompactString>> = SortedMap::new();
+                    for &(field, value) in picks {
+                        history
+                            .get_or_default(FIELDS[field].into())
+                            .push(VALUES[field][value].into());
+                    }
+                    history
+                })
+                .collect();
+            let model = model();
+            let side = |h| ProfileSide { history: h, identifiers: &[] };
+            let (left, right) = (side(&sides[0]), side(&sides[1]));
+            let (a, b) = (model.prepare(&left), model.prepare(&right));
+            let screened = model.screen_prepared(&a, &b);
+            let scored = model.score_prepared(&a, &b).total;
+            proptest::prop_assert_eq!(screened.to_bits(), scored.to_bits());
+        }
     }
 
     #[test]
