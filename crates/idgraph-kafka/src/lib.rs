@@ -19,6 +19,7 @@ pub mod gauges;
 pub mod latency;
 pub mod metrics;
 pub mod readiness;
+mod rebalance;
 pub mod sender;
 pub mod sink;
 pub mod tools;
