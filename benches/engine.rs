@@ -67,43 +67,26 @@ fn scoring(c: &mut Criterion) {
     .into_iter()
     .map(|(k, v)| (k.into(), v.into_iter().map(CompactString::from).collect()))
     .collect();
+    let event_side = EventSide {
+        traits: &event,
+        identifiers: &[],
+    };
+    let profile_side = ProfileSide {
+        history: &known,
+        identifiers: &[],
+    };
     c.bench_function("score_candidate", |b| {
-        let event_side = EventSide {
-            traits: &event,
-            identifiers: &[],
-        };
-        let profile_side = ProfileSide {
-            history: &known,
-            identifiers: &[],
-        };
         b.iter(|| black_box(model.score(&event_side, &profile_side)))
     });
     // What the engine does per candidate: the event is looked up once per search, the
     // candidate once per score.
+    let prepared_event = model.prepare(&event_side);
     c.bench_function("score_candidate_of_a_prepared_event", |b| {
-        let event_side = EventSide {
-            traits: &event,
-            identifiers: &[],
-        };
-        let prepared_event = model.prepare(&event_side);
-        let profile_side = ProfileSide {
-            history: &known,
-            identifiers: &[],
-        };
         b.iter(|| black_box(model.score_prepared(&prepared_event, &model.prepare(&profile_side))))
     });
     // A stranger's candidate as candidate search now meets most of them: only the total,
     // which falls short of the threshold, so no per-field account is built.
     c.bench_function("screen_candidate_of_a_prepared_event", |b| {
-        let event_side = EventSide {
-            traits: &event,
-            identifiers: &[],
-        };
-        let prepared_event = model.prepare(&event_side);
-        let profile_side = ProfileSide {
-            history: &known,
-            identifiers: &[],
-        };
         b.iter(|| black_box(model.screen_prepared(&prepared_event, &model.prepare(&profile_side))))
     });
     c.bench_function("blocking_keys", |b| {

@@ -90,70 +90,73 @@ impl ConsumerContext for WorkerContext {
         tpl: &mut TopicPartitionList,
     ) {
         match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let offered: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                let mut taken = TopicPartitionList::new();
-                let mut assigned = Vec::new();
-                if let Some(refusal) = self.another_member_holds_partitions(consumer, offered.len())
-                {
-                    tracing::error!(%refusal, "refusing to share the consumer group");
-                    *self.shared_group.lock().expect("shared group lock") = Some(refusal);
-                    if let Err(error) = consumer.assign(&taken) {
-                        tracing::error!(%error, "cannot take the assigned partitions");
-                    }
-                    return;
-                }
-                for (topic, partition) in offered {
-                    if let Some(offset) = self.start_offset(consumer, &topic, partition) {
-                        let _ = taken.add_partition_offset(&topic, partition, offset);
-                        assigned.push((topic, partition));
-                    }
-                }
-                tracing::info!(
-                    partitions = assigned.len(),
-                    "partitions assigned; seeking to stored positions"
-                );
-                self.assigned.store(true, Ordering::SeqCst);
-                self.assignment
-                    .lock()
-                    .expect("assignment lock")
-                    .extend(assigned);
-                if let Err(error) = consumer.assign(&taken) {
-                    tracing::error!(%error, "cannot take the assigned partitions");
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // Messages of these partitions that are polled but not committed are dropped by
-                // the loop; they stay after this state's stored position, so nothing is lost.
-                let partitions: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                let mut assignment = self.assignment.lock().expect("assignment lock");
-                for partition in &partitions {
-                    assignment.remove(partition);
-                }
-                drop(assignment);
-                self.revoked
-                    .lock()
-                    .expect("revoked lock")
-                    .extend(partitions);
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
-                if let Err(error) = consumer.unassign() {
-                    tracing::error!(%error, "cannot release revoked partitions");
-                }
-            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.revoke(consumer, tpl),
             other => tracing::error!(error = ?other, "rebalance failed"),
         }
     }
 }
 
+/// The (topic, partition) pairs of a rebalance's list.
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
 impl WorkerContext {
+    /// Takes the offered partitions at their start offsets; none at all when another live
+    /// member shares the group, and none whose position is lost under `fail`.
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let offered = partitions_of(tpl);
+        let mut taken = TopicPartitionList::new();
+        if let Some(refusal) = self.another_member_holds_partitions(consumer, offered.len()) {
+            tracing::error!(%refusal, "refusing to share the consumer group");
+            *self.shared_group.lock().expect("shared group lock") = Some(refusal);
+        } else {
+            let mut assigned = Vec::new();
+            for (topic, partition) in offered {
+                if let Some(offset) = self.start_offset(consumer, &topic, partition) {
+                    let _ = taken.add_partition_offset(&topic, partition, offset);
+                    assigned.push((topic, partition));
+                }
+            }
+            tracing::info!(
+                partitions = assigned.len(),
+                "partitions assigned; seeking to stored positions"
+            );
+            self.assigned.store(true, Ordering::SeqCst);
+            self.assignment
+                .lock()
+                .expect("assignment lock")
+                .extend(assigned);
+        }
+        if let Err(error) = consumer.assign(&taken) {
+            tracing::error!(%error, "cannot take the assigned partitions");
+        }
+    }
+
+    /// Notes revoked partitions for the run loop and releases them. Messages of these
+    /// partitions that are polled but not committed are dropped by the loop; they stay after
+    /// this state's stored position, so nothing is lost.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let partitions = partitions_of(tpl);
+        let mut assignment = self.assignment.lock().expect("assignment lock");
+        for partition in &partitions {
+            assignment.remove(partition);
+        }
+        drop(assignment);
+        self.revoked
+            .lock()
+            .expect("revoked lock")
+            .extend(partitions);
+        tracing::info!(partitions = tpl.count(), "partitions revoked");
+        if let Err(error) = consumer.unassign() {
+            tracing::error!(%error, "cannot release revoked partitions");
+        }
+    }
+
     /// At the first assignment only: why this worker must not join, if another live member
     /// of the group holds some of the source partitions. Until the graph can be split across
     /// workers, a second member would build a second graph from its share and write
@@ -168,22 +171,20 @@ impl WorkerContext {
         if self.first_assignment_seen.swap(true, Ordering::SeqCst) {
             return None;
         }
-        let mut total = 0;
-        for topic in &self.sources {
-            match consumer.fetch_metadata(Some(topic), WATERMARK_TIMEOUT) {
-                Ok(metadata) => {
-                    total += metadata
-                        .topics()
-                        .iter()
-                        .map(|t| t.partitions().len())
-                        .sum::<usize>()
-                }
-                Err(error) => {
-                    tracing::warn!(topic, %error, "cannot count the source partitions; not checking for another member");
-                    return None;
-                }
+        // One metadata request for every topic, then the source topics' partitions counted.
+        let metadata = match consumer.fetch_metadata(None, WATERMARK_TIMEOUT) {
+            Ok(metadata) => metadata,
+            Err(error) => {
+                tracing::warn!(%error, "cannot count the source partitions; not checking for another member");
+                return None;
             }
-        }
+        };
+        let total: usize = metadata
+            .topics()
+            .iter()
+            .filter(|topic| self.sources.iter().any(|source| source == topic.name()))
+            .map(|topic| topic.partitions().len())
+            .sum();
         (offered < total).then(|| {
             format!(
                 "another live member of consumer group {:?} holds {} of the {total} source partitions; idgraph runs one worker per group until the graph can be split across workers (a second one would write conflicting profiles): stop the other worker, or give this one its own kafka.group_id and state",

@@ -41,14 +41,18 @@ pub struct NameParts {
     pub suffix: String,
 }
 
-/// The words of `value`, each folded (a hyphenated or accented word stays one word),
-/// honorifics dropped from the front.
-fn words(value: &str) -> Vec<String> {
-    let mut words: Vec<String> = value
+/// The words of `value`, each folded (a hyphenated or accented word stays one word).
+fn folded_words(value: &str) -> Vec<String> {
+    value
         .split(|c: char| c.is_whitespace() || c == ',')
         .map(fold_text)
         .filter(|word| !word.is_empty())
-        .collect();
+        .collect()
+}
+
+/// [`folded_words`] with honorifics dropped from the front.
+fn words(value: &str) -> Vec<String> {
+    let mut words = folded_words(value);
     let titles = words
         .iter()
         .take_while(|word| HONORIFICS.contains(&word.as_str()))
@@ -129,11 +133,7 @@ pub fn split_first_name(value: &str) -> (String, String) {
 /// A last name field folded, and its generational suffix (`Doe Jr.`) found. Returns (last,
 /// suffix); the last name keeps the suffix (see the module documentation).
 pub fn split_last_name(value: &str) -> (String, String) {
-    let mut words: Vec<String> = value
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .map(fold_text)
-        .filter(|word| !word.is_empty())
-        .collect();
+    let mut words = folded_words(value);
     let mut suffix = String::new();
     take_suffix(&mut words, &mut suffix, false);
     (words.join(" "), suffix)
